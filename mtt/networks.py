@@ -32,7 +32,7 @@ def _check_sizes(channels: int, num_classes: int, im_size: ImSize) -> tuple[int,
     """Validate the common arguments up front; return im_size as (height, width)."""
     for what, value in (("channels", channels), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive int (e.g. 1 for grayscale, 3 for RGB; 10 classes), got {value!r}")
+            raise ValueError(f"{what} must be a positive int (e.g. channels=3 for RGB, num_classes=10), got {value!r}")
     try:
         hw = (im_size, im_size) if isinstance(im_size, int) else tuple(im_size)
     except TypeError:
@@ -140,7 +140,10 @@ class ConvNet(nn.Module):
                 if pooling != "none" and min(x.shape[-2:]) < 2:
                     raise ValueError(self._too_small(channels, h, w, depth, d))
                 if norm == "instance" and x.shape[-2:].numel() < 2:  # torch refuses to normalise one value
-                    raise ValueError(f"{channels}x{h}x{w} images are too small for instance norm (1x1 feature maps); use a larger image or another norm")
+                    raise ValueError(
+                        f"{channels}x{h}x{w} images are too small for instance norm (1x1 feature maps); "
+                        "use a larger image or another norm"
+                    )
                 if norm != "none":
                     layers.append(self._norm(norm, x.shape[1:]))
                 layers.append(_act(activation))
@@ -171,8 +174,7 @@ class ConvNet(nn.Module):
         need = max(1, 2**depth - grow)
         return (
             f"{channels}x{h}x{w} images are too small for a depth-{depth} ConvNet: pooling would shrink "
-            f"the feature maps to nothing at layer {layer + 1}. {fix}, or images of "
-            f"at least {need}x{need}."
+            f"the feature maps to nothing at layer {layer + 1}. {fix}, or images of at least {need}x{need}."
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,9 +257,11 @@ VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 class VGG11(nn.Module):
     """The small-image VGG11 of DC/MTT (instance norm by default; norm='batch' is VGG11BN).
 
-    Two changes that leave parameters and the 32x32 / 28x28 function as they were: max pools
-    round up (ceil_mode), so 8x8 and odd sizes still reach 1x1 instead of 0x0, and the
-    original's no-op final AvgPool2d(1) is adaptive, so 64x64 still gives 512 features.
+    Two changes that leave the parameters, and the function at 3x32x32 / 1x28x28, as they
+    were: max pools round up (ceil_mode), so odd sizes (3x28x28: 7 -> 4) and VGG11BN at 8x8
+    still reach 1x1 instead of 0x0 (only where a pooled size is odd, e.g. 1x32x32, does the
+    function differ from the original's floor); and the original's no-op final AvgPool2d(1)
+    is adaptive, so 64x64 still gives the 512 features its classifier expects.
     """
 
     def __init__(self, channels: int, num_classes: int, im_size: ImSize, norm: str = "instance") -> None:
@@ -286,7 +290,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int, norm: str, avg_pool: bool) -> None:
         super().__init__()
-        self.pool = avg_pool and stride != 1
+        self.downsample_by_pool = avg_pool and stride != 1
         conv_stride = 1 if avg_pool else stride
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=conv_stride, padding=1, bias=False)
         self.bn1 = _norm2d(norm, planes)
@@ -301,7 +305,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        if self.pool:
+        if self.downsample_by_pool:
             out = F.avg_pool2d(out, kernel_size=2, stride=2)
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
@@ -327,8 +331,8 @@ class ResNet18(nn.Module):
         self.bn1 = _norm2d(norm, 64)
         in_planes = 64
         for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            blocks = [BasicBlock(in_planes, planes, stride, norm, avg_pool), BasicBlock(planes, planes, 1, norm, avg_pool)]
-            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            first = BasicBlock(in_planes, planes, stride, norm, avg_pool)
+            setattr(self, f"layer{i}", nn.Sequential(first, BasicBlock(planes, planes, 1, norm, avg_pool)))
             in_planes = planes
         name = "ResNet18" + ("BN" if norm == "batch" else "") + ("_AP" if avg_pool else "")
         self.classifier = nn.Linear(_dry_run(self, name, self.embed, channels, hw), num_classes)

@@ -1,0 +1,5 @@
+import sys
+
+from mtt.cli import main
+
+sys.exit(main())

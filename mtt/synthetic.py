@@ -1,0 +1,98 @@
+"""The distilled set on disk: `synthetic.safetensors`, and the original MTT's saved tensors.
+
+Native file: tensors `images` [N, C, H, W] (in the training space: normalised, and
+ZCA-whitened when `zca.*` tensors are present), `labels` [N] int64 (hard labels) or
+`label_logits` [N, K] (soft labels), `syn_lr` (the learned step size, a 0-d tensor), plus
+the ZCA state when ZCA was on; string metadata `format`, `dataset`, `ipc`, `model`,
+`config` (JSON of the distillation config) and `mtt_version`. Evaluation reads back
+everything it needs to be exact from this one file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtt import __version__
+from mtt.data import ZCA
+from mtt.io import atomic_save_safetensors, load_safetensors
+
+FORMAT = "mtt-synthetic/1"
+
+
+@dataclass
+class SyntheticSet:
+    images: Tensor                 # [N, C, H, W] in the training space
+    labels: Tensor                 # [N] int64 class of each image
+    syn_lr: float | None           # learned step size (None for sets from elsewhere without one)
+    dataset: str
+    model: str = "ConvNet"
+    label_logits: Tensor | None = None  # [N, K] learned soft labels, when they were on
+    zca: ZCA | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ipc(self) -> int:
+        return int(torch.bincount(self.labels).max()) if len(self.labels) else 0
+
+    def save(self, path: str | os.PathLike) -> Path:
+        tensors = {"images": self.images.float(), "labels": self.labels.long()}
+        if self.syn_lr is not None:
+            tensors["syn_lr"] = torch.tensor(float(self.syn_lr))
+        if self.label_logits is not None:
+            tensors["label_logits"] = self.label_logits.float()
+        if self.zca is not None:
+            tensors.update(self.zca.state_dict())
+        metadata = {"format": FORMAT, "dataset": self.dataset, "ipc": str(self.ipc), "model": self.model,
+                    "config": json.dumps(self.config), "mtt_version": __version__}
+        return atomic_save_safetensors(tensors, path, metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SyntheticSet:
+        from safetensors import safe_open
+
+        tensors = load_safetensors(path)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT or "images" not in tensors or "labels" not in tensors:
+            raise ValueError(f"{path} is not an mtt synthetic set (format {metadata.get('format')!r}); "
+                             f"for the original MTT's images_best.pt use load_original_mtt()")
+        zca = ZCA.from_state_dict(tensors) if "zca.mean" in tensors else None
+        syn_lr = float(tensors["syn_lr"]) if "syn_lr" in tensors else None
+        return cls(tensors["images"], tensors["labels"], syn_lr, metadata.get("dataset", ""),
+                   metadata.get("model", "ConvNet"), tensors.get("label_logits"), zca,
+                   json.loads(metadata.get("config", "{}")))
+
+
+def load_original_mtt(images_path: str | os.PathLike, labels_path: str | os.PathLike, dataset: str,
+                      syn_lr: float | None = None) -> SyntheticSet:
+    """The original code's `images_best.pt` / `labels_best.pt`, loaded without running code.
+
+    The original saves images in its training space (ZCA-whitened for ZCA presets); pass
+    the learned step size it logged (`syn_lr`), since those files do not hold it.
+    """
+    images = _load_tensor(images_path)
+    labels = _load_tensor(labels_path)
+    if images.dim() != 4 or labels.dim() not in (1, 2) or len(images) != len(labels):
+        raise ValueError(f"expected images [N, C, H, W] and labels [N] (or [N, K]), got "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    logits = labels.float() if labels.dim() == 2 else None
+    hard = labels.argmax(1) if labels.dim() == 2 else labels.long()
+    return SyntheticSet(images.float(), hard, syn_lr, dataset, label_logits=logits)
+
+
+def _load_tensor(path: str | os.PathLike) -> Tensor:
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except Exception as err:  # torch raises UnpicklingError/RuntimeError for anything not plain tensors
+        raise ValueError(f"{path} is not a plain tensor file (refused to unpickle anything else): {err}") from None
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{path} holds a {type(value).__name__}, expected a tensor")
+    return value

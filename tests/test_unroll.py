@@ -1,0 +1,113 @@
+"""The two backward modes against an independent plain-autograd unroll, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mtt.augment import DEFAULT_STRATEGY, apply_params
+from mtt.networks import get_network
+from mtt.unroll import Student, plan_steps, unroll
+
+IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
+
+
+def reference_unroll(net, theta_start, theta_target, images, syn_lr, plans, labels=None, label_logits=None):
+    """Textbook MTT written from scratch: a list of per-parameter tensors, create_graph everywhere."""
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    sizes = [p.numel() for p in net.parameters()]
+    start = list(torch.split(theta_start, sizes))
+    params = [t.reshape(s).clone().requires_grad_() for t, s in zip(start, shapes)]
+    for plan in plans:
+        x = apply_params(images[plan.indices], plan.augment)
+        out = functional_call(net, {n: p for n, p in zip(names, params)}, (x,))
+        if label_logits is None:
+            ce = F.cross_entropy(out, labels[plan.indices])
+        else:
+            ce = F.cross_entropy(out, F.softmax(label_logits[plan.indices], dim=1))
+        grads = torch.autograd.grad(ce, params, create_graph=True)
+        params = [p - syn_lr * g for p, g in zip(params, grads)]
+    final = torch.cat([p.flatten() for p in params])
+    num = ((final - theta_target) ** 2).sum()
+    den = ((theta_start - theta_target) ** 2).sum()
+    return num / den
+
+
+@pytest.fixture
+def problem():
+    torch.manual_seed(0)
+    net = get_network("ConvNet", 1, CLASSES, (8, 8), width=8).double()
+    student = Student(net)
+    theta_start = torch.cat([p.detach().flatten() for p in net.parameters()])
+    theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
+    images = torch.randn(IPC * CLASSES, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(CLASSES).repeat_interleave(IPC)
+    syn_lr = torch.tensor(0.05, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, generator, torch.device("cpu"))
+    return net, student, theta_start, theta_target, images, labels, syn_lr, plans
+
+
+def reference_grads(net, theta_start, theta_target, images, syn_lr, plans, **labels):
+    images = images.clone().requires_grad_()
+    syn_lr = syn_lr.clone().requires_grad_()
+    leaves = [images, syn_lr]
+    if "label_logits" in labels:
+        labels["label_logits"] = labels["label_logits"].clone().requires_grad_()
+        leaves.append(labels["label_logits"])
+    loss = reference_unroll(net, theta_start, theta_target, images, syn_lr, plans, **labels)
+    return loss.item(), torch.autograd.grad(loss, leaves)
+
+
+def assert_close(ours, reference):
+    assert torch.allclose(ours, reference, rtol=1e-6, atol=1e-12 * reference.abs().max().item()), \
+        f"max relative error {((ours - reference).abs().max() / reference.abs().max()).item():.2e}"
+
+
+def test_plans_cover_the_set_with_small_batches(problem):
+    plans = problem[-1]
+    assert [len(p.indices) for p in plans] == [2, 5, 5, 2, 5, 5]  # randperm(12).split(5), popped from the end
+    assert sorted(torch.cat([p.indices for p in plans[:3]]).tolist()) == list(range(12))
+    assert len({p.augment.op for p in plans}) > 1
+
+
+@pytest.mark.parametrize("mode", ["full", "checkpointed"])
+def test_gradients_match_plain_autograd_hard_labels(problem, mode):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    ref_loss, (ref_images, ref_lr) = reference_grads(net, theta_start, theta_target, images, syn_lr, plans,
+                                                     labels=labels)
+    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode=mode)
+    assert abs(result.loss - ref_loss) <= 1e-9 * ref_loss
+    assert_close(result.grad_images, ref_images)
+    assert_close(result.grad_lr, ref_lr)
+    assert ref_images.abs().sum() > 0 and ref_lr.abs() > 0  # the check is not vacuous
+
+
+@pytest.mark.parametrize("mode", ["full", "checkpointed"])
+def test_gradients_match_plain_autograd_soft_labels(problem, mode):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    logits = 2.0 * F.one_hot(labels, CLASSES).double() + 0.1 * torch.randn(len(labels), CLASSES, dtype=torch.float64)
+    ref_loss, (ref_images, ref_lr, ref_logits) = reference_grads(net, theta_start, theta_target, images, syn_lr,
+                                                                 plans, label_logits=logits)
+    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, label_logits=logits, mode=mode)
+    assert abs(result.loss - ref_loss) <= 1e-9 * ref_loss
+    assert_close(result.grad_images, ref_images)
+    assert_close(result.grad_lr, ref_lr)
+    assert_close(result.grad_label_logits, ref_logits)
+
+
+def test_inputs_are_left_untouched(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    before = images.clone()
+    unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels)
+    assert torch.equal(images, before) and not images.requires_grad and not theta_start.requires_grad
+
+
+def test_bad_arguments(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    with pytest.raises(ValueError, match="exactly one"):
+        unroll(student, theta_start, theta_target, images, syn_lr, plans)
+    with pytest.raises(ValueError, match="backward mode"):
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="tesla")
+    with pytest.raises(ValueError, match="parameters"):
+        student(theta_start[:-1], images)
