@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
@@ -27,6 +28,123 @@ def command(add: Callable[[argparse._SubParsersAction], None]):
     """Register a command's parser builder (decorator)."""
     COMMANDS.append(add)
     return add
+
+
+@command
+def add_experts(subparsers: argparse._SubParsersAction) -> None:
+    from mtt.augment import DEFAULT_STRATEGY
+
+    p = subparsers.add_parser("experts", help="train expert trajectories (resumes into --out; torchrun-aware)")
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, svhn, ...")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--zca", action="store_true", help="train in ZCA-whitened space (eps 0.1)")
+    p.add_argument("--train-per-class", type=int, default=None, help="keep N training images per class (quick runs)")
+    p.add_argument("--model", default="ConvNet")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--num-experts", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--lr", type=float, default=0.01, help="lr_teacher")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
+    p.add_argument("--parallel", type=int, default=1, help="experts trained at once on one device (vmap)")
+    p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(run=run_experts)
+
+
+def run_experts(args: argparse.Namespace) -> dict[str, Any]:
+    import os
+
+    from mtt.data import load_dataset
+    from mtt.experts import ExpertConfig, train_experts
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        args.json = False  # under torchrun only rank 0 reports
+    dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
+    if args.train_per_class:
+        dataset = dataset.take_per_class(args.train_per_class, seed=args.seed)
+    config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
+                          batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
+                          dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth)
+    return train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
+
+
+@command
+def add_distill(subparsers: argparse._SubParsersAction) -> None:
+    from mtt.unroll import BACKWARD_MODES
+
+    p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p.add_argument("--buffers", required=True,
+                   help="expert folder, legacy MTT buffer folder, or hf://OWNER/REPO[/SUBPATH][@REVISION]")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, synthetic.safetensors")
+    p.add_argument("--preset", default="paper",
+                   help="'paper': the preset for --dataset/--ipc (the paper's table, ours for digits/fashion-mnist); "
+                        "'none': library defaults; or another preset as DATASET:IPC")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--syn-steps", type=int, default=None)
+    p.add_argument("--expert-epochs", type=int, default=None)
+    p.add_argument("--max-start-epoch", type=int, default=None)
+    p.add_argument("--batch-syn", type=int, default=None)
+    p.add_argument("--lr-img", type=float, default=None)
+    p.add_argument("--lr-lr", type=float, default=None)
+    p.add_argument("--lr-teacher", type=float, default=None)
+    p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None, help="default: the preset's")
+    p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--init", choices=["real", "noise"], default=None)
+    p.add_argument("--backward", choices=BACKWARD_MODES, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="iterations between evaluations (0: only at the end)")
+    p.add_argument("--eval-repeats", type=int, default=None, help="networks per evaluation (0: no evaluation)")
+    p.add_argument("--eval-epochs", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--snapshot-every", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(run=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from mtt.buffers import open_buffers
+    from mtt.data import load_dataset
+    from mtt.distill import DistillConfig, distill, preset
+
+    overrides = {name: getattr(args, name) for name in
+                 ["model", "width", "iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
+                  "lr_img", "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "eval_every",
+                  "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every"]
+                 if getattr(args, name) is not None}
+    overrides |= {"seed": args.seed, "device": args.device}
+    if args.preset == "paper":
+        config = preset(args.dataset, args.ipc, **overrides)
+    elif args.preset == "none":
+        config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **overrides)
+    else:
+        dataset_name, _, ipc = args.preset.partition(":")
+        if not ipc.isdigit():
+            raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC, got {args.preset!r}")
+        config = preset(dataset_name, int(ipc), **overrides)
+        config.dataset, config.ipc = args.dataset, args.ipc
+    dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
+    buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca)
+    started = time.perf_counter()
+    synthetic = distill(config, dataset, buffers, args.out, resume=args.resume, progress=not args.no_progress)
+    history = json.loads((Path(args.out) / "history.json").read_text())
+    summary = {"iterations": len(history["loss"]), "final_loss": history["loss"][-1] if history["loss"] else None,
+               "syn_lr": synthetic.syn_lr, "seconds": round(time.perf_counter() - started, 2), "out": str(args.out)}
+    if history["evals"]:
+        summary["final_eval"] = history["evals"][-1]
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,356 @@
+"""The MTT optimisation loop: learn synthetic images and a step size by matching expert trajectories.
+
+Each iteration picks an expert and a start epoch t < max_start_epoch, unrolls the student
+from checkpoint t for `syn_steps` SGD steps on the synthetic set (mtt.unroll), and moves
+the images and the step size down the gradient of the normalised distance to checkpoint
+t + expert_epochs, with SGD (momentum 0.5) as the paper.
+
+Everything needed to continue is checkpointed atomically (images, step size, labels,
+momenta, the generator, the iteration, the history), so a killed run resumes exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mtt.augment import DEFAULT_STRATEGY, parse_strategy
+from mtt.buffers import ExpertBuffers
+from mtt.data import Dataset
+from mtt.device import resolve_device
+from mtt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from mtt.networks import get_network
+from mtt.synthetic import SyntheticSet
+from mtt.unroll import BACKWARD_MODES, Student, plan_steps, unroll
+
+
+class DistillationDiverged(ValueError):
+    """The matching loss or the learned step size went bad; the last good state is saved."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class DistillConfig:
+    dataset: str
+    ipc: int
+    model: str = "ConvNet"
+    width: int = 128
+    depth: int = 3
+    zca: bool = False
+    syn_steps: int = 20          # N: student steps per iteration
+    expert_epochs: int = 2       # M: target = expert checkpoint t + M
+    max_start_epoch: int = 20    # T: t drawn uniformly from [0, T)
+    batch_syn: int | None = None  # minibatch of synthetic images per student step; None = all
+    lr_img: float = 1000.0
+    lr_lr: float = 1e-5
+    lr_teacher: float = 0.01     # the step size alpha starts here
+    soft_labels: bool = False    # learn label logits (TESLA/DATM); off in the paper presets
+    lr_labels: float = 10.0
+    init: str = "real"           # "real": random real images of each class; "noise": N(0, 1)
+    dsa: str = DEFAULT_STRATEGY
+    iterations: int = 5000
+    backward: str = "checkpointed"
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0)
+    eval_repeats: int = 5
+    eval_epochs: int = 1000
+    checkpoint_every: int = 100
+    snapshot_every: int = 100
+
+    def validate(self) -> None:
+        positive = ["ipc", "syn_steps", "expert_epochs", "max_start_epoch", "iterations",
+                    "checkpoint_every", "snapshot_every", "width", "depth"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["lr_img", "lr_lr", "lr_teacher", "lr_labels"]:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.batch_syn is not None and self.batch_syn < 1:
+            raise ValueError(f"batch_syn must be >= 1 or None (the whole set), got {self.batch_syn}")
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if self.init not in ("real", "noise"):
+            raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
+        if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
+            raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
+        parse_strategy(self.dsa)
+
+
+# (dataset, ipc) -> settings. Paper: the authors' table (DESIGN.md); "full" batch = None.
+_PAPER = {
+    ("cifar10", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, zca=True, lr_img=100, lr_lr=1e-7, lr_teacher=0.01),
+    ("cifar10", 10): dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, zca=True, lr_img=100, lr_lr=1e-5, lr_teacher=0.001),
+    ("cifar10", 50): dict(syn_steps=30, expert_epochs=2, max_start_epoch=40, zca=False, lr_img=1000, lr_lr=1e-5, lr_teacher=0.001),
+    ("cifar100", 1): dict(syn_steps=20, expert_epochs=3, max_start_epoch=20, zca=True, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01),
+    ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=20, zca=False, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01),
+    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, batch_syn=125, zca=True, lr_img=1000, lr_lr=1e-5, lr_teacher=0.01),
+    ("tiny-imagenet", 1): dict(model="ConvNetD4", syn_steps=10, expert_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01),
+    ("tiny-imagenet", 10): dict(model="ConvNetD4", syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=200, lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01),
+    ("tiny-imagenet", 50): dict(model="ConvNetD4", syn_steps=20, expert_epochs=2, max_start_epoch=40, batch_syn=300, lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01),
+}
+# Ours, for the offline datasets: small enough for a CPU (see BENCHMARKS.md for what they give).
+_OURS = {
+    ("digits", 1): dict(syn_steps=20, expert_epochs=2, max_start_epoch=5, lr_img=100, lr_lr=1e-5, lr_teacher=0.01,
+                        iterations=200, eval_every=100, eval_epochs=300, checkpoint_every=50, snapshot_every=10),
+    ("digits", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=5, lr_img=100, lr_lr=1e-5, lr_teacher=0.01,
+                         iterations=200, eval_every=100, eval_epochs=300, checkpoint_every=50, snapshot_every=10),
+    ("fashion-mnist", 1): dict(syn_steps=20, expert_epochs=2, max_start_epoch=5, lr_img=100, lr_lr=1e-5,
+                               lr_teacher=0.01, iterations=500),
+    ("fashion-mnist", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=10, lr_img=100, lr_lr=1e-5,
+                                lr_teacher=0.01, iterations=1000),
+}
+PRESETS: dict[tuple[str, int], dict[str, Any]] = {**_PAPER, **_OURS}
+
+
+def preset(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
+    """The preset for (dataset, ipc) — the paper's where it has one — with overrides applied."""
+    if (dataset, ipc) not in PRESETS:
+        known = ", ".join(f"{d} IPC {i}" for d, i in PRESETS)
+        raise ValueError(f"no preset for {dataset} at IPC {ipc}; known: {known}. "
+                         f"Set the hyper-parameters yourself (DistillConfig(...)) or pick a listed one.")
+    config = DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)])
+    return dataclasses.replace(config, **overrides)
+
+
+# ----------------------------------------------------------------------------- state
+
+@dataclass
+class DistillState:
+    """Everything that changes during distillation; what a checkpoint holds."""
+
+    images: Tensor                   # [K * ipc, C, H, W], the synthetic set
+    labels: Tensor                   # [K * ipc] int64
+    syn_lr: Tensor                   # 0-d, the learned step size alpha
+    label_logits: Tensor | None      # [K * ipc, K] when soft labels are on
+    momenta: dict[str, Tensor]       # SGD momentum buffers, by variable name
+    generator: torch.Generator       # draws experts, start epochs, minibatches, DSA
+    iteration: int = 0
+    history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
+
+    def variables(self) -> dict[str, Tensor]:
+        found = {"images": self.images, "syn_lr": self.syn_lr}
+        if self.label_logits is not None:
+            found["label_logits"] = self.label_logits
+        return found
+
+
+def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device) -> DistillState:
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = torch.arange(dataset.num_classes).repeat_interleave(config.ipc)
+    if config.init == "real":
+        images = torch.cat([dataset.sample_real(c, config.ipc, generator) for c in range(dataset.num_classes)])
+    else:
+        images = torch.randn(len(labels), dataset.channels, *dataset.im_size, generator=generator)
+    label_logits = None
+    if config.soft_labels:
+        # Start from confident one-hot targets: softmax gives the true class 0.9.
+        k = dataset.num_classes
+        label_logits = F.one_hot(labels, k).float() * math.log(0.9 * (k - 1) / 0.1)
+    state = DistillState(images.to(device), labels.to(device), torch.tensor(config.lr_teacher, device=device),
+                         None if label_logits is None else label_logits.to(device), {}, generator)
+    state.momenta = {name: torch.zeros_like(v) for name, v in state.variables().items()}
+    return state
+
+
+def save_checkpoint(state: DistillState, config: DistillConfig, path: Path) -> None:
+    tensors = {f"var.{k}": v for k, v in state.variables().items()}
+    tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
+    tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
+    metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
+                "history": json.dumps(state.history)}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+# What may differ between the run that wrote a checkpoint and the one resuming it.
+_RESUMABLE_CHANGES = {"iterations", "device", "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every",
+                      "snapshot_every"}
+
+
+def load_checkpoint(path: Path, config: DistillConfig, device: torch.device) -> DistillState:
+    tensors = load_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    saved = json.loads(metadata["config"])
+    changed = {k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v} - _RESUMABLE_CHANGES
+    if changed:
+        diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in sorted(changed))
+        raise ValueError(f"cannot resume {path}: the run was started with other settings ({diffs}). "
+                         f"Use the same settings, or a new --out folder to start afresh.")
+    generator = torch.Generator()
+    generator.set_state(tensors["generator"])
+    variables = {k.removeprefix("var."): v.to(device) for k, v in tensors.items() if k.startswith("var.")}
+    momenta = {k.removeprefix("momentum."): v.to(device) for k, v in tensors.items() if k.startswith("momentum.")}
+    return DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
+                        variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
+                        json.loads(metadata["history"]))
+
+
+# ----------------------------------------------------------------------------- loop
+
+@dataclass
+class IterationInfo:
+    """What callbacks see after each iteration."""
+
+    iteration: int
+    loss: float
+    syn_lr: float
+    state: DistillState
+    evaluation: dict[str, Any] | None = None
+
+
+Callback = Callable[[IterationInfo], None]
+Evaluator = Callable[[DistillState], dict[str, Any]]
+
+
+def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out_dir: str | Path, *,
+            resume: bool = False, callbacks: list[Callback] = (), evaluator: Evaluator | None = None,
+            progress: bool = True) -> SyntheticSet:
+    """Run (or resume) distillation; writes checkpoint, snapshots, history.json and synthetic.safetensors."""
+    config.validate()
+    out = Path(out_dir)
+    device = resolve_device(config.device)
+    student = _student_for(config, dataset, buffers, device)
+    checkpoint = out / "checkpoint.safetensors"
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint, config, device)
+    else:
+        if checkpoint.exists():
+            raise ValueError(f"{out} already holds a run (checkpoint.safetensors): pass resume=True (--resume) "
+                             f"to continue it, or choose another output folder")
+        state = initial_state(config, dataset, device)
+    if evaluator is None and config.eval_repeats > 0:
+        evaluator = _default_evaluator(config, dataset)
+
+    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
+    while state.iteration < config.iterations:
+        evaluation = None
+        if evaluator is not None and config.eval_every and state.iteration % config.eval_every == 0:
+            evaluation = _record_eval(state, evaluator)
+        if state.iteration % config.snapshot_every == 0:
+            _save_snapshot(state, out)
+        started = time.perf_counter()
+        loss = _iteration(state, config, student, buffers, out, device)
+        state.history["loss"].append(loss)
+        state.history["syn_lr"].append(state.syn_lr.item())
+        state.history["seconds"].append(time.perf_counter() - started)
+        state.iteration += 1
+        if state.iteration % config.checkpoint_every == 0:
+            save_checkpoint(state, config, checkpoint)
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.4f}", syn_lr=f"{state.syn_lr.item():.2e}")
+        for callback in callbacks:
+            callback(IterationInfo(state.iteration, loss, state.syn_lr.item(), state, evaluation))
+    bar.close()
+
+    if evaluator is not None:
+        _record_eval(state, evaluator)
+    _save_snapshot(state, out)
+    save_checkpoint(state, config, checkpoint)
+    atomic_write_json(out / "history.json", state.history)
+    synthetic = SyntheticSet(state.images.detach().cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset,
+                             config.model, None if state.label_logits is None else state.label_logits.detach().cpu(),
+                             dataset.zca, dataclasses.asdict(config))
+    synthetic.save(out / "synthetic.safetensors")
+    return synthetic
+
+
+def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
+    meta = buffers.meta
+    if meta.dataset != config.dataset or meta.zca != config.zca or (dataset.zca is not None) != config.zca:
+        raise ValueError(f"the experts were trained on {meta.dataset} (zca={meta.zca}) but this run distils "
+                         f"{config.dataset} (zca={config.zca}, dataset loaded with zca={dataset.zca is not None}); "
+                         f"use matching experts, or set zca to match them")
+    if config.max_start_epoch + config.expert_epochs > meta.epochs:
+        raise ValueError(f"max_start_epoch ({config.max_start_epoch}) + expert_epochs ({config.expert_epochs}) "
+                         f"exceeds the {meta.epochs} epochs the experts were trained for; lower them or train "
+                         f"longer experts")
+    net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
+    meta.check_network(net)
+    return Student(net.to(device))
+
+
+def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers, out: Path,
+               device: torch.device) -> float:
+    g = state.generator
+    expert = int(torch.randint(len(buffers), (), generator=g))
+    start = int(torch.randint(config.max_start_epoch, (), generator=g))
+    theta_start = buffers.snapshot(expert, start).to(device)
+    theta_target = buffers.snapshot(expert, start + config.expert_epochs).to(device)
+    plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
+                       config.dsa, g, device)
+    result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans,
+                    labels=None if config.soft_labels else state.labels, label_logits=state.label_logits,
+                    mode=config.backward)
+    grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
+    where = f"(expert {expert}, start epoch {start})"
+    if not math.isfinite(result.loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
+        _diverged(state, config, out, f"the matching loss or its gradient is not finite (loss {result.loss:.3g}) {where}")
+    # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors;
+    # computed out of place first, so a bad step leaves the state as it was.
+    rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
+    momenta = {name: 0.5 * state.momenta[name] + grads[name] for name in state.momenta}
+    updated = {name: v.detach() - rates[name] * momenta[name] for name, v in state.variables().items()}
+    if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
+        _diverged(state, config, out, f"this update would make the learned step size {updated['syn_lr'].item():.3g} "
+                                      f"(from {state.syn_lr.item():.3g}) {where}")
+    state.momenta = momenta
+    state.images, state.syn_lr = updated["images"], updated["syn_lr"]
+    state.label_logits = updated.get("label_logits")
+    return result.loss
+
+
+def _diverged(state: DistillState, config: DistillConfig, out: Path, what: str) -> None:
+    path = out / "checkpoint.safetensors"
+    save_checkpoint(state, config, path)  # the state before this iteration's update: the last good one
+    raise DistillationDiverged(
+        f"distillation diverged at iteration {state.iteration}: {what}. The last good state is saved in {path}. "
+        f"Try a smaller lr_img (now {config.lr_img:g}) or lr_lr (now {config.lr_lr:g}), fewer syn_steps "
+        f"(now {config.syn_steps}), or a smaller lr_teacher (now {config.lr_teacher:g}).")
+
+
+def _save_snapshot(state: DistillState, out: Path) -> None:
+    tensors = {"images": state.images, "syn_lr": state.syn_lr}
+    if state.label_logits is not None:
+        tensors["label_logits"] = state.label_logits
+    atomic_save_safetensors(tensors, out / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
+
+
+def _record_eval(state: DistillState, evaluator: Evaluator) -> dict[str, Any]:
+    evaluation = {"iteration": state.iteration, **evaluator(state)}
+    state.history["evals"].append(evaluation)
+    return evaluation
+
+
+def _default_evaluator(config: DistillConfig, dataset: Dataset) -> Evaluator:
+    """ConvNet trained on the current synthetic set with the paper's protocol (mtt.evaluate)."""
+    from mtt.evaluate import EvalConfig, evaluate
+
+    eval_config = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=config.eval_repeats,
+                             seed=config.seed, width=config.width, depth=config.depth, dsa=config.dsa)
+
+    def run(state: DistillState) -> dict[str, Any]:
+        targets = state.labels if state.label_logits is None else state.label_logits
+        result = evaluate(state.images.detach(), targets.detach(), dataset.test_images, dataset.test_labels,
+                          dataclasses.replace(eval_config, lr=state.syn_lr.item()), device=config.device)
+        return {"mean": result.mean, "std": result.std, "runs": result.runs}
+
+    return run
+
+
+def load_snapshots(run_dir: str | Path) -> list[tuple[int, Tensor]]:
+    """(iteration, images) of every snapshot a run saved, in order (for the image-evolution plots)."""
+    paths = sorted((Path(run_dir) / "snapshots").glob("iter_*.safetensors"))
+    return [(int(p.stem.removeprefix("iter_")), load_safetensors(p)["images"]) for p in paths]

@@ -1,0 +1,182 @@
+"""The distillation loop on digits with real (tiny) experts: outputs, resume, guards, presets, CLI."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mtt.buffers import ExpertBuffers
+from mtt.data import load_dataset
+from mtt.distill import DistillationDiverged, DistillConfig, distill, load_snapshots, preset
+from mtt.experts import ExpertConfig, train_experts
+from mtt.synthetic import SyntheticSet
+
+WIDTH = 16
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def experts(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    train_experts(digits, ExpertConfig(num_experts=2, epochs=4, width=WIDTH), out, device="cpu", progress=False)
+    return out
+
+
+def small_config(**overrides):
+    settings = dict(dataset="digits", ipc=1, width=WIDTH, syn_steps=5, expert_epochs=2, max_start_epoch=2,
+                    lr_img=10, lr_lr=1e-5, iterations=6, eval_repeats=0, checkpoint_every=3, snapshot_every=2,
+                    device="cpu", seed=3)
+    return DistillConfig(**(settings | overrides))
+
+
+def test_distill_writes_every_output(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    config = small_config(batch_syn=4)
+    synthetic = distill(config, digits, buffers, tmp_path, progress=False)
+
+    loaded = SyntheticSet.load(tmp_path / "synthetic.safetensors")
+    assert loaded.images.shape == (10, 1, 8, 8) and loaded.labels.tolist() == list(range(10))
+    assert torch.equal(loaded.images, synthetic.images) and loaded.syn_lr == synthetic.syn_lr
+    assert loaded.config["syn_steps"] == 5 and loaded.dataset == "digits"
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["loss"]) == len(history["syn_lr"]) == 6
+    assert all(0 < loss < 10 for loss in history["loss"])
+    snapshots = load_snapshots(tmp_path)
+    assert [it for it, _ in snapshots] == [0, 2, 4, 6]
+    assert not torch.equal(snapshots[0][1], snapshots[-1][1])  # the images moved
+    assert synthetic.syn_lr != 0.01  # and so did the step size
+
+
+def test_images_start_from_real_images_of_each_class(digits, experts, tmp_path):
+    config = small_config(iterations=1, snapshot_every=1)
+    distill(config, digits, ExpertBuffers.open(experts), tmp_path, progress=False)
+    start = load_snapshots(tmp_path)[0][1]
+    for c, image in enumerate(start):
+        assert (digits.train_images[digits.class_indices(c)] == image).flatten(1).all(1).any()
+
+
+def test_resume_equals_a_straight_run(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    straight = distill(small_config(iterations=6), digits, buffers, tmp_path / "straight", progress=False)
+    distill(small_config(iterations=3), digits, buffers, tmp_path / "split", progress=False)
+    resumed = distill(small_config(iterations=6), digits, buffers, tmp_path / "split", resume=True, progress=False)
+    assert torch.equal(straight.images, resumed.images)
+    assert straight.syn_lr == resumed.syn_lr
+    a, b = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("straight", "split"))
+    assert a["loss"] == b["loss"]
+
+
+def test_existing_run_needs_resume_and_same_settings(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="syn_steps: checkpoint 5 vs now 7"):
+        distill(small_config(iterations=6, syn_steps=7), digits, buffers, tmp_path, resume=True, progress=False)
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_a_good_checkpoint(digits, experts, tmp_path):
+    config = small_config(lr_lr=1e3, iterations=20, checkpoint_every=100)
+    with pytest.raises(DistillationDiverged, match=r"iteration \d+.*lr_lr \(now 1000\)") as err:
+        distill(config, digits, ExpertBuffers.open(experts), tmp_path, progress=False)
+    assert "checkpoint.safetensors" in str(err.value)
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        syn_lr, images = f.get_tensor("var.syn_lr"), f.get_tensor("var.images")
+    assert syn_lr > 0 and torch.isfinite(images).all()
+
+
+def test_experts_too_short_for_the_settings(digits, experts, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the 4 epochs"):
+        distill(small_config(max_start_epoch=3, expert_epochs=2), digits, ExpertBuffers.open(experts), tmp_path)
+
+
+def test_zca_must_match_the_experts(digits, experts, tmp_path):
+    with pytest.raises(ValueError, match="zca"):
+        distill(small_config(zca=True), digits.with_zca(), ExpertBuffers.open(experts), tmp_path)
+
+
+def test_soft_labels_are_learned(digits, experts, tmp_path):
+    synthetic = distill(small_config(soft_labels=True, iterations=3), digits, ExpertBuffers.open(experts), tmp_path,
+                        progress=False)
+    assert synthetic.label_logits.shape == (10, 10)
+    assert synthetic.label_logits.argmax(1).tolist() == list(range(10))
+    start = torch.nn.functional.one_hot(torch.arange(10), 10).float() * synthetic.label_logits.max()
+    assert not torch.allclose(synthetic.label_logits, start)
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="syn_steps must be >= 1"):
+        small_config(syn_steps=0).validate()
+    with pytest.raises(ValueError, match="backward"):
+        small_config(backward="tesla").validate()
+
+
+def test_paper_presets_match_the_design_table():
+    table = {  # DESIGN.md: syn_steps, expert_epochs, max_start, batch_syn, zca, lr_img, lr_lr, lr_teacher
+        ("cifar10", 1): (50, 2, 2, None, True, 100, 1e-7, 0.01),
+        ("cifar10", 10): (30, 2, 20, None, True, 100, 1e-5, 0.001),
+        ("cifar10", 50): (30, 2, 40, None, False, 1000, 1e-5, 0.001),
+        ("cifar100", 1): (20, 3, 20, None, True, 1000, 1e-5, 0.01),
+        ("cifar100", 10): (20, 2, 20, None, False, 1000, 1e-5, 0.01),
+        ("cifar100", 50): (80, 2, 40, 125, True, 1000, 1e-5, 0.01),
+        ("tiny-imagenet", 1): (10, 2, 10, None, False, 1e4, 1e-4, 0.01),
+        ("tiny-imagenet", 10): (20, 2, 40, 200, False, 1e4, 1e-4, 0.01),
+        ("tiny-imagenet", 50): (20, 2, 40, 300, False, 1e4, 1e-4, 0.01),
+    }
+    for (dataset, ipc), expected in table.items():
+        c = preset(dataset, ipc)
+        got = (c.syn_steps, c.expert_epochs, c.max_start_epoch, c.batch_syn, c.zca, c.lr_img, c.lr_lr, c.lr_teacher)
+        assert got == expected, (dataset, ipc)
+        assert c.iterations == 5000 and not c.soft_labels
+    assert preset("tiny-imagenet", 1).model == "ConvNetD4"
+    with pytest.raises(ValueError, match="no preset for svhn at IPC 3"):
+        preset("svhn", 3)
+
+
+def cli(*args):
+    return [sys.executable, "-m", "mtt", "distill", *map(str, args)]
+
+
+def test_cli_json_and_a_real_kill_then_resume(experts, tmp_path):
+    common = ["--dataset", "digits", "--ipc", "1", "--buffers", experts, "--preset", "none", "--width", WIDTH,
+              "--syn-steps", 5, "--expert-epochs", 2, "--max-start-epoch", 2, "--lr-img", 10, "--eval-repeats", 0,
+              "--device", "cpu", "--seed", 5, "--iterations", 40, "--checkpoint-every", 10, "--no-progress"]
+    straight = subprocess.run(cli(*common, "--out", tmp_path / "straight", "--json"), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    summary = json.loads(straight.stdout.strip().splitlines()[-1])
+    assert summary["iterations"] == 40 and summary["syn_lr"] > 0 and summary["final_loss"] > 0
+    assert set(summary) >= {"iterations", "final_loss", "syn_lr", "seconds", "out"}
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen(cli(*common, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with safe_open(str(checkpoint), "pt") as f:
+        killed_at = int(f.metadata()["iteration"])
+    assert 0 < killed_at < 40
+    resumed = subprocess.run(cli(*common, "--out", run, "--resume", "--json"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = SyntheticSet.load(tmp_path / "straight" / "synthetic.safetensors")
+    b = SyntheticSet.load(run / "synthetic.safetensors")
+    assert torch.equal(a.images, b.images) and a.syn_lr == b.syn_lr
+
+
+def test_cli_reports_bad_input_without_a_traceback(experts, tmp_path):
+    result = subprocess.run(cli("--dataset", "digits", "--ipc", 1, "--buffers", tmp_path / "missing", "--out",
+                                tmp_path / "run", "--device", "cpu"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
