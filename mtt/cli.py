@@ -147,6 +147,85 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:
+    p.add_argument("--models", default="ConvNet", help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
+    p.add_argument("--repeats", type=int, default=5, help="networks per model (seeds seed..seed+repeats-1)")
+    p.add_argument("--epochs", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=lr_default, help=lr_help)
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also save a bar chart of the results")
+    _common(p)
+
+
+def _eval_summary(results: dict, args: argparse.Namespace) -> dict[str, Any]:
+    for model, result in results.items():
+        print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
+    if args.plot:
+        from mtt.paper import plot_cross_arch
+        plot_cross_arch(results, path=args.plot)
+    return {model: result.to_dict() for model, result in results.items()}
+
+
+@command
+def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="train fresh networks on a synthetic set, test on real data")
+    p.add_argument("--synthetic", required=True,
+                   help="synthetic.safetensors, or the original MTT's images_best.pt (with --original-labels)")
+    p.add_argument("--original-labels", default=None, metavar="FILE",
+                   help="labels_best.pt of the original MTT code; then --dataset and --lr are required")
+    p.add_argument("--dataset", default=None, help="dataset of an original-MTT set")
+    p.add_argument("--original-zca", action="store_true",
+                   help="the original-MTT set was distilled with ZCA (whiten the test set the original's way)")
+    _eval_flags(p, "default: the set's learned syn_lr", None)
+    p.set_defaults(run=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from mtt.data import load_dataset
+    from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
+    from mtt.synthetic import SyntheticSet, load_original_mtt
+
+    if not Path(args.synthetic).is_file():
+        raise FileNotFoundError(f"no such file: {args.synthetic}")
+    if args.original_labels:
+        if args.dataset is None or args.lr is None:
+            raise ValueError("an original-MTT set (--original-labels) needs --dataset and --lr "
+                             "(the learned syn_lr its run logged)")
+        synthetic = load_original_mtt(args.synthetic, args.original_labels, args.dataset, args.lr)
+    elif args.synthetic.endswith(".pt"):
+        raise ValueError(f"{args.synthetic} looks like the original MTT's images_best.pt: pass "
+                         "--original-labels labels_best.pt, --dataset and --lr")
+    else:
+        synthetic = SyntheticSet.load(args.synthetic)
+    dataset = load_dataset(args.dataset or synthetic.dataset, args.data_root)
+    if args.original_zca:
+        dataset = with_original_zca(dataset)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed)
+    results = evaluate_synthetic(synthetic, dataset, args.models.split(","), config, args.device)
+    return _eval_summary(results, args)
+
+
+@command
+def add_baseline(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("baseline", help="random / herding / full real-data baselines on the same protocol")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--ipc", type=int, default=None, help="images per class (not for --method full)")
+    p.add_argument("--method", choices=["random", "herding", "full"], default="random")
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten the dataset (eps 0.1)")
+    _eval_flags(p, "learning rate (real-data baselines train with 0.01)", 0.01)
+    p.set_defaults(run=run_baseline)
+
+
+def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
+    from mtt.data import load_dataset
+    from mtt.evaluate import EvalConfig, evaluate_baseline
+
+    dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed)
+    results = evaluate_baseline(dataset, args.ipc, args.method, args.models.split(","), config, args.device)
+    return _eval_summary(results, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -122,6 +122,27 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
                         theta.detach())
 
 
+def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
+                  plans: list[StepPlan]) -> list[Tensor]:
+    """theta_0..theta_N of the student, with no graph kept across steps."""
+    thetas = [theta_start.detach()]
+    for plan in plans:
+        theta = thetas[-1].requires_grad_()
+        grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta)[0]
+        thetas.append((theta - alpha * grad).detach())
+        theta.requires_grad_(False)
+    return thetas
+
+
+def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: Tensor | float,
+                 plans: list[StepPlan], labels: Tensor | None = None,
+                 label_logits: Tensor | None = None) -> Tensor:
+    """The student's parameters after each of its steps, [N + 1, P] (for plots of its path)."""
+    targets = labels if label_logits is None else label_logits.detach()
+    alpha = torch.as_tensor(syn_lr, dtype=theta_start.dtype, device=theta_start.device)
+    return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans))
+
+
 def _unroll_checkpointed(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
                          label_logits):
     images = images.detach()
@@ -129,13 +150,7 @@ def _unroll_checkpointed(student, theta_start, theta_target, start_distance, ima
     soft = label_logits is not None
     targets = label_logits.detach() if soft else labels
 
-    # Forward: no graph kept across steps, only the parameter vectors.
-    thetas = [theta_start]
-    for plan in plans:
-        theta = thetas[-1].requires_grad_()
-        grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta)[0]
-        thetas.append((theta - alpha * grad).detach())
-        theta.requires_grad_(False)
+    thetas = _forward_path(student, theta_start, images, targets, alpha, plans)
     theta_final = thetas[-1]
     loss = (theta_final - theta_target).pow(2).sum() / start_distance
 

@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import Student, plan_steps, unroll
+from mtt.unroll import Student, plan_steps, student_path, unroll
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -111,3 +111,12 @@ def test_bad_arguments(problem):
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="tesla")
     with pytest.raises(ValueError, match="parameters"):
         student(theta_start[:-1], images)
+
+
+def test_student_path_ends_where_the_unroll_ends(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    path = student_path(student, theta_start, images, syn_lr, plans, labels=labels)
+    assert path.shape == (STEPS + 1, student.num_params)
+    assert torch.equal(path[0], theta_start)
+    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="full")
+    assert torch.allclose(path[-1], result.final_params, rtol=0, atol=1e-12)

@@ -1,0 +1,650 @@
+"""Expert trajectories on disk: safetensors shards, the original MTT .pt layout, the Hub.
+
+Native format ("mtt-buffer/1"): a folder of safetensors shards. Each shard holds one tensor
+per expert, `expert_{id:05d}` shaped [epochs+1, P] (float32, index 0 = initialisation,
+parameters flattened in `.parameters()` order), optionally `test_acc_{id:05d}` shaped
+[epochs], and the BufferMeta as string metadata. `index.json` lists the shards and their
+experts. Readers open shards lazily (one expert, or one row of it, at a time) and never
+unpickle anything.
+
+Legacy format (read only): `{root}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`, each a
+list of trajectories, each a list of snapshots, each a list of per-parameter tensors. These
+are loaded with `torch.load(weights_only=True)`, which refuses anything but tensors and
+containers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import socket
+import warnings
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from pickle import UnpicklingError
+from urllib.parse import urlparse
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from mtt import __version__
+from mtt.data import SPECS
+from mtt.io import atomic_save_safetensors, atomic_write_json
+
+FORMAT = "mtt-buffer/1"
+INDEX = "index.json"
+TRAIN_HINT = "train them with `python -m mtt experts ... --out DIR` or pass a local folder"
+
+# The original code names its buffer folders after its own dataset names.
+LEGACY_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
+                   "fashion-mnist": "FashionMNIST", "svhn": "SVHN", "tiny-imagenet": "Tiny"}
+
+
+def _canonical_dataset(name: str) -> str:
+    """Our name for a dataset given either our name or the original code's ('CIFAR10' -> 'cifar10')."""
+    return next((ours for ours, theirs in LEGACY_DATASETS.items() if name == theirs), name)
+
+
+def _hw(im_size: int | Sequence[int]) -> tuple[int, int]:
+    return (im_size, im_size) if isinstance(im_size, int) else tuple(int(s) for s in im_size)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+@dataclass(frozen=True)
+class BufferMeta:
+    """What a set of expert trajectories was made from; stored with every shard."""
+
+    dataset: str
+    model: str
+    channels: int
+    im_size: tuple[int, int]
+    num_classes: int
+    zca: bool
+    lr: float
+    epochs: int
+    param_names: tuple[str, ...]
+    param_shapes: tuple[tuple[int, ...], ...]
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON) and an int im_size; store tuples so metas compare and hash.
+        object.__setattr__(self, "im_size", _hw(self.im_size))
+        object.__setattr__(self, "param_names", tuple(self.param_names))
+        object.__setattr__(self, "param_shapes", tuple(tuple(int(d) for d in s) for s in self.param_shapes))
+        if len(self.param_names) != len(self.param_shapes):
+            raise ValueError(f"{len(self.param_names)} parameter names but {len(self.param_shapes)} shapes")
+
+    @property
+    def num_params(self) -> int:
+        """P, the number of scalars in one snapshot."""
+        return sum(math.prod(s) for s in self.param_shapes)
+
+    @classmethod
+    def for_network(cls, net: nn.Module, *, dataset: str, model: str, channels: int,
+                    im_size: int | tuple[int, int], num_classes: int, zca: bool, lr: float,
+                    epochs: int) -> BufferMeta:
+        """The meta of trajectories of `net` (names and shapes in `.parameters()` order)."""
+        named = list(net.named_parameters())
+        return cls(dataset=dataset, model=model, channels=channels, im_size=_hw(im_size),
+                   num_classes=num_classes, zca=bool(zca), lr=float(lr), epochs=int(epochs),
+                   param_names=tuple(n for n, _ in named), param_shapes=tuple(tuple(p.shape) for _, p in named))
+
+    def describe(self) -> str:
+        h, w = self.im_size
+        return (f"model {self.model} on {self.dataset} ({self.channels}x{h}x{w}, {self.num_classes} classes, "
+                f"zca={self.zca}, lr={self.lr}, {self.epochs} epochs)")
+
+    def check_network(self, net: nn.Module) -> None:
+        """Raise ValueError unless `net` has exactly this buffer's parameter names and shapes."""
+        found = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
+        expected = list(zip(self.param_names, self.param_shapes))
+        where = f"the buffer was made for {self.describe()}"
+        for j, (exp, got) in enumerate(zip(expected, found)):
+            if exp != got:
+                raise ValueError(f"{where}, but the network differs at parameter {j}: buffer has {exp[0]!r} {exp[1]}, "
+                                 f"network has {got[0]!r} {got[1]}; build the network the buffer was made for")
+        if len(found) != len(expected):
+            raise ValueError(f"{where}, which has {len(expected)} parameters, but the network has {len(found)}; "
+                             "build the network the buffer was made for")
+
+    def _same_experts(self, other: BufferMeta) -> bool:
+        """Equal up to the library version that wrote them."""
+        return replace(self, version="") == replace(other, version="")
+
+
+_STR_FIELDS = {f.name for f in fields(BufferMeta) if f.type == "str"}
+
+
+def _meta_to_strings(meta: BufferMeta) -> dict[str, str]:
+    # safetensors metadata is str -> str: strings as they are, everything else as JSON
+    return {k: v if k in _STR_FIELDS else json.dumps(v) for k, v in asdict(meta).items()} | {"format": FORMAT}
+
+
+def _meta_from_strings(d: dict[str, str], source: Path) -> BufferMeta:
+    try:
+        kwargs = {f.name: d[f.name] if f.name in _STR_FIELDS else json.loads(d[f.name])
+                  for f in fields(BufferMeta) if f.name in d}
+        return BufferMeta(**kwargs)
+    except (TypeError, ValueError) as err:  # a missing field or a value that is not JSON
+        raise ValueError(f"{source} has unreadable buffer metadata ({err}); "
+                         "re-create it with this version of mtt") from None
+
+
+# ----------------------------------------------------------------------------- flat parameters
+
+def flatten_params(net_or_tensors: nn.Module | Iterable[Tensor] | dict[str, Tensor]) -> Tensor:
+    """All parameters as one detached vector [P], in `.parameters()` order."""
+    if isinstance(net_or_tensors, nn.Module):
+        tensors = list(net_or_tensors.parameters())
+    elif isinstance(net_or_tensors, dict):
+        tensors = list(net_or_tensors.values())
+    else:
+        tensors = list(net_or_tensors)
+    if not tensors:
+        raise ValueError("nothing to flatten: no parameters given")
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_params(flat: Tensor, meta: BufferMeta) -> dict[str, Tensor]:
+    """name -> shaped tensor, for torch.func.functional_call; views of `flat` when it is [P].
+
+    Leading batch dimensions are kept ([K, P] gives [K, *shape] per parameter).
+    """
+    if flat.shape[-1:] != (meta.num_params,):
+        raise ValueError(f"a flat parameter vector of {meta.describe()} has {meta.num_params} entries, "
+                         f"got a tensor of shape {tuple(flat.shape)}")
+    lead = flat.shape[:-1]
+    chunks = flat.split([math.prod(s) for s in meta.param_shapes], dim=-1)
+    return {n: c.reshape(*lead, *s) for n, c, s in zip(meta.param_names, chunks, meta.param_shapes)}
+
+
+# ----------------------------------------------------------------------------- native shards
+
+def _expert_key(i: int) -> str:
+    return f"expert_{i:05d}"
+
+
+def _acc_key(i: int) -> str:
+    return f"test_acc_{i:05d}"
+
+
+def write_shard(path: str | os.PathLike, trajectories: Tensor, meta: BufferMeta, expert_ids: Sequence[int],
+                test_acc: Tensor | None = None) -> Path:
+    """Write K trajectories [K, epochs+1, P] (and their test accuracies [K, epochs]) as one shard, atomically."""
+    ids = [int(i) for i in expert_ids]
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(f"expert ids must be distinct non-negative ints, at least one, got {ids}")
+    want = (len(ids), meta.epochs + 1, meta.num_params)
+    if tuple(trajectories.shape) != want:
+        raise ValueError(f"trajectories for {len(ids)} experts of {meta.describe()} must be shaped "
+                         f"[K, epochs+1, P] = {list(want)}, got {list(trajectories.shape)}")
+    if test_acc is not None and tuple(test_acc.shape) != (len(ids), meta.epochs):
+        raise ValueError(f"test_acc must be shaped [K, epochs] = {[len(ids), meta.epochs]}, got {list(test_acc.shape)}")
+    tensors = {_expert_key(i): t.float() for i, t in zip(ids, trajectories)}
+    if test_acc is not None:
+        tensors |= {_acc_key(i): a.float() for i, a in zip(ids, test_acc)}
+    return atomic_save_safetensors(tensors, path, metadata=_meta_to_strings(meta))
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: Path
+    meta: BufferMeta
+    ids: tuple[int, ...]
+    with_acc: frozenset[int]
+
+
+def _broken(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is truncated or corrupt ({err}): delete it, then re-train those experts "
+                      "(`python -m mtt experts` skips finished ones) or download the buffers again")
+
+
+def _read_shard(path: Path) -> _Shard:
+    """Header only: meta, expert ids and tensor shapes, checked against each other."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise _broken(path, err) from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an mtt expert-buffer shard (format {metadata.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    meta = _meta_from_strings(metadata, path)
+    ids, accs = [], set()
+    for key, shape in shapes.items():
+        kind, _, num = key.rpartition("_")
+        want = {"expert": (meta.epochs + 1, meta.num_params), "test_acc": (meta.epochs,)}.get(kind)
+        if want is None or not num.isdigit():
+            raise ValueError(f"{path} holds an unexpected tensor {key!r}; is it an mtt buffer shard?")
+        if shape != want:
+            raise ValueError(f"{path}: {key} has shape {list(shape)} but {meta.describe()} needs {list(want)}")
+        if kind == "expert":
+            ids.append(int(num))
+        else:
+            accs.add(int(num))
+    return _Shard(path, meta, tuple(sorted(ids)), frozenset(accs))
+
+
+def _shard_paths(folder: Path) -> list[Path]:
+    # atomic writes leave ".name.XXXX.tmp" files while in progress: never shards
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+
+
+def _check_shards(shards: list[_Shard]) -> tuple[BufferMeta, dict[int, _Shard]]:
+    """The one meta the shards share and where each expert lives; clear errors otherwise."""
+    meta = shards[0].meta
+    where: dict[int, _Shard] = {}
+    for s in shards:
+        if not s.meta._same_experts(meta):
+            raise ValueError(f"shards disagree: {shards[0].path.name} was made for {meta.describe()}, "
+                             f"{s.path.name} for {s.meta.describe()}; keep one kind of expert per folder")
+        for i in s.ids:
+            if i in where:
+                raise ValueError(f"expert {i} is in both {where[i].path.name} and {s.path.name} in "
+                                 f"{s.path.parent}: delete one of the two shards")
+            where[i] = s
+    return meta, where
+
+
+def write_index(folder: str | os.PathLike) -> Path:
+    """Check the shards in `folder` (one meta, no duplicate experts) and list them in index.json."""
+    folder = Path(folder)
+    shards = [_read_shard(p) for p in _shard_paths(folder)]
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors shards in {folder} to index")
+    meta, _ = _check_shards(shards)
+    index = {"format": FORMAT, "meta": asdict(meta), "shards": {s.path.name: list(s.ids) for s in shards}}
+    return atomic_write_json(folder / INDEX, index)
+
+
+def finished_experts(folder: str | os.PathLike) -> set[int]:
+    """Ids of the experts in complete shards in `folder` (empty if it does not exist)."""
+    folder = Path(folder)
+    return {i for p in _shard_paths(folder) for i in _read_shard(p).ids} if folder.is_dir() else set()
+
+
+def _check_index(folder: Path, shards: list[_Shard]) -> None:
+    """A partial download shows as shards listed in index.json but missing on disk."""
+    path = folder / INDEX
+    try:
+        listed = json.loads(path.read_text())["shards"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid buffer index ({err}): delete it "
+                         "(mtt.buffers.write_index re-creates it from the shards)") from None
+    on_disk = {s.path.name for s in shards}
+    missing = sorted(set(listed) - on_disk)
+    if missing:
+        raise ValueError(f"{path} lists shards that are not in {folder}: {missing}. The copy is incomplete: "
+                         "download it again, or delete index.json to use the shards that are there")
+    extra = sorted(on_disk - set(listed))
+    if extra:
+        warnings.warn(f"{folder}: {extra} are not listed in {INDEX} (stale index); using them anyway. "
+                      "Run mtt.buffers.write_index to update it.", stacklevel=3)
+
+
+class _ShardReader:
+    """Reads single experts or rows from shards; safe_open maps files, so nothing else is read."""
+
+    def __init__(self, where: dict[int, _Shard]) -> None:
+        self.where = where
+        self.handles: dict[Path, object] = {}
+
+    def _file(self, i: int):
+        path = self.where[i].path
+        if path not in self.handles:
+            self.handles[path] = safe_open(str(path), "pt")
+        return self.handles[path]
+
+    def trajectory(self, i: int) -> Tensor:
+        return self._file(i).get_tensor(_expert_key(i))
+
+    def snapshot(self, i: int, epoch: int) -> Tensor:
+        return self._file(i).get_slice(_expert_key(i))[epoch]
+
+    def test_acc(self, i: int) -> Tensor | None:
+        return self._file(i).get_tensor(_acc_key(i)) if i in self.where[i].with_acc else None
+
+
+# ----------------------------------------------------------------------------- legacy .pt files
+
+def _legacy_files(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> list[Path]:
+    """replay_buffer_{n}.pt files at `path`: the file itself, in the folder, or in {dataset}[_NO_ZCA]/{model}."""
+    if path.is_file():
+        return [path] if path.suffix in (".pt", ".pth") else []
+    folders = [path]
+    if dataset is not None and model is not None and zca is not None:
+        ours = _canonical_dataset(dataset)
+        names = dict.fromkeys([dataset, ours, LEGACY_DATASETS.get(ours, dataset)])
+        # The original adds _NO_ZCA only for CIFAR, where ZCA is the default; a plain folder of
+        # another dataset holds experts without ZCA.
+        suffixes = [""] if zca else ["_NO_ZCA"] + ([] if ours in ("cifar10", "cifar100") else [""])
+        folders += [path / (name + suffix) / model for name in names for suffix in suffixes]
+    for folder in folders:
+        files = list(folder.glob("replay_buffer_*.pt"))
+        if files:
+            return sorted(files, key=lambda p: (len(p.stem), p.stem))  # replay_buffer_2 before _10
+    return []
+
+
+def _load_legacy(path: Path) -> object:
+    # Zip checkpoints (torch >= 1.6) are memory-mapped: only the pickled structure is read
+    # until a tensor's values are used, so checking a file's shapes is cheap.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except UnpicklingError as err:
+        raise ValueError(f"refusing to load {path}: it needs arbitrary code to unpickle, not only tensors and "
+                         f"lists ({str(err).splitlines()[0]}). Only load it with weights_only=False if you "
+                         "trust its source") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise _broken(path, err) from None
+
+
+def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]], what: str) -> int:
+    """Check a loaded replay_buffer file snapshot by snapshot; return its number of epochs."""
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{path.name}: {msg}; was it made for another model or dataset? ({path})")
+
+    if not isinstance(trajectories, list) or not trajectories:
+        raise bad(f"expected a non-empty list of trajectories, found {type(trajectories).__name__}")
+    epochs = None
+    for k, traj in enumerate(trajectories):
+        if not isinstance(traj, (list, tuple)) or len(traj) < 2:
+            raise bad(f"trajectory {k} is not a list of at least 2 snapshots")
+        if epochs is None:
+            epochs = len(traj) - 1
+        elif len(traj) != epochs + 1:
+            raise bad(f"trajectory {k} has {len(traj)} snapshots, trajectory 0 has {epochs + 1}")
+        for t, snap in enumerate(traj):
+            if not isinstance(snap, (list, tuple)) or len(snap) != len(shapes):
+                n = len(snap) if isinstance(snap, (list, tuple)) else type(snap).__name__
+                raise ValueError(f"{path.name} holds {n} tensors per snapshot but {what} has {len(shapes)} "
+                                 f"parameters; was it made for another model or dataset? ({path})")
+            for j, (p, shape) in enumerate(zip(snap, shapes)):
+                if not isinstance(p, Tensor) or tuple(p.shape) != shape:
+                    found = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                    raise bad(f"trajectory {k}, snapshot {t}, parameter {j} is {found} but {what} expects {shape}")
+    return epochs
+
+
+class _LegacyReader:
+    """Loads one replay_buffer file at a time, when one of its experts is asked for."""
+
+    def __init__(self, where: dict[int, tuple[Path, int]]) -> None:
+        self.where = where
+        self.cached: tuple[Path, list] | None = None
+
+    def _trajectory(self, i: int) -> list:
+        path, k = self.where[i]
+        if self.cached is None or self.cached[0] != path:
+            self.cached = (path, _load_legacy(path))
+        return self.cached[1][k]
+
+    def trajectory(self, i: int) -> Tensor:
+        return torch.stack([flatten_params(s) for s in self._trajectory(i)]).float()
+
+    def snapshot(self, i: int, epoch: int) -> Tensor:
+        return flatten_params(self._trajectory(i)[epoch]).float()
+
+    def test_acc(self, i: int) -> Tensor | None:
+        return None  # the original format does not store it
+
+
+# ----------------------------------------------------------------------------- reading
+
+class ExpertBuffers:
+    """A set of expert trajectories, read lazily: `trajectory(i)`, `snapshot(i, epoch)`, `test_acc(i)`.
+
+    `i` indexes 0..len-1 over the sorted expert ids.
+    """
+
+    def __init__(self, meta: BufferMeta, reader: _ShardReader | _LegacyReader, source: Path) -> None:
+        self.meta = meta
+        self.source = source
+        self._reader = reader
+        self._ids = sorted(reader.where)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
+             channels: int | None = None, im_size: int | tuple[int, int] | None = None,
+             num_classes: int | None = None, zca: bool | None = None,
+             network: nn.Module | None = None) -> ExpertBuffers:
+        """Open a shard folder, one shard, or original MTT .pt files (these need `network`, `dataset`,
+        `model` and `zca`), and check every given keyword against what the buffer was made for."""
+        path = Path(path)
+        if path.name == INDEX:
+            path = path.parent
+        if not path.exists():
+            raise FileNotFoundError(f"no expert buffers at {path}: {TRAIN_HINT}")
+        native = path.suffix == ".safetensors" or path.is_dir() and (_shard_paths(path) or (path / INDEX).exists())
+        if native:
+            buffers = cls._open_native(path)
+        elif _legacy_files(path, dataset, model, zca):
+            if network is None or dataset is None or model is None or zca is None:
+                raise ValueError(f"{path} holds buffers in the original MTT format, which records nothing about "
+                                 "how they were made: pass network=, dataset=, model= and zca= to open them")
+            buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca,
+                                      channels=channels, im_size=im_size, num_classes=num_classes)
+        else:
+            legacy = (f" and {dataset}[_NO_ZCA]/{model}/replay_buffer_*.pt" if dataset and model and zca is not None
+                      else " (for the original layout {dataset}[_NO_ZCA]/{model}/ pass dataset=, model=, zca=)")
+            raise FileNotFoundError(f"no expert buffers in {path}: looked for *.safetensors shards and "
+                                    f"replay_buffer_*.pt files{legacy}; {TRAIN_HINT}")
+        buffers._check_request(dataset=dataset, model=model, channels=channels, im_size=im_size,
+                               num_classes=num_classes, zca=zca)
+        if network is not None:
+            buffers.meta.check_network(network)
+        return buffers
+
+    @classmethod
+    def _open_native(cls, path: Path) -> ExpertBuffers:
+        folder = path.parent if path.is_file() else path
+        shards = [_read_shard(p) for p in ([path] if path.is_file() else _shard_paths(path))]
+        if not shards:
+            raise ValueError(f"{folder / INDEX} lists shards but {folder} holds none: download the buffers again")
+        if path.is_dir() and (path / INDEX).exists():
+            _check_index(path, shards)
+        meta, where = _check_shards(shards)
+        return cls(meta, _ShardReader(where), path)
+
+    @classmethod
+    def open_legacy(cls, root_or_file: str | os.PathLike, *, network: nn.Module, dataset: str, model: str,
+                    zca: bool, lr: float = 0.01, channels: int | None = None,
+                    im_size: int | tuple[int, int] | None = None, num_classes: int | None = None) -> ExpertBuffers:
+        """Open original MTT replay_buffer_{n}.pt files, checking every snapshot against `network`.
+
+        channels, im_size and num_classes default to the dataset's (they are not in the files).
+        """
+        path = Path(root_or_file)
+        files = _legacy_files(path, dataset, model, zca)
+        if not files:
+            raise FileNotFoundError(f"no replay_buffer_*.pt files at {path} or in "
+                                    f"{path}/{dataset}{'' if zca else '_NO_ZCA'}/{model}; {TRAIN_HINT}")
+        dataset = _canonical_dataset(dataset)
+        spec = SPECS.get(dataset)
+        channels = channels or (spec and spec.channels)
+        im_size = im_size or (spec and spec.im_size)
+        num_classes = num_classes or (spec and spec.num_classes)
+        if not (channels and im_size and num_classes):
+            raise ValueError(f"unknown dataset {dataset!r}: pass channels=, im_size= and num_classes=")
+        h, w = _hw(im_size)
+        shapes = [tuple(p.shape) for p in network.parameters()]
+        where: dict[int, tuple[Path, int]] = {}
+        epochs = set()
+        for f in files:
+            trajectories = _load_legacy(f)
+            epochs.add(_check_legacy(f, trajectories, shapes, f"{model} on {channels}x{h}x{w}"))
+            where |= {len(where) + k: (f, k) for k in range(len(trajectories))}
+        if len(epochs) > 1:
+            raise ValueError(f"the files in {path} hold trajectories of different lengths ({sorted(epochs)} epochs); "
+                             "open them one by one")
+        meta = BufferMeta.for_network(network, dataset=dataset, model=model, channels=channels, im_size=(h, w),
+                                      num_classes=num_classes, zca=zca, lr=lr, epochs=epochs.pop())
+        return cls(meta, _LegacyReader(where), path)
+
+    def _check_request(self, **requested) -> None:
+        wrong = []
+        for field, value in requested.items():
+            if value is None:
+                continue
+            value = {"im_size": _hw, "dataset": _canonical_dataset, "zca": bool}.get(field, lambda v: v)(value)
+            have = getattr(self.meta, field)
+            if value != have:
+                wrong.append(f"{field}={value!r} (buffer has {have!r})")
+        if wrong:
+            raise ValueError(f"{self.source}: the buffer was made for {self.meta.describe()}, requested "
+                             f"{', '.join(wrong)}; use buffers made for this setting or {TRAIN_HINT}")
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __repr__(self) -> str:
+        return f"ExpertBuffers({len(self)} experts, {self.meta.describe()}, from {self.source})"
+
+    def _id(self, i: int) -> int:
+        i = operator.index(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"expert index {i} out of range: {self.source} holds {len(self)} experts "
+                             f"(indices 0..{len(self) - 1})")
+        return self._ids[i]
+
+    def trajectory(self, i: int) -> Tensor:
+        """Expert i's whole trajectory [epochs+1, P]; reads only that expert."""
+        return self._reader.trajectory(self._id(i))
+
+    def snapshot(self, i: int, epoch: int) -> Tensor:
+        """Expert i's parameters [P] after `epoch` epochs (0 = initialisation); reads only that row."""
+        eid, epoch = self._id(i), operator.index(epoch)
+        if not -(self.meta.epochs + 1) <= epoch <= self.meta.epochs:
+            raise IndexError(f"epoch {epoch} out of range: these experts were trained {self.meta.epochs} "
+                             f"epochs (snapshots 0..{self.meta.epochs})")
+        return self._reader.snapshot(eid, epoch % (self.meta.epochs + 1))
+
+    def test_acc(self, i: int) -> Tensor | None:
+        """Expert i's test accuracy after each epoch [epochs], or None if not recorded."""
+        return self._reader.test_acc(self._id(i))
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub
+
+class BufferDownloadError(FileNotFoundError):
+    """Expert buffers could not be found in the Hub cache nor downloaded."""
+
+
+class BufferUploadError(OSError):
+    """Expert buffers could not be pushed to the Hub."""
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: read it again so a later setting counts
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an offline machine fails in seconds instead of after retries."""
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_where(repo_id: str, revision: str | None, sub: str) -> str:
+    return f"repo {repo_id!r}, revision {revision or 'main'!r}, sub-path {sub or '(root)'!r}"
+
+
+def _holds_buffers(folder: Path) -> bool:
+    return folder.is_dir() and any(any(folder.rglob(pattern)) for pattern in ("*.safetensors", "replay_buffer_*.pt"))
+
+
+def download_buffers(repo_id: str, subpath: str = "", revision: str | None = None,
+                     cache_dir: str | os.PathLike | None = None,
+                     local_dir: str | os.PathLike | None = None) -> Path:
+    """Fetch a buffer folder from a Hugging Face repo (or find it in the cache); return its local path."""
+    from huggingface_hub import constants, snapshot_download
+
+    sub = subpath.strip("/")
+    where = _hub_where(repo_id, revision, sub)
+
+    def error(reason: str) -> BufferDownloadError:
+        return BufferDownloadError(f"cannot get expert buffers from the Hugging Face Hub ({where}): {reason}. "
+                                   f"Alternatively, {TRAIN_HINT} to ExpertBuffers.open")
+
+    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+                  allow_patterns=[f"{sub}/*"] if sub else None)
+    try:  # files already cached need no network
+        folder = Path(snapshot_download(**kwargs, local_files_only=True)) / sub
+        if _holds_buffers(folder):
+            return folder
+    except OSError:  # LocalEntryNotFoundError, IncompleteSnapshotError: not (all) cached
+        pass
+    except ValueError as err:  # HFValidationError: a malformed repo id or revision
+        raise error(str(err)) from None
+    if _hub_offline():
+        raise error("they are not in the local cache and HF_HUB_OFFLINE is set")
+    if not _reachable(constants.ENDPOINT):
+        raise error(f"they are not in the local cache and {urlparse(constants.ENDPOINT).hostname} cannot be reached")
+    try:  # the Hub answered the check: its own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) apply
+        folder = Path(snapshot_download(**kwargs)) / sub
+    # huggingface_hub raises its own, OSError and httpx errors, which share no base class
+    except Exception as err:
+        raise error(f"{type(err).__name__}: {err}") from err
+    if not _holds_buffers(folder):
+        raise error("the repo has no *.safetensors or replay_buffer_*.pt files there")
+    return folder
+
+
+def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", revision: str | None = None,
+                 token: str | None = None, private: bool = False) -> str:
+    """Upload a shard folder (its *.safetensors and a fresh index.json) to a Hub repo; return the commit URL."""
+    from huggingface_hub import HfApi, constants
+
+    folder = Path(folder)
+    write_index(folder)  # refuses an inconsistent folder, and lists the shards for downloaders
+    buffers = ExpertBuffers.open(folder)
+    sub = subpath.strip("/")
+    where = _hub_where(repo_id, revision, sub)
+    if _hub_offline() or not _reachable(constants.ENDPOINT):
+        raise BufferUploadError(f"cannot push {folder} to the Hugging Face Hub ({where}): offline "
+                                f"(HF_HUB_OFFLINE is set or {urlparse(constants.ENDPOINT).hostname} cannot be reached)")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=sub or None, revision=revision,
+                                 allow_patterns=["*.safetensors", INDEX],
+                                 commit_message=f"Expert buffers: {len(buffers)} experts, {buffers.meta.describe()}")
+    except Exception as err:  # see download_buffers
+        raise BufferUploadError(f"cannot push {folder} to the Hugging Face Hub ({where}): {type(err).__name__}: "
+                                f"{err}. Check the token (`hf auth login` or token=) and write access") from err
+    return info.commit_url
+
+
+def open_buffers(where: str | os.PathLike, **expected) -> ExpertBuffers:
+    """ExpertBuffers from a local path or `hf://OWNER/REPO[/SUBPATH][@REVISION]` (downloaded into the cache).
+
+    `expected` is passed to ExpertBuffers.open (dataset=, zca=, network=, ...) to check the buffer.
+    """
+    text = str(where)
+    if text.startswith("hf://"):
+        location, _, revision = text.removeprefix("hf://").partition("@")
+        parts = location.strip("/").split("/")
+        if len(parts) < 2:
+            raise ValueError(f"{text!r} is not a Hub address: use hf://OWNER/REPO[/SUBPATH][@REVISION]")
+        where = download_buffers("/".join(parts[:2]), "/".join(parts[2:]), revision or None)
+    return ExpertBuffers.open(where, **expected)

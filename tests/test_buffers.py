@@ -1,0 +1,399 @@
+"""Expert buffers: native shards, original MTT .pt files, the Hub offline; real files, real networks."""
+import functools
+import os
+import pickle
+import socket
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mtt.buffers import (BufferDownloadError, BufferMeta, BufferUploadError, ExpertBuffers, download_buffers,
+                         finished_experts, flatten_params, open_buffers, push_buffers, unflatten_params, write_index,
+                         write_shard)
+from mtt.io import load_safetensors
+from mtt.networks import get_network
+
+EPOCHS = 3
+
+
+def small_net(name="ConvNet", channels=1, size=8, width=16):
+    return get_network(name, channels, 10, (size, size), width=width)
+
+
+def meta_for(net, **overrides):
+    kw = dict(dataset="digits", model="ConvNet", channels=1, im_size=(8, 8), num_classes=10, zca=False,
+              lr=0.01, epochs=EPOCHS) | overrides
+    return BufferMeta.for_network(net, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these networks are tiny: extra threads only add contention (10-50x slower on a busy 2-core machine)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def train(seed, channels=1, size=8):
+    """A real (tiny) expert: SGD on random data; its parameters (as tensors) at each epoch."""
+    torch.manual_seed(seed)
+    net = small_net(channels=channels, size=size)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(32, channels, size, size), torch.randint(0, 10, (32,))
+    snapshots = [[p.detach().clone() for p in net.parameters()]]
+    for _ in range(EPOCHS):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+    return snapshots
+
+
+def trajectories(seeds):
+    return torch.stack([torch.stack([flatten_params(s) for s in train(seed)]) for seed in seeds])
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two shards, experts 0-1 (with test accuracies) and 5-6."""
+    meta = meta_for(small_net())
+    write_shard(tmp_path / "a.safetensors", trajectories([0, 1]), meta, [0, 1], torch.rand(2, EPOCHS))
+    write_shard(tmp_path / "b.safetensors", trajectories([5, 6]), meta, [5, 6])
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- native
+
+def test_round_trip(tmp_path):
+    net = small_net()
+    meta = meta_for(net)
+    traj_a, traj_b = trajectories([0, 1]), trajectories([2])
+    acc = torch.rand(2, EPOCHS)
+    write_shard(tmp_path / "a.safetensors", traj_a, meta, [3, 1], acc)
+    write_shard(tmp_path / "b.safetensors", traj_b, meta, [7])
+    index = write_index(tmp_path)
+    assert index.name == "index.json"
+
+    buffers = ExpertBuffers.open(tmp_path, dataset="digits", model="ConvNet", channels=1, im_size=8,
+                                 num_classes=10, zca=False, network=net)
+    assert buffers.meta == meta and buffers.meta.num_params == sum(p.numel() for p in net.parameters())
+    assert len(buffers) == 3 and buffers.expert_ids == [1, 3, 7]  # i indexes the sorted ids
+    expected = {1: traj_a[1], 3: traj_a[0], 7: traj_b[0]}
+    for i, eid in enumerate(buffers.expert_ids):
+        assert torch.equal(buffers.trajectory(i), expected[eid])
+        for epoch in range(EPOCHS + 1):
+            assert torch.equal(buffers.snapshot(i, epoch), expected[eid][epoch])
+    assert torch.equal(buffers.snapshot(0, -1), expected[1][EPOCHS])
+    assert torch.equal(buffers.test_acc(0), acc[1]) and torch.equal(buffers.test_acc(1), acc[0])
+    assert buffers.test_acc(2) is None
+
+    one = ExpertBuffers.open(tmp_path / "b.safetensors")  # a single shard opens on its own
+    assert one.expert_ids == [7] and torch.equal(one.trajectory(0), traj_b[0])
+
+
+def test_flatten_unflatten_reproduces_the_network(tmp_path):
+    net = small_net()
+    meta = meta_for(net)
+    x = torch.randn(4, 1, 8, 8)
+    flat = flatten_params(net)
+    assert flat.shape == (meta.num_params,) and not flat.requires_grad
+    params = unflatten_params(flat, meta)
+    assert list(params) == list(meta.param_names)
+    assert all(p.data_ptr() >= flat.data_ptr() for p in params.values()) and params["classifier.bias"]._base is flat
+    assert torch.allclose(functional_call(net, params, (x,)), net(x))
+
+    # through a file, and with gradients flowing back to the flat vector (as the student needs)
+    write_shard(tmp_path / "s.safetensors", torch.stack([flat * (1 + e) for e in range(EPOCHS + 1)])[None], meta, [0])
+    theta = ExpertBuffers.open(tmp_path).snapshot(0, 0).requires_grad_()
+    out = functional_call(net, unflatten_params(theta, meta), (x,))
+    assert torch.allclose(out, net(x))
+    out.sum().backward()
+    assert theta.grad.shape == theta.shape
+
+    batched = unflatten_params(torch.stack([flat, flat]), meta)  # [K, P] for vmap over experts
+    assert batched["classifier.weight"].shape == (2, *net.classifier.weight.shape)
+    with pytest.raises(ValueError, match=f"{meta.num_params} entries"):
+        unflatten_params(flat[:-1], meta)
+
+
+def test_meta_survives_the_file_and_index(folder):
+    meta = meta_for(small_net())
+    write_index(folder)
+    assert ExpertBuffers.open(folder).meta == meta
+    assert ExpertBuffers.open(folder / "index.json").meta == meta
+    assert open_buffers(str(folder), dataset="digits").meta == meta
+
+
+def test_snapshot_reads_one_row_only(tmp_path):
+    """Opening a big shard and reading one snapshot maps in a row, not the file (RSS grows by << its size)."""
+    statm = "/proc/self/statm"
+    if not os.path.exists(statm):
+        pytest.skip("needs /proc to measure resident memory")
+
+    def rss():
+        return int(open(statm).read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    K, P = 20, 100_000
+    meta = BufferMeta("digits", "Big", 1, (8, 8), 10, False, 0.01, 10, ("w",), ((P,),))
+    traj = torch.randn(K, 11, P)
+    path = write_shard(tmp_path / "big.safetensors", traj, meta, range(K))
+    row = traj[13, 7].clone()
+    del traj
+    size = path.stat().st_size
+    assert size > 80e6
+
+    before, start = rss(), time.perf_counter()
+    buffers = ExpertBuffers.open(path)
+    snap = buffers.snapshot(13, 7)
+    elapsed, grown = time.perf_counter() - start, rss() - before
+    assert torch.equal(snap, row)
+    assert elapsed < 1.0
+    assert grown < size / 10, f"resident memory grew {grown / 1e6:.1f} MB reading a row of a {size / 1e6:.0f} MB shard"
+
+    # the measurement does see a full read (safetensors maps files too, so touch every value)
+    before = rss()
+    everything = load_safetensors(path)
+    assert torch.isfinite(sum(t.sum() for t in everything.values()))
+    assert rss() - before > size / 2
+
+
+def test_mismatched_model_is_refused(folder):
+    with pytest.raises(ValueError, match=r"model ConvNet on digits.*requested model='ConvNetD4' \(buffer has 'Con"):
+        ExpertBuffers.open(folder, model="ConvNetD4")
+    with pytest.raises(ValueError, match=r"channels=3 \(buffer has 1\).*im_size=\(32, 32\)"):
+        ExpertBuffers.open(folder, channels=3, im_size=32)
+    with pytest.raises(ValueError, match=r"zca=True \(buffer has False\)"):
+        ExpertBuffers.open(folder, zca=True)
+    # a network with other shapes: names which parameter and what the buffer was made for
+    with pytest.raises(ValueError, match=r"for model ConvNet on digits.*parameter 0.*\(16, 1, 3, 3\).*\(16, 3, 3, 3\)"):
+        ExpertBuffers.open(folder, network=small_net(channels=3))
+    with pytest.raises(ValueError, match=r"parameter 8: buffer has 'features.8.weight'.*network has 'classifier"):
+        ExpertBuffers.open(folder, network=small_net("ConvNetD2"))
+
+
+def test_truncated_shard_is_reported(folder):
+    path = folder / "b.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for call in (ExpertBuffers.open, finished_experts, write_index):
+        with pytest.raises(ValueError, match=r"b\.safetensors is truncated or corrupt.*delete it"):
+            call(folder)
+
+
+def test_finished_experts(folder, tmp_path_factory):
+    (folder / ".c.safetensors.x1y2.tmp").write_bytes(b"half a shard")  # an interrupted atomic write
+    assert finished_experts(folder) == {0, 1, 5, 6}
+    assert finished_experts(tmp_path_factory.mktemp("empty") / "not-yet") == set()
+
+
+def test_duplicate_experts_are_refused(folder):
+    write_shard(folder / "c.safetensors", trajectories([9]), meta_for(small_net()), [5])
+    for call in (write_index, ExpertBuffers.open):
+        with pytest.raises(ValueError, match=r"expert 5 is in both b\.safetensors and c\.safetensors"):
+            call(folder)
+
+
+def test_shards_of_different_experts_are_refused(folder):
+    write_shard(folder / "c.safetensors", trajectories([9]), meta_for(small_net(), lr=0.001), [9])
+    with pytest.raises(ValueError, match=r"shards disagree.*lr=0\.01.*lr=0\.001"):
+        write_index(folder)
+
+
+def test_incomplete_copy_and_stale_index(folder):
+    write_index(folder)
+    write_shard(folder / "c.safetensors", trajectories([9]), meta_for(small_net()), [9])
+    with pytest.warns(UserWarning, match="stale index"):
+        assert len(ExpertBuffers.open(folder)) == 5
+    (folder / "a.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"a\.safetensors.*incomplete"):
+        ExpertBuffers.open(folder)
+
+
+def test_bad_indices_and_shapes(folder):
+    buffers = ExpertBuffers.open(folder)
+    with pytest.raises(IndexError, match=r"expert index 4 out of range.*4 experts"):
+        buffers.trajectory(4)
+    with pytest.raises(IndexError, match=rf"epoch {EPOCHS + 1} out of range.*{EPOCHS} epochs"):
+        buffers.snapshot(0, EPOCHS + 1)
+    meta = meta_for(small_net())
+    with pytest.raises(ValueError, match=r"\[K, epochs\+1, P\]"):
+        write_shard(folder / "x.safetensors", torch.zeros(1, EPOCHS, meta.num_params), meta, [0])
+    with pytest.raises(ValueError, match="distinct"):
+        write_shard(folder / "x.safetensors", torch.zeros(2, EPOCHS + 1, meta.num_params), meta, [1, 1])
+    with pytest.raises(FileNotFoundError, match="python -m mtt experts"):
+        ExpertBuffers.open(folder / "nothing-here")
+
+
+# ----------------------------------------------------------------------------- legacy
+
+def write_legacy(root, dataset_dir="digits_NO_ZCA", model="ConvNet", files=((0, 1), (2,)), **net_kw):
+    """The original layout: replay_buffer_{n}.pt, each a list of trajectories of per-parameter lists."""
+    folder = root / dataset_dir / model
+    folder.mkdir(parents=True)
+    written = []
+    for n, seeds in enumerate(files):
+        trajs = [train(seed, **net_kw) for seed in seeds]
+        torch.save(trajs, folder / f"replay_buffer_{n}.pt")
+        written += trajs
+    return folder, written
+
+
+def test_legacy_round_trip(tmp_path):
+    folder, written = write_legacy(tmp_path)
+    net = small_net()
+    for path in (tmp_path, folder):  # the root, or the model folder itself
+        buffers = ExpertBuffers.open(path, network=net, dataset="digits", model="ConvNet", zca=False)
+        assert len(buffers) == 3 and buffers.meta == meta_for(net)
+        for i, traj in enumerate(written):
+            expected = torch.stack([flatten_params(s) for s in traj])
+            assert torch.equal(buffers.trajectory(i), expected)
+            assert torch.equal(buffers.snapshot(i, 2), flatten_params(traj[2]))
+            assert buffers.test_acc(i) is None
+    one = ExpertBuffers.open_legacy(folder / "replay_buffer_1.pt", network=net, dataset="digits",
+                                    model="ConvNet", zca=False)
+    assert len(one) == 1 and torch.equal(one.snapshot(0, 0), flatten_params(written[2][0]))
+
+
+@pytest.mark.parametrize("folder_name,dataset,zca,channels,size", [
+    ("CIFAR10", "cifar10", True, 3, 32),
+    ("MNIST", "mnist", False, 1, 28),  # the original adds _NO_ZCA for CIFAR only
+])
+def test_legacy_original_dataset_names(tmp_path, folder_name, dataset, zca, channels, size):
+    # the original code names folders after its dataset names; sizes come from the dataset
+    write_legacy(tmp_path, dataset_dir=folder_name, files=((0,),), channels=channels, size=size)
+    net = small_net(channels=channels, size=size)
+    buffers = ExpertBuffers.open(tmp_path, network=net, dataset=dataset, model="ConvNet", zca=zca)
+    assert (buffers.meta.dataset, buffers.meta.channels, buffers.meta.im_size) == (dataset, channels, (size, size))
+    if dataset == "cifar10":  # a plain CIFAR10 folder holds ZCA experts: not for zca=False
+        with pytest.raises(FileNotFoundError, match="replay_buffer_"):
+            ExpertBuffers.open(tmp_path, network=net, dataset=dataset, model="ConvNet", zca=False)
+
+
+def test_legacy_wrong_network(tmp_path):
+    folder, _ = write_legacy(tmp_path)
+    with pytest.raises(ValueError, match=r"replay_buffer_0\.pt holds 14 tensors per snapshot but ConvNetD2 on "
+                                         r"1x8x8 has 10 parameters; was it made for another model or dataset\?"):
+        ExpertBuffers.open_legacy(folder, network=small_net("ConvNetD2"), dataset="digits", model="ConvNetD2",
+                                  zca=False)
+    with pytest.raises(ValueError, match=r"parameter 0 is \(16, 1, 3, 3\) but ConvNet on 1x8x8 expects \(8, 1, 3, 3\)"):
+        ExpertBuffers.open_legacy(folder, network=small_net(width=8), dataset="digits", model="ConvNet", zca=False)
+    with pytest.raises(ValueError, match="original MTT format.*network="):
+        ExpertBuffers.open(folder)
+
+
+class Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on the plain pickle
+@pytest.mark.parametrize("save", ["torch", "pickle"])
+def test_legacy_malicious_pickle_is_refused(tmp_path, save):
+    pwned = tmp_path / "pwned"
+    path = tmp_path / "replay_buffer_0.pt"
+    payload = [[[Evil(pwned)]]]
+    if save == "torch":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises(ValueError, match=r"refusing to load .*replay_buffer_0\.pt: it needs arbitrary code"):
+        ExpertBuffers.open(path, network=small_net(), dataset="digits", model="ConvNet", zca=False)
+    assert not pwned.exists()
+
+
+def test_legacy_truncated_file(tmp_path):
+    folder, _ = write_legacy(tmp_path, files=((0,),))
+    path = folder / "replay_buffer_0.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"replay_buffer_0\.pt is truncated or corrupt.*delete it.*re-train"):
+        ExpertBuffers.open(path, network=small_net(), dataset="digits", model="ConvNet", zca=False)
+
+
+# ----------------------------------------------------------------------------- Hub, offline
+
+REPO = "someone/mtt-buffers"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """No route to anywhere: every TCP connection fails at once."""
+    def refuse(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_download_offline_without_cache_fails_fast(tmp_path, monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BufferDownloadError) as err:
+        download_buffers(REPO, "cifar10/ConvNet", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 10
+    msg = str(err.value)
+    assert REPO in msg and "cifar10/ConvNet" in msg and "HF_HUB_OFFLINE" in msg
+    assert "python -m mtt experts" in msg and "local folder" in msg
+    assert isinstance(err.value, FileNotFoundError)
+
+
+def test_download_unreachable_fails_fast(tmp_path, monkeypatch, no_network):
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(BufferDownloadError, match=r"someone/mtt-buffers.*revision 'v1'.*cannot be reached"):
+        download_buffers(REPO, "cifar10", revision="v1", cache_dir=tmp_path)
+    assert time.perf_counter() - start < 10
+
+
+def test_download_uses_the_cache_offline(folder, tmp_path_factory, monkeypatch, no_network):
+    """A snapshot already in the cache (huggingface_hub's layout) is used without any network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--someone--mtt-buffers"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    sub = repo / "snapshots" / commit / "digits" / "ConvNet"
+    sub.mkdir(parents=True)
+    for shard in ("a.safetensors", "b.safetensors"):
+        (sub / shard).write_bytes((folder / shard).read_bytes())
+
+    got = download_buffers(REPO, "digits/ConvNet/", cache_dir=cache)
+    assert got == sub
+    assert ExpertBuffers.open(got, dataset="digits").expert_ids == [0, 1, 5, 6]
+    # open_buffers (the CLI's --buffers) uses the default cache, which huggingface_hub reads at import
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert len(open_buffers(f"hf://{REPO}/digits/ConvNet@main", dataset="digits", zca=False)) == 4
+    with pytest.raises(ValueError, match="hf://OWNER/REPO"):
+        open_buffers("hf://mtt-buffers")
+    with pytest.raises(BufferDownloadError, match=r"sub-path 'cifar10'.*python -m mtt experts"):
+        download_buffers(REPO, "cifar10", cache_dir=cache)  # cached repo, but not that folder
+
+
+def test_download_uses_a_populated_local_dir_offline(folder, tmp_path_factory, monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    local = tmp_path_factory.mktemp("local")
+    (local / "digits").mkdir()
+    (local / "digits" / "a.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    got = download_buffers(REPO, "digits", local_dir=local, cache_dir=local / "cache")
+    assert got == local / "digits" and len(ExpertBuffers.open(got)) == 2
+
+
+def test_push_offline_and_empty_folder(folder, tmp_path_factory, monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BufferUploadError, match=r"someone/mtt-buffers.*sub-path 'digits'.*offline"):
+        push_buffers(folder, REPO, "digits")
+    assert time.perf_counter() - start < 10
+    assert (folder / "index.json").exists()  # the folder was checked and indexed before giving up
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors shards"):
+        push_buffers(tmp_path_factory.mktemp("empty"), REPO)

@@ -1,0 +1,158 @@
+"""Expert training: vectorised == sequential, resume, reproducibility, CLI, torchrun."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtt.augment import apply_params, sample_params
+from mtt.buffers import ExpertBuffers, flatten_params
+from mtt.data import load_dataset
+from mtt.experts import (ExpertConfig, SequentialExperts, VectorisedExperts, augment, init_expert, train_experts,
+                         train_group)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Tiny experts keep this file fast on 2 cores: 20 images per class, 4 steps of 64 per epoch.
+TINY = ExpertConfig(num_experts=3, epochs=2, width=16, batch_size=64)
+CLI_TINY = ["--dataset", "digits", "--train-per-class", "20", "--width", "16", "--batch-size", "64",
+            "--epochs", "2", "--device", "cpu", "--no-progress", "--json"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    # the CLI's --train-per-class 20 --seed 0 picks the same subset
+    return load_dataset("digits").take_per_class(20, seed=0)
+
+
+def shard_tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(p) for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 5e-4)])
+def test_vectorised_steps_equal_sequential_steps(digits, dtype, atol, momentum, weight_decay):
+    config = replace(TINY, momentum=momentum, weight_decay=weight_decay, lr=0.05)
+    experts = [init_expert(digits, config, k) for k in range(3)]
+    nets = [net.to(dtype) for net, _ in experts]
+    vectorised = VectorisedExperts(nets, config)  # stacks copies: the sequential steps below do not touch it
+    sequential = [SequentialExperts(net, config) for net in nets]
+    for _ in range(2):  # two steps, so that momentum buffers are exercised
+        idx = torch.stack([torch.randperm(len(digits.train_images), generator=g)[:32] for _, g in experts])
+        params = [sample_params(config.dsa, 32, digits.channels, digits.im_size, g) for _, g in experts]
+        x, y = augment(digits.train_images[idx].to(dtype), params), digits.train_labels[idx]
+        vectorised.step(x, y)
+        for p, trainer in enumerate(sequential):
+            trainer.step(x[p:p + 1], y[p:p + 1])
+    expected = torch.stack([flatten_params(net) for net in nets])
+    assert vectorised.flat().dtype == dtype
+    torch.testing.assert_close(vectorised.flat(), expected, atol=atol, rtol=0)
+
+
+def test_augment_applies_each_experts_own_draw(digits):
+    gens = [torch.Generator().manual_seed(s) for s in range(6)]
+    x = digits.train_images[:8].expand(6, -1, -1, -1, -1)
+    params = [sample_params("color_crop_cutout_flip_scale_rotate", 8, 1, (8, 8), g) for g in gens]
+    torch.testing.assert_close(augment(x, params), torch.stack([apply_params(xi, p) for xi, p in zip(x, params)]))
+
+
+def test_expert_follows_same_path_whatever_its_group(digits):
+    alone = torch.cat([train_group(digits, TINY, [k], torch.device("cpu"))[0] for k in (1, 2)])
+    together, acc = train_group(digits, TINY, [1, 2], torch.device("cpu"))
+    assert together.shape == (2, TINY.epochs + 1, alone.shape[-1]) and acc.shape == (2, TINY.epochs)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    assert not torch.equal(together[0, 0], together[1, 0])  # different seeds, different experts
+
+
+def test_same_seed_same_shards_and_resume(digits, tmp_path):
+    config = replace(TINY, parallel=2)
+    first = train_experts(digits, config, tmp_path / "a", device="cpu", progress=False)
+    train_experts(digits, config, tmp_path / "b", device="cpu", progress=False)
+    a, b = shard_tensors(tmp_path / "a"), shard_tensors(tmp_path / "b")
+    assert list(a) == ["experts_00000-00001.safetensors", "experts_00002-00002.safetensors"]
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert first["experts"] == first["trained"] == 3 and len(first["test_acc"]) == 3
+
+    # Nothing left to do: no training, no shard rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.safetensors")}
+    again = train_experts(digits, config, tmp_path / "a", device="cpu", progress=False)
+    assert again["trained"] == 0 and again["test_acc"] == first["test_acc"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.safetensors")} == mtimes
+
+    # A lost shard is re-trained alone, to the same numbers; asking for more experts adds only those.
+    (tmp_path / "a" / "experts_00002-00002.safetensors").unlink()
+    assert train_experts(digits, config, tmp_path / "a", device="cpu", progress=False)["trained"] == 1
+    more = train_experts(digits, replace(config, num_experts=4), tmp_path / "a", device="cpu", progress=False)
+    assert more["trained"] == 1 and more["test_acc"][:3] == first["test_acc"]
+    buffers = ExpertBuffers.open(tmp_path / "a")
+    assert buffers.expert_ids == [0, 1, 2, 3]
+    assert torch.equal(buffers.trajectory(2), b["experts_00002-00002.safetensors"]["expert_00002"])
+
+
+def test_resume_refuses_other_experts(digits, tmp_path):
+    train_experts(digits, replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="epochs: 1 there vs 2 now"):
+        train_experts(digits, replace(TINY, num_experts=2), tmp_path, device="cpu", progress=False)
+
+
+def test_zca_is_recorded(digits, tmp_path):
+    train_experts(digits.with_zca(), replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
+    assert ExpertBuffers.open(tmp_path, zca=True).meta.zca
+
+
+def test_batchnorm_falls_back_to_sequential(digits, tmp_path):
+    config = replace(TINY, model="ConvNetBN", num_experts=2, epochs=1, parallel=2)
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        train_experts(digits, config, tmp_path, device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "experts_00000-00000.safetensors", "experts_00001-00001.safetensors"]
+
+
+def run_cli(*args: str, launcher: list[str] | None = None) -> dict:
+    cmd = (launcher or [sys.executable]) + ["-m", "mtt", "experts", *args]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_cli_round_trip(digits, tmp_path):
+    out = tmp_path / "experts"
+    summary = run_cli(*CLI_TINY, "--num-experts", "2", "--out", str(out))
+    assert summary["experts"] == 2 and summary["epochs"] == 2 and len(summary["test_acc"]) == 2
+    buffers = ExpertBuffers.open(out, dataset="digits", model="ConvNet")
+    assert len(buffers) == 2 and buffers.trajectory(1).shape == (3, summary["params"])
+    assert buffers.meta.num_params == summary["params"] and not buffers.meta.zca
+    assert summary["test_acc"] == [buffers.test_acc(i)[-1].item() for i in range(2)]
+    # the CLI's experts are the library's: same seeds, same subset, same numbers
+    expected, _ = train_group(digits, replace(TINY, num_experts=2), [1], torch.device("cpu"))
+    torch.testing.assert_close(buffers.trajectory(1), expected[0], atol=1e-5, rtol=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_split_the_experts(digits, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    args = [*CLI_TINY, "--num-experts", "3", "--parallel", "2"]
+    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+    summary = run_cli(*args, "--out", str(multi), launcher=torchrun)
+    assert summary["experts"] == summary["trained"] == 3 and len(summary["test_acc"]) == 3
+    # rank 0 took experts 0 and 2, rank 1 expert 1; each wrote its own shard
+    assert sorted(p.name for p in multi.glob("*.safetensors")) == [
+        "experts_00000-00002.safetensors", "experts_00001-00001.safetensors"]
+    train_experts(digits, replace(TINY, parallel=2), single, device="cpu", progress=False)  # what the CLI args say
+    a, b = ExpertBuffers.open(single), ExpertBuffers.open(multi)
+    assert a.expert_ids == b.expert_ids == [0, 1, 2]
+    for i in range(3):
+        torch.testing.assert_close(b.trajectory(i), a.trajectory(i), atol=1e-5, rtol=0)
+        torch.testing.assert_close(b.test_acc(i), a.test_acc(i))
