@@ -1,0 +1,179 @@
+"""Plots from a small real run on digits: every figure renders, saves a PNG that decodes, and the
+numbers behind it (pixels, PCA projections, student paths) are right."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from mtt import viz
+from mtt.buffers import ExpertBuffers
+from mtt.data import load_dataset
+from mtt.distill import DistillConfig, distill, load_snapshots
+from mtt.experts import ExpertConfig, train_experts
+from mtt.synthetic import SyntheticSet
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("viz")
+    dataset = load_dataset("digits")
+    train_experts(dataset, ExpertConfig(num_experts=2, epochs=3, width=16), root / "experts", device="cpu",
+                  progress=False)
+    buffers = ExpertBuffers.open(root / "experts")
+    config = DistillConfig(dataset="digits", ipc=1, width=16, syn_steps=4, expert_epochs=1, max_start_epoch=2,
+                           lr_img=10, iterations=4, eval_repeats=0, snapshot_every=2, device="cpu")
+    synthetic = distill(config, dataset, buffers, root / "run", progress=False)
+    return SimpleNamespace(dataset=dataset, buffers=buffers, dir=root / "run", synthetic=synthetic)
+
+
+def assert_png(path, min_size=(300, 150), max_size=(4000, 4000)):
+    """A PNG that decodes, with a width and height in the given ranges; returns its size."""
+    assert path.stat().st_size > 0
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        width, height = image.size
+    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1], image.size
+    return width, height
+
+
+def test_display_pixels_are_in_unit_range(run):
+    pixels = viz.display_pixels(run.synthetic.images, run.dataset)
+    assert pixels.shape == run.synthetic.images.shape
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    # each image is stretched to [0, 1] after clipping at 2.5 std, like the paper's figures
+    assert torch.allclose(pixels.amax((1, 2, 3)), torch.ones(10)) and torch.all(pixels.amin((1, 2, 3)) == 0)
+    plain = viz.display_pixels(run.synthetic.images, "digits", clip=None)
+    assert plain.min() >= 0 and plain.max() <= 1
+
+
+def test_display_pixels_undo_zca_and_normalisation(run):
+    whitened = run.dataset.with_zca()
+    real = run.dataset.denormalize(run.dataset.train_images[:6])
+    shown = viz.display_pixels(whitened.train_images[:6], whitened, clip=None)
+    assert torch.allclose(shown, real.clamp(0, 1), atol=1e-4)
+    # a set's own ZCA can be passed with a plain dataset or just the dataset's name
+    assert torch.allclose(viz.display_pixels(whitened.train_images[:6], "digits", zca=whitened.zca, clip=None),
+                          shown, atol=1e-6)
+
+
+def test_image_grid_one_per_class(run, tmp_path):
+    fig = viz.image_grid(run.synthetic, run.dataset, path=tmp_path / "grid.png")
+    assert isinstance(fig, Figure)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == [str(c) for c in range(10)]
+    width, height = assert_png(tmp_path / "grid.png")
+    assert width > 3 * height  # IPC 1: the classes side by side
+
+
+def test_image_grid_rows_per_class(run, tmp_path):
+    images = run.synthetic.images.repeat_interleave(3, 0)  # class-ordered, 3 per class
+    names = [f"class {c}" for c in range(10)]
+    fig = viz.image_grid(images, run.dataset, class_names=names, path=tmp_path / "rows.png")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert ax.images[0].get_array().shape[0] > ax.images[0].get_array().shape[1]  # 10 rows of 3
+    assert_png(tmp_path / "rows.png")
+    capped = viz.image_grid(images, run.dataset, labels=torch.arange(10).repeat_interleave(3), ipc=1)
+    assert len([ax for ax in capped.axes if ax.get_visible()]) == 10
+    with pytest.raises(ValueError, match="pass labels"):
+        viz.image_grid(images[:7], run.dataset)
+
+
+def test_image_evolution(run, tmp_path):
+    fig = viz.image_evolution(run.dir, run.dataset, classes=[0, 3, 7], path=tmp_path / "evolution.png")
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "4"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "3", "7"]
+    assert_png(tmp_path / "evolution.png")
+    two = viz.image_evolution(run.dir, run.dataset, max_columns=2)
+    assert [t.get_text() for t in two.axes[0].get_xticklabels()] == ["0", "4"]  # first and last kept
+    with pytest.raises(FileNotFoundError, match="no snapshots"):
+        viz.image_evolution(tmp_path, run.dataset)
+
+
+def test_evolution_gif_has_a_frame_per_snapshot(run, tmp_path):
+    path = viz.evolution_gif(run.dir, run.dataset, tmp_path / "evolution.gif", fps=5)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames == len(load_snapshots(run.dir)) == 3
+        assert gif.info["duration"] == 200
+
+
+def test_training_curves(run, tmp_path):
+    fig = viz.training_curves(run.dir, path=tmp_path / "curves.png")
+    assert [ax.get_title() for ax in fig.axes] == ["Matching loss", r"Learned step size $\alpha$",
+                                                   "Evaluation accuracy"]
+    assert len(fig.axes[0].lines[0].get_ydata()) == 4
+    width, height = assert_png(tmp_path / "curves.png")
+    assert width > 2 * height
+    history = viz.load_history(run.dir) | {"evals": [{"iteration": 0, "mean": 40.0, "std": 2.0, "runs": []},
+                                                     {"iteration": 4, "mean": 55.0, "std": 1.0, "runs": []}]}
+    with_evals = viz.training_curves(history)
+    assert list(with_evals.axes[2].lines[0].get_ydata()) == [40.0, 55.0]
+
+
+def test_training_curves_of_a_run_still_going(run, tmp_path):
+    shutil.copy(run.dir / "checkpoint.safetensors", tmp_path)  # no history.json yet
+    assert viz.load_history(tmp_path)["loss"] == viz.load_history(run.dir / "history.json")["loss"]
+    viz.training_curves(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a distillation run"):
+        viz.load_history(tmp_path / "nothing")
+
+
+def test_student_path_starts_at_the_expert_snapshot(run):
+    student = viz.student_paths_for(run.dir, run.buffers, run.dataset, expert=1, start_epoch=1)
+    assert student.params.shape == (5, run.buffers.meta.num_params)  # syn_steps 4 from the run's config
+    assert torch.equal(student.params[0], run.buffers.snapshot(1, 1))
+    assert (student.start_epoch, student.target_epoch) == (1, 2) and 0 < student.loss < 10
+    again = viz.student_paths_for(run.synthetic, run.buffers, run.dataset, 1, 1, syn_steps=2)
+    assert again.params.shape[0] == 3 and torch.equal(again.params, student.params[:3])  # same seed, same draws
+    with pytest.raises(ValueError, match="within"):
+        viz.student_paths_for(run.dir, run.buffers, run.dataset, expert=0, start_epoch=3)
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_pca_projections(run, relative):
+    pca = viz.fit_trajectory_pca(run.buffers, dims=3, relative=relative)
+    assert pca.experts == [0, 1] and [p.shape for p in pca.paths] == [(4, 3), (4, 3)]
+    expert_points = pca.transform(run.buffers.trajectory(1), expert=1)
+    assert torch.allclose(torch.from_numpy(expert_points), torch.from_numpy(pca.paths[1]), atol=1e-4)
+    student = viz.student_paths_for(run.dir, run.buffers, run.dataset, expert=1, start_epoch=2)
+    start = pca.transform(student.params, expert=1)[0]
+    assert abs(start - pca.paths[1][2]).max() < 1e-4
+    if relative:
+        assert abs(pca.paths[0][0] - pca.paths[1][0]).max() < 1e-4  # every expert starts at the same point
+        with pytest.raises(ValueError, match="pass expert="):
+            pca.transform(student.params)
+
+
+def test_trajectory_pca_plots(run, tmp_path):
+    student = viz.student_paths_for(run.dir, run.buffers, run.dataset, expert=0, start_epoch=0)
+    fig = viz.trajectory_pca(run.buffers, student_paths=[student], path=tmp_path / "pca2d.png")
+    (ax,) = fig.axes
+    assert "PC1" in ax.get_xlabel() and "PC2" in ax.get_ylabel()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "expert 0" in labels and any(label.startswith("student") for label in labels)
+    assert_png(tmp_path / "pca2d.png")
+    fig3 = viz.trajectory_pca(run.buffers, experts=[0, 1], student_paths=[student], dims=3,
+                              path=tmp_path / "pca3d.png")
+    assert fig3.axes[0].name == "3d" and "PC3" in fig3.axes[0].get_zlabel()
+    assert_png(tmp_path / "pca3d.png")
+    raw = viz.trajectory_pca(run.buffers, student_paths=[student.params], relative=False)  # a bare [N+1, P] path
+    assert len(raw.axes[0].lines) > 0
+
+
+def test_cross_arch_bars(tmp_path):
+    results = {"ConvNet": {"mean": 60.0, "std": 1.0}, "ResNet18": {"mean": 41.0, "std": 2.0}}
+    fig = viz.cross_arch_bars(results, {"ConvNet": 64.3, "ResNet18": 46.4}, path=tmp_path / "bars.png")
+    assert isinstance(fig, Figure)
+    assert_png(tmp_path / "bars.png")
+    assert isinstance(viz.cross_arch_bars(results), Figure)
+
+
+def test_synthetic_set_round_trip_feeds_the_plots(run, tmp_path):
+    loaded = SyntheticSet.load(run.dir / "synthetic.safetensors")
+    viz.image_grid(loaded, "digits", path=tmp_path / "from_name.png")
+    assert_png(tmp_path / "from_name.png")
