@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -15,8 +15,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps -e .
 	touch $(STAMP)
 
+NOTEBOOKS := distillation.ipynb visualization.ipynb benchmarking.ipynb
+
+# CI=1 switches the notebooks' parameters to their small offline configuration (digits);
+# they share runs/ci-digits, which starts empty so that results are never stale.
 test: install
-	$(PY) -m pytest tests
+	rm -rf runs/ci-digits
+	CI=1 $(PY) -m pytest tests $(NOTEBOOKS) --nbval-lax
+
+demo: install
+	$(PY) -m mtt demo --out demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -226,6 +226,27 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     return _eval_summary(results, args)
 
 
+@command
+def add_demo(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="the whole pipeline on digits (offline, a few CPU minutes)")
+    p.add_argument("--out", default="demo", help="output folder (report.md, images, curves); reruns resume")
+    p.add_argument("--no-progress", action="store_true")
+    _common(p)
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    import time
+
+    from mtt.demo import QuickConfig, results_table, run_demo
+
+    started = time.perf_counter()
+    results = run_demo(args.out, args.device, QuickConfig(seed=args.seed), progress=not args.no_progress)
+    print(f"\n{results_table(results)}\nreport: {Path(args.out) / 'report.md'} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mtt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
