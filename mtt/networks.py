@@ -350,6 +350,44 @@ class ResNet18(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# small-image versions of torchvision models (not in the original code)
+
+def mobilenet_v3(channels: int, num_classes: int, im_size: ImSize) -> nn.Module:
+    """torchvision's mobilenet_v3_small whose stem conv takes `channels` with stride 1 (not 2).
+
+    The network then downsamples 16x instead of 32x: 32x32 ends on a 2x2 map instead of 1x1.
+    Runs at any size (8x8 ends on 1x1).
+    """
+    from torchvision.models import mobilenet_v3_small
+
+    hw = _check_sizes(channels, num_classes, im_size)
+    net = mobilenet_v3_small(num_classes=num_classes)
+    stem = net.features[0][0]
+    net.features[0][0] = nn.Conv2d(channels, stem.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(net.features[0][0].weight, mode="fan_out")  # torchvision's init for its convs
+    _dry_run(net, "MobileNetV3", net, channels, hw)
+    return net
+
+
+def swin_t(channels: int, num_classes: int, im_size: ImSize) -> nn.Module:
+    """torchvision's Swin-T (embed 96, depths 2-2-6-2, heads 3-6-12-24) with 2x2 patches and 4x4 windows.
+
+    At 32x32 the four stages see 16, 8, 4 and 2 tokens a side (torchvision pads the last,
+    smaller than a window, as it pads any size that is not a multiple of the window). No
+    stochastic depth: on the tiny batches of a distilled set a dropped block gets no gradient.
+    Needs at least 2x2 images.
+    """
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    hw = _check_sizes(channels, num_classes, im_size)
+    net = SwinTransformer(patch_size=[2, 2], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                          window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=num_classes)
+    net.features[0][0] = nn.Conv2d(channels, 96, kernel_size=2, stride=2)
+    _dry_run(net, "SwinT", net, channels, hw)
+    return net
+
+
+# -----------------------------------------------------------------------------
 # building by name (the original's names)
 
 Builder = Callable[[int, int, tuple[int, int], int, int], nn.Module]
@@ -385,6 +423,8 @@ _BUILDERS: dict[str, Builder] = {
     "AlexNet": lambda c, n, s, w, d: AlexNet(c, n, s),
     "LeNet": lambda c, n, s, w, d: LeNet(c, n, s),
     "MLP": lambda c, n, s, w, d: MLP(c, n, s),
+    "MobileNetV3": lambda c, n, s, w, d: mobilenet_v3(c, n, s),
+    "SwinT": lambda c, n, s, w, d: swin_t(c, n, s),
 }
 
 NETWORK_NAMES: tuple[str, ...] = tuple(_BUILDERS)

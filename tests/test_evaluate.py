@@ -1,0 +1,330 @@
+"""Evaluation protocol, cross-architecture runs, baselines, paper comparisons and the CLI."""
+import csv
+import io
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mtt.evaluate as ev
+from mtt.augment import DSA
+from mtt.cli import main
+from mtt.data import ZCA, load_dataset
+from mtt.evaluate import (EvalConfig, EvalResult, baseline_images, check_models, evaluate, evaluate_baseline,
+                          evaluate_synthetic, herding, lr_at, accuracy, matching_test_images, train_and_test,
+                          train_network, with_original_zca)
+from mtt.networks import get_network
+from mtt.paper import MTT_CROSS_ARCH_CIFAR10_IPC10, comparison_table, plot_cross_arch, published
+from mtt.synthetic import SyntheticSet
+
+QUICK = EvalConfig(epochs=2, lr=0.01, repeats=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    """Two real digits per class and a 100-image slice of the test set."""
+    images, labels = baseline_images(digits, 2, "random", seed=0)
+    return images, labels, digits.test_images[:100], digits.test_labels[:100]
+
+
+# ----------------------------------------------------------------------------- protocol
+
+def test_lr_drops_tenfold_after_pass_half_plus_one():
+    # The original: `for ep in range(Epoch + 1)`, and after pass ep == Epoch // 2 + 1: lr *= 0.1.
+    assert [lr_at(e, 1000, 1.0) for e in (0, 500, 501)] == [1.0, 1.0, 1.0]
+    assert [lr_at(e, 1000, 1.0) for e in (502, 1000)] == pytest.approx([0.1, 0.1])
+    assert sum(lr_at(e, 1000, 1.0) == 1.0 for e in range(1001)) == 502
+
+
+def test_a_run_trains_with_the_schedule(small):
+    images, labels, test_x, test_y = small
+    seen = []
+    train_and_test(images, labels, test_x, test_y, replace(QUICK, epochs=6, lr=0.05), seed=0, device="cpu",
+                   on_epoch=lambda epoch, lr, net: seen.append((epoch, lr)))
+    assert [e for e, _ in seen] == list(range(7))  # epochs + 1 passes
+    assert [lr for _, lr in seen] == pytest.approx([0.05] * 5 + [0.005] * 2)
+
+
+def test_optimizer_restarts_at_the_drop(small, monkeypatch):
+    images, labels, _, _ = small
+    made = []
+    real_sgd = torch.optim.SGD
+    monkeypatch.setattr(torch.optim, "SGD", lambda params, **kw: made.append(kw) or real_sgd(params, **kw))
+    train_network(get_network("ConvNet", 1, 10, 8), images, labels, replace(QUICK, epochs=6),
+                  torch.Generator().manual_seed(0))
+    assert made == [dict(lr=0.01, momentum=0.9, weight_decay=5e-4),
+                    dict(lr=pytest.approx(0.001), momentum=0.9, weight_decay=5e-4)]
+
+
+def test_dsa_in_training_only_and_test_is_a_plain_eval_forward(small, monkeypatch):
+    images, labels, test_x, test_y = small
+    calls = []
+
+    class SpyDSA(DSA):
+        def __call__(self, x, generator):
+            calls.append(len(x))
+            return super().__call__(x, generator)
+
+    monkeypatch.setattr(ev, "DSA", SpyDSA)
+    torch.manual_seed(0)
+    net = get_network("ConvNetBN", 1, 10, 8)  # batch norm: train and eval forwards differ
+    modes = []
+    net.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+    train_network(net, images, labels, replace(QUICK, batch_size=8), torch.Generator().manual_seed(0))
+    assert calls == [8, 8, 4] * 3 and modes == [True] * 9  # 3 passes x 3 batches, each augmented
+    modes.clear()
+    acc = accuracy(net, test_x, test_y)
+    assert len(calls) == 9 and modes and not any(modes)  # no augmentation, eval mode
+    with torch.no_grad():
+        plain = (net(test_x).argmax(1) == test_y).float().mean().item() * 100
+    assert acc == pytest.approx(plain) == accuracy(net, test_x, test_y)
+
+
+def test_seeds_make_runs_reproducible_and_repeats_differ(small):
+    images, labels, test_x, test_y = small
+    result = evaluate(images, labels, test_x, test_y, replace(QUICK, repeats=3), device="cpu")
+    assert len(set(result.runs)) == 3
+    assert result.runs[1] == train_and_test(images, labels, test_x, test_y, QUICK, seed=1, device="cpu")
+    assert result.std == pytest.approx(torch.tensor(result.runs).std(unbiased=False).item(), rel=1e-6)
+
+
+def test_soft_labels_train_against_softmax_targets(small):
+    images, labels, test_x, test_y = small
+    # Logits so peaked that their softmax is exactly one-hot: the same training as hard labels.
+    logits = F.one_hot(labels, 10).float() * 1000
+    hard = train_and_test(images, labels, test_x, test_y, QUICK, seed=0, device="cpu")
+    assert train_and_test(images, logits, test_x, test_y, QUICK, seed=0, device="cpu") == pytest.approx(hard)
+    soft = train_and_test(images, torch.randn(len(labels), 10), test_x, test_y, QUICK, seed=0, device="cpu")
+    assert 0 <= soft <= 100
+
+
+def test_bad_configs_are_refused(small):
+    images, labels, test_x, test_y = small
+    with pytest.raises(ValueError, match="positive learning rate"):
+        train_and_test(images, labels, test_x, test_y, replace(QUICK, lr=None), seed=0, device="cpu")
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        EvalConfig(repeats=0)
+    with pytest.raises(ValueError, match="unknown network 'ConvNot'"):
+        check_models(["ConvNet", "ConvNot"], QUICK, 1, 10, (8, 8))
+
+
+# ----------------------------------------------------------------------------- synthetic sets
+
+def _synthetic(small, syn_lr=0.02, **kw) -> SyntheticSet:
+    images, labels, _, _ = small
+    return SyntheticSet(images.clone(), labels.clone(), syn_lr, "digits", **kw)
+
+
+def test_learned_lr_is_used_unless_one_is_given(small, digits, monkeypatch):
+    used = []
+    monkeypatch.setattr(ev, "train_network", lambda net, x, y, config, g, on_epoch=None: used.append(config.lr) or net)
+    evaluate_synthetic(_synthetic(small), digits, ["ConvNet"], replace(QUICK, lr=None), "cpu")
+    evaluate_synthetic(_synthetic(small), digits, ["ConvNet"], replace(QUICK, lr=0.3), "cpu")
+    assert used == [0.02, 0.3]
+    with pytest.raises(ValueError, match="no learning rate"):
+        evaluate_synthetic(_synthetic(small, syn_lr=None), digits, ["ConvNet"], replace(QUICK, lr=None), "cpu")
+
+
+def test_test_set_is_whitened_with_the_sets_own_zca(small, digits):
+    zca = ZCA.fit(digits.train_images[:500])  # deliberately not the ZCA a re-fit would give
+    whitened = matching_test_images(_synthetic(small, zca=zca), digits)
+    assert torch.allclose(whitened, zca.transform(digits.test_images))
+    assert matching_test_images(_synthetic(small), digits) is digits.test_images
+    with pytest.raises(ValueError, match="another ZCA"):
+        matching_test_images(_synthetic(small, zca=zca), digits.with_zca())
+    with pytest.raises(ValueError, match="not 'digits'"):
+        matching_test_images(replace(_synthetic(small), dataset="mnist"), digits)
+
+
+def test_original_zca_whitens_raw_pixels(digits):
+    original = with_original_zca(digits)
+    pixels = digits.denormalize(digits.test_images)
+    assert torch.allclose(original.zca.inverse(original.test_images), pixels, atol=1e-3)
+    assert original.train_images.mean().abs() < 1e-4
+    with pytest.raises(ValueError, match="without ZCA"):
+        with_original_zca(digits.with_zca())
+
+
+# ----------------------------------------------------------------------------- architectures
+
+CROSS_ARCH = ["ConvNet", "ConvNetW32", "ConvNetD4", "ConvNetBN", "ConvNetLN", "ResNet18", "ResNet18BN_AP",
+              "VGG11", "VGG11BN", "AlexNet", "LeNet", "MLP", "MobileNetV3", "SwinT"]
+TOO_SMALL_FOR_DIGITS = {"ConvNetD4", "ResNet18", "VGG11", "LeNet"}
+
+
+def test_cross_architecture_on_digits(small, digits):
+    fits, skipped = [], set()
+    for model in CROSS_ARCH:
+        try:
+            check_models([model], QUICK, 1, 10, (8, 8))
+            fits.append(model)
+        except ValueError as err:
+            assert "too small" in str(err)
+            skipped.add(model)
+    assert skipped == TOO_SMALL_FOR_DIGITS  # tested at 32x32 below
+    small_test = replace(digits, test_images=digits.test_images[:50], test_labels=digits.test_labels[:50])
+    results = evaluate_synthetic(_synthetic(small), small_test, fits, replace(QUICK, epochs=1), "cpu")
+    assert list(results) == fits
+    assert all(0 <= r.mean <= 100 and len(r.runs) == 1 for r in results.values())
+
+
+@pytest.mark.parametrize("model", sorted(TOO_SMALL_FOR_DIGITS) + ["MobileNetV3", "SwinT"])
+def test_cross_architecture_at_32x32(model):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(6, 3, 32, 32, generator=g), torch.arange(6) % 3
+    accuracy = train_and_test(images, labels, images[:4], labels[:4], replace(QUICK, model=model, epochs=0),
+                              seed=0, device="cpu")
+    assert 0 <= accuracy <= 100
+
+
+@pytest.mark.parametrize("name", ["MobileNetV3", "SwinT"])
+@pytest.mark.parametrize("channels,size", [(3, 32), (1, 28), (1, 8)])
+def test_small_image_torchvision_models_forward_backward(name, channels, size):
+    torch.manual_seed(0)
+    net = get_network(name, channels, 10, size)
+    F.cross_entropy(net(torch.randn(2, channels, size, size)), torch.tensor([1, 7])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_small_image_torchvision_models_adaptations():
+    mobile = get_network("MobileNetV3", 1, 10, 32)
+    assert mobile.features[0][0].stride == (1, 1) and mobile.features[0][0].in_channels == 1
+    swin = get_network("SwinT", 3, 10, 32)
+    assert swin.features[0][0].kernel_size == (2, 2) and swin.features[0][0].in_channels == 3
+    assert swin.features[1][0].attn.window_size == [4, 4]
+    assert swin.features[1][0].stochastic_depth.p == 0
+    with pytest.raises(ValueError, match="too small for SwinT.*at least 2x2"):
+        get_network("SwinT", 3, 10, 1)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def test_herding_tracks_the_mean():
+    features = torch.tensor([[0.0, 0.0], [10.0, 0.0], [-10.0, 0.0], [1.0, 1.0], [-1.0, -1.0]])
+    picks = herding(features, 3)
+    assert picks[0] == 0  # the row nearest the mean first
+    assert set(picks[1:].tolist()) == {3, 4}  # then the pair that keeps the running mean on it
+
+
+def test_baseline_images(digits):
+    x, y = baseline_images(digits, 3, "random", seed=1)
+    assert x.shape == (30, 1, 8, 8) and torch.equal(y, torch.arange(10).repeat_interleave(3))
+    assert torch.equal(x, baseline_images(digits, 3, "random", seed=1)[0])
+    assert not torch.equal(x, baseline_images(digits, 3, "random", seed=2)[0])
+    hx, hy = baseline_images(digits, 3, "herding", seed=0, device="cpu", feature_epochs=1)
+    assert torch.equal(hy, y)
+    for image, label in zip(hx, hy):  # real training images of the right class
+        matches = (digits.train_images == image).flatten(1).all(1)
+        assert matches.any() and (digits.train_labels[matches] == label).all()
+    full_x, full_y = baseline_images(digits, None, "full")
+    assert full_x is digits.train_images and full_y is digits.train_labels
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_images(digits, 3, "kmeans")
+    with pytest.raises(ValueError, match="positive ipc"):
+        baseline_images(digits, None, "random")
+
+
+def test_random_baseline_draws_a_subset_per_repeat(digits, monkeypatch):
+    drawn = []
+    real = ev.baseline_images
+    monkeypatch.setattr(ev, "baseline_images", lambda *a, **kw: drawn.append(a[3]) or real(*a, **kw))
+    small_test = replace(digits, test_images=digits.test_images[:50], test_labels=digits.test_labels[:50])
+    results = evaluate_baseline(small_test, 1, "random", ["ConvNet", "ConvNetW32"],
+                                EvalConfig(epochs=1, repeats=2, seed=5), "cpu")
+    assert drawn == [5, 6]  # once per seed, shared by both models
+    assert set(results) == {"ConvNet", "ConvNetW32"}
+
+
+# ----------------------------------------------------------------------------- paper
+
+def test_comparison_table():
+    ours = {"MTT": EvalResult(64.0, 0.5, [63.5, 64.5]), "random": {"mean": 25.0, "std": 1.0}, "herding": 30.0}
+    md, text = comparison_table(ours, "cifar10", 10)
+    assert "| MTT | 64.0 | 0.5 | 65.3 | -1.3 |" in md
+    assert "| random real | 25.0 | 1.0 | 26.0 | -1.0 |" in md
+    assert "| herding | 30.0 | – | – | – |" in md
+    assert "| DSA | – | – | 52.1 | – |" in md and "| full dataset | – | – | 84.8 | – |" in md
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0] == {"dataset": "cifar10", "ipc": "10", "method": "MTT", "ours": "64.0", "ours std": "0.5",
+                       "paper": "65.3", "ours - paper": "-1.3"}
+    assert {r["method"] for r in rows} >= {"DC", "DSA", "DM", "IDC", "TESLA", "FTD", "DATM"}
+    assert "KIP" not in text  # a Fashion-MNIST-only method
+    assert published("DSA", "fashion-mnist", 50) == 88.7 and published("random", "fashion-mnist", 1) is None
+    assert MTT_CROSS_ARCH_CIFAR10_IPC10 == {"ConvNet": 64.3, "ResNet18": 46.4, "VGG11": 50.3, "AlexNet": 34.2}
+
+
+def test_cross_arch_chart_is_written(tmp_path):
+    results = {"ConvNet": EvalResult(62.1, 0.8, []), "ResNet18": EvalResult(45.0, 1.2, []),
+               "VGG11": {"mean": 48.0, "std": 0.9}, "AlexNet": 30.5, "SwinT": 28.0}
+    path = plot_cross_arch(results, paper=MTT_CROSS_ARCH_CIFAR10_IPC10, path=tmp_path / "chart" / "cross.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _run_json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_evaluate_round_trip(small, tmp_path, capsys):
+    path = tmp_path / "synthetic.safetensors"
+    _synthetic(small).save(path)
+    out = _run_json(capsys, ["evaluate", "--synthetic", str(path), "--models", "ConvNet,AlexNet", "--repeats", "2",
+                             "--epochs", "1", "--device", "cpu", "--plot", str(tmp_path / "bars.png"), "--json"])
+    assert set(out) == {"ConvNet", "AlexNet"}
+    assert len(out["ConvNet"]["runs"]) == 2 and set(out["ConvNet"]) == {"mean", "std", "runs"}
+    assert (tmp_path / "bars.png").is_file()
+
+
+def test_cli_baseline_round_trip(capsys):
+    out = _run_json(capsys, ["baseline", "--dataset", "digits", "--ipc", "1", "--method", "random",
+                             "--models", "ConvNet", "--repeats", "2", "--epochs", "1", "--device", "cpu", "--json"])
+    assert len(out["ConvNet"]["runs"]) == 2 and 0 <= out["ConvNet"]["mean"] <= 100
+
+
+def test_cli_evaluates_original_mtt_tensors(small, tmp_path, capsys):
+    images, labels, _, _ = small
+    torch.save(images, tmp_path / "images_best.pt")
+    torch.save(labels, tmp_path / "labels_best.pt")
+    argv = ["evaluate", "--synthetic", str(tmp_path / "images_best.pt"), "--original-labels",
+            str(tmp_path / "labels_best.pt"), "--dataset", "digits", "--epochs", "1", "--repeats", "1",
+            "--device", "cpu", "--json"]
+    assert len(_run_json(capsys, argv + ["--lr", "0.01"])["ConvNet"]["runs"]) == 1
+    assert main(argv) == 2 and "needs --dataset and --lr" in capsys.readouterr().err
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_cli_refuses_a_malicious_pt_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    torch.save({"images": payload}, tmp_path / "images_best.pt")
+    torch.save(torch.zeros(10, dtype=torch.long), tmp_path / "labels_best.pt")
+    code = main(["evaluate", "--synthetic", str(tmp_path / "images_best.pt"), "--original-labels",
+                 str(tmp_path / "labels_best.pt"), "--dataset", "digits", "--lr", "0.01", "--device", "cpu"])
+    assert code == 2 and "not a plain tensor file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["evaluate", "--synthetic", "missing.safetensors"], "no such file"),
+    (["baseline", "--dataset", "digits", "--ipc", "1", "--models", "ConvNet,ResNet99"], "unknown network 'ResNet99'"),
+    (["baseline", "--dataset", "digits", "--ipc", "1", "--models", "VGG11"], "too small for VGG11"),
+    (["baseline", "--dataset", "digits", "--method", "herding"], "positive ipc"),
+])
+def test_cli_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv + ["--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
