@@ -47,8 +47,9 @@ class QuickConfig:
     def distill_config(self, device: str) -> DistillConfig:
         return preset(self.dataset, self.ipc, device=device, **self.distill_overrides())
 
-    def eval_config(self) -> EvalConfig:
-        return EvalConfig(epochs=self.eval_epochs, repeats=self.eval_repeats, width=self.width, seed=self.seed)
+    def eval_config(self, progress: bool = True) -> EvalConfig:
+        return EvalConfig(epochs=self.eval_epochs, repeats=self.eval_repeats, width=self.width, seed=self.seed,
+                          progress=progress)
 
 
 @dataclass
@@ -85,7 +86,7 @@ def run_demo(out_dir: str | Path = "demo", device: str = "auto", config: QuickCo
     out = Path(out_dir)
     run = quick_run(out, device, config, progress)
     dataset, synthetic = run.dataset, run.synthetic
-    eval_config = config.eval_config()
+    eval_config = config.eval_config(progress)
     distilled = evaluate(synthetic.images, synthetic.labels, dataset.test_images, dataset.test_labels,
                          dataclasses.replace(eval_config, lr=synthetic.syn_lr), device)
     random_real = evaluate_baseline(dataset, config.ipc, "random", ["ConvNet"], eval_config, device)["ConvNet"]

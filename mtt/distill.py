@@ -239,7 +239,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
                              f"to continue it, or choose another output folder")
         state = initial_state(config, dataset, device)
     if evaluator is None and config.eval_repeats > 0:
-        evaluator = _default_evaluator(config, dataset)
+        evaluator = _default_evaluator(config, dataset, progress)
 
     bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
     while state.iteration < config.iterations:
@@ -340,12 +340,13 @@ def _record_eval(state: DistillState, evaluator: Evaluator) -> dict[str, Any]:
     return evaluation
 
 
-def _default_evaluator(config: DistillConfig, dataset: Dataset) -> Evaluator:
+def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool) -> Evaluator:
     """ConvNet trained on the current synthetic set with the paper's protocol (mtt.evaluate)."""
     from mtt.evaluate import EvalConfig, evaluate
 
     eval_config = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=config.eval_repeats,
-                             seed=config.seed, width=config.width, depth=config.depth, dsa=config.dsa)
+                             seed=config.seed, width=config.width, depth=config.depth, dsa=config.dsa,
+                             progress=progress)
 
     def run(state: DistillState) -> dict[str, Any]:
         targets = state.labels if state.label_logits is None else state.label_logits

@@ -44,6 +44,7 @@ class EvalConfig:
     seed: int = 0
     width: int = 128  # ConvNet family only
     depth: int = 3
+    progress: bool = True  # a progress bar over the runs' training passes
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.repeats < 1 or self.batch_size < 1:
@@ -160,7 +161,8 @@ def evaluate(images: Tensor, labels: Tensor, test_images: Tensor, test_labels: T
 def _repeat(train_set: Callable[[int], tuple[Tensor, Tensor]], test_images: Tensor, test_labels: Tensor,
             config: EvalConfig, device: DeviceLike) -> EvalResult:
     runs: list[float] = []
-    with tqdm(total=config.repeats * (config.epochs + 1), desc=config.model, unit="pass", leave=False) as bar:
+    with tqdm(total=config.repeats * (config.epochs + 1), desc=config.model, unit="pass", leave=False,
+              disable=not config.progress) as bar:
         for seed in range(config.seed, config.seed + config.repeats):
             images, labels = train_set(seed)
             runs.append(train_and_test(images, labels, test_images, test_labels, config, seed, device,
