@@ -262,7 +262,8 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             callback(IterationInfo(state.iteration, loss, state.syn_lr.item(), state, evaluation))
     bar.close()
 
-    if evaluator is not None:
+    evals = state.history["evals"]
+    if evaluator is not None and not (evals and evals[-1]["iteration"] == state.iteration):
         _record_eval(state, evaluator)
     _save_snapshot(state, out)
     save_checkpoint(state, config, checkpoint)
