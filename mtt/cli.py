@@ -176,6 +176,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="dataset of an original-MTT set")
     p.add_argument("--original-zca", action="store_true",
                    help="the original-MTT set was distilled with ZCA (whiten the test set the original's way)")
+    p.add_argument("--width", type=int, default=None,
+                   help="ConvNet-family width (default: the distillation network's, else 128)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="ConvNet-family depth (default: the distillation network's, else 3)")
     _eval_flags(p, "default: the set's learned syn_lr", None)
     p.set_defaults(run=run_evaluate)
 
@@ -200,7 +204,11 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.dataset or synthetic.dataset, args.data_root)
     if args.original_zca:
         dataset = with_original_zca(dataset)
-    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed)
+    # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
+    width = args.width or synthetic.config.get("width", 128)
+    depth = args.depth or synthetic.config.get("depth", 3)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=width,
+                        depth=depth)
     results = evaluate_synthetic(synthetic, dataset, args.models.split(","), config, args.device)
     return _eval_summary(results, args)
 

@@ -284,6 +284,18 @@ def test_cli_evaluate_round_trip(small, tmp_path, capsys):
     assert (tmp_path / "bars.png").is_file()
 
 
+def test_cli_evaluates_on_the_distillation_networks_width(small, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "synthetic.safetensors"
+    _synthetic(small, config={"width": 16, "depth": 2}).save(path)
+    widths = []
+    monkeypatch.setattr(ev, "train_network", lambda net, x, y, config, g, on_epoch=None: widths.append(
+        (net.features[0].out_channels, sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()))) or net)
+    argv = ["evaluate", "--synthetic", str(path), "--repeats", "1", "--epochs", "1", "--device", "cpu", "--json"]
+    _run_json(capsys, argv)
+    _run_json(capsys, argv + ["--width", "32", "--depth", "3"])
+    assert widths == [(16, 2), (32, 3)]
+
+
 def test_cli_baseline_round_trip(capsys):
     out = _run_json(capsys, ["baseline", "--dataset", "digits", "--ipc", "1", "--method", "random",
                              "--models", "ConvNet", "--repeats", "2", "--epochs", "1", "--device", "cpu", "--json"])
