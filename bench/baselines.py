@@ -5,7 +5,9 @@
 Run with seed s draws its own real subset with seed s and trains a fresh network seeded s,
 exactly as `python -m mtt baseline` does for its repeat s. Each run is merged into --out
 (JSON, one entry per method/dataset/ipc/model, keyed by seed) as soon as it ends, so that a
-long benchmark can be stopped and extended with more seeds later.
+long benchmark can be stopped and extended with more seeds later, or split over processes
+(on a 2-core CPU, two single-threaded seeds at once: OMP_NUM_THREADS=1 ... --seeds 1 & ... --seeds 2).
+Herding trains its feature network once per seed and reuses it for every ipc.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 
 from mtt.data import load_dataset
 from mtt.device import resolve_device
-from mtt.evaluate import BASELINE_LR, EvalConfig, EvalResult, baseline_images, train_and_test
+from mtt.evaluate import BASELINE_LR, EvalConfig, EvalResult, baseline_images, herding_features, train_and_test
 from mtt.io import atomic_write_json
 
 
@@ -54,23 +56,30 @@ def main() -> None:
     device = resolve_device(args.device)
     dataset = load_dataset(args.dataset)
     config = EvalConfig(model=args.model, epochs=args.epochs, lr=args.lr)
-    out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
     command = " ".join(["python", *sys.argv])
-    for ipc in args.ipc:
-        key = f"{args.method}/{dataset.name}/ipc{ipc}/{args.model}/epochs{args.epochs}/lr{args.lr}"
-        entry = results.setdefault(key, {"by_seed": {}})
-        for seed in args.seeds:
+    for seed in args.seeds:
+        features = herding_features(dataset, seed, device) if args.method == "herding" else None
+        for ipc in args.ipc:
+            key = f"{args.method}/{dataset.name}/ipc{ipc}/{args.model}/epochs{args.epochs}/lr{args.lr}"
             start = time.time()
-            images, labels = baseline_images(dataset, ipc, args.method, seed, device)
+            images, labels = baseline_images(dataset, ipc, args.method, seed, device, features=features)
             accuracy = train_and_test(images, labels, dataset.test_images, dataset.test_labels, config, seed, device)
-            entry["by_seed"][str(seed)] = {"accuracy": accuracy, "seconds": round(time.time() - start, 1),
-                                           "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                                           "load_average": os.getloadavg(), "command": command, **machine(device)}
-            entry.update(EvalResult.of(r["accuracy"] for r in entry["by_seed"].values()).to_dict())
-            atomic_write_json(out, results)
+            run = {"accuracy": accuracy, "seconds": round(time.time() - start, 1),
+                   "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "load_average": os.getloadavg(), "command": command, **machine(device)}
+            entry = record(Path(args.out), key, seed, run)
             print(f"{key} seed {seed}: {accuracy:.2f} % in {time.time() - start:.0f} s "
                   f"(so far {entry['mean']:.2f} +- {entry['std']:.2f} over {len(entry['runs'])})", flush=True)
+
+
+def record(out: Path, key: str, seed: int, run: dict) -> dict:
+    """Merge one run into the JSON file, re-read just before writing so that parallel processes keep each other's runs."""
+    results = json.loads(out.read_text()) if out.exists() else {}
+    entry = results.setdefault(key, {"by_seed": {}})
+    entry["by_seed"][str(seed)] = run
+    entry.update(EvalResult.of(r["accuracy"] for r in entry["by_seed"].values()).to_dict())
+    atomic_write_json(out, results)
+    return entry
 
 
 if __name__ == "__main__":

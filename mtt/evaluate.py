@@ -246,12 +246,13 @@ def evaluate_synthetic(synthetic: SyntheticSet, dataset: Dataset, models: list[s
 # ----------------------------------------------------------------------------- baselines
 
 def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 0,
-                    device: DeviceLike = "auto", feature_epochs: int = 3) -> tuple[Tensor, Tensor]:
+                    device: DeviceLike = "auto", features: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Real training images standing in for a distilled set: `random`, `herding` or `full`.
 
     random: ipc images per class drawn with `seed`. herding: per class, the ipc images whose
-    running mean greedily tracks the class mean in the penultimate features of a ConvNet
-    trained `feature_epochs` epochs on the real data (seeded). full: the whole training set.
+    running mean greedily tracks the class mean in `features` of the training images (default:
+    `herding_features(dataset, seed)`; pass them to reuse one feature network for several ipc).
+    full: the whole training set.
     """
     _check_baseline(method, ipc)
     if method == "full":
@@ -260,7 +261,11 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return torch.cat([dataset.sample_real(c, ipc, generator) for c in range(dataset.num_classes)]), labels
-    features = _herding_features(dataset, seed, device, feature_epochs)
+    if features is None:
+        features = herding_features(dataset, seed, device)
+    if len(features) != len(dataset.train_images):
+        raise ValueError(f"herding needs one feature row per training image ({len(dataset.train_images)}), "
+                         f"got {len(features)}")
     picks = []
     for c in range(dataset.num_classes):
         indices = dataset.class_indices(c)
@@ -293,8 +298,9 @@ def herding(features: Tensor, n: int) -> Tensor:
     return torch.tensor(chosen)
 
 
-def _herding_features(dataset: Dataset, seed: int, device: DeviceLike, epochs: int) -> Tensor:
-    """Penultimate ConvNet features (input of its classifier) of every training image."""
+def herding_features(dataset: Dataset, seed: int = 0, device: DeviceLike = "auto", epochs: int = 3) -> Tensor:
+    """Penultimate features (input of the classifier) of every training image, from a ConvNet
+    trained `epochs` epochs on the real data without augmentation (seeded)."""
     config = EvalConfig(epochs=epochs, lr=BASELINE_LR, dsa="none")
     device = resolve_device(device)
     with _seeded(seed, device) as generator:

@@ -218,11 +218,18 @@ def test_baseline_images(digits):
     assert x.shape == (30, 1, 8, 8) and torch.equal(y, torch.arange(10).repeat_interleave(3))
     assert torch.equal(x, baseline_images(digits, 3, "random", seed=1)[0])
     assert not torch.equal(x, baseline_images(digits, 3, "random", seed=2)[0])
-    hx, hy = baseline_images(digits, 3, "herding", seed=0, device="cpu", feature_epochs=1)
+    hx, hy = baseline_images(digits, 3, "herding", seed=0, device="cpu",
+                             features=ev.herding_features(digits, 0, "cpu", epochs=1))
     assert torch.equal(hy, y)
     for image, label in zip(hx, hy):  # real training images of the right class
         matches = (digits.train_images == image).flatten(1).all(1)
         assert matches.any() and (digits.train_labels[matches] == label).all()
+    features = torch.randn(len(digits.train_images), 4, generator=torch.Generator().manual_seed(0))
+    given_x, _ = baseline_images(digits, 2, "herding", features=features)
+    first = digits.class_indices(0)
+    assert torch.equal(given_x[:2], digits.train_images[first[herding(features[first], 2)]])
+    with pytest.raises(ValueError, match="one feature row per training image"):
+        baseline_images(digits, 2, "herding", features=features[:10])
     full_x, full_y = baseline_images(digits, None, "full")
     assert full_x is digits.train_images and full_y is digits.train_labels
     with pytest.raises(ValueError, match="unknown baseline"):
