@@ -153,6 +153,8 @@ def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | No
     p.add_argument("--epochs", type=int, default=1000)
     p.add_argument("--lr", type=float, default=lr_default, help=lr_help)
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="resize the set and the real images to NxN first (e.g. 32, to run ResNet18 or VGG11 on 8x8 digits)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save a bar chart of the results")
     _common(p)
 
@@ -204,6 +206,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.dataset or synthetic.dataset, args.data_root)
     if args.original_zca:
         dataset = with_original_zca(dataset)
+    if args.image_size:
+        synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
     width = args.width or synthetic.config.get("width", 128)
     depth = args.depth or synthetic.config.get("depth", 3)
@@ -228,7 +232,11 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
     from mtt.evaluate import EvalConfig, evaluate_baseline
 
-    dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
+    dataset = load_dataset(args.dataset, args.data_root)
+    if args.image_size:
+        dataset = dataset.resized(args.image_size)
+    if args.zca:
+        dataset = dataset.with_zca()
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models.split(","), config, args.device)
     return _eval_summary(results, args)

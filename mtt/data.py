@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mtt.io import atomic_save_safetensors, load_safetensors
@@ -194,6 +195,15 @@ class Dataset:
         return replace(self, train_images=_chunked(zca.transform, self.train_images),
                        test_images=_chunked(zca.transform, self.test_images), zca=zca, _class_indices=None)
 
+    def resized(self, size: int) -> Dataset:
+        """A copy with both splits resized to size x size, so that networks needing larger inputs
+        (ResNet18, VGG11 on 8x8 digits) can be trained and tested on it."""
+        if self.zca is not None:
+            raise ValueError("resize the dataset before ZCA-whitening it: a ZCA is fitted at one image size")
+        spec = replace(self.spec, im_size=(size, size))
+        return replace(self, spec=spec, train_images=resize_images(self.train_images, size),
+                       test_images=resize_images(self.test_images, size), _class_indices=None)
+
     def normalize(self, pixels: Tensor) -> Tensor:
         """Pixels in [0, 1] -> the normalised space (before ZCA)."""
         return (pixels - self._stat(self.spec.mean, pixels)) / self._stat(self.spec.std, pixels)
@@ -207,6 +217,16 @@ class Dataset:
     @staticmethod
     def _stat(values: tuple[float, ...], like: Tensor) -> Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def resize_images(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize of [N, C, H, W] images to size x size (antialiased when shrinking)."""
+    if size < 1:
+        raise ValueError(f"image size must be a positive number of pixels, got {size}")
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    return _chunked(lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=size < min(x.shape[-2:])), images)
 
 
 def _chunked(fn, x: Tensor, chunk: int = 8192) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mtt import __version__
-from mtt.data import ZCA
+from mtt.data import ZCA, resize_images
 from mtt.io import atomic_save_safetensors, load_safetensors
 
 FORMAT = "mtt-synthetic/1"
@@ -39,6 +39,12 @@ class SyntheticSet:
     @property
     def ipc(self) -> int:
         return int(torch.bincount(self.labels).max()) if len(self.labels) else 0
+
+    def resized(self, size: int) -> SyntheticSet:
+        """A copy with images resized to size x size, to evaluate on networks that need larger inputs."""
+        if self.zca is not None:
+            raise ValueError("a ZCA-whitened synthetic set cannot be resized: its ZCA holds for one image size")
+        return replace(self, images=resize_images(self.images, size))
 
     def save(self, path: str | os.PathLike) -> Path:
         tensors = {"images": self.images.float(), "labels": self.labels.long()}

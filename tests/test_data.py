@@ -208,6 +208,22 @@ def test_take_per_class():
     assert len(small.test_images) == 450
 
 
+def test_resized_dataset_keeps_labels_and_content():
+    ds = load_dataset("digits")
+    big = ds.resized(32)
+    assert big.im_size == (32, 32) and big.train_images.shape == (len(ds.train_images), 1, 32, 32)
+    assert big.test_images.shape[-2:] == (32, 32) and torch.equal(big.train_labels, ds.train_labels)
+    assert ds.im_size == (8, 8)  # the original is untouched
+    # The same picture, 4x larger: 4x4 block means of the upsampled images track the originals.
+    back = torch.nn.functional.avg_pool2d(big.train_images[:50], 4)
+    assert torch.corrcoef(torch.stack([back.flatten(), ds.train_images[:50].flatten()]))[0, 1] > 0.95
+    assert ds.resized(8).train_images is ds.train_images
+    with pytest.raises(ValueError, match="before ZCA"):
+        ds.with_zca().resized(32)
+    with pytest.raises(ValueError, match="positive"):
+        ds.resized(0)
+
+
 # ----------------------------------------------------------------------------- ZCA
 
 def test_zca_inverse_round_trip_and_whitening():

@@ -175,6 +175,29 @@ def test_cross_architecture_on_digits(small, digits):
     assert all(0 <= r.mean <= 100 and len(r.runs) == 1 for r in results.values())
 
 
+def test_every_listed_model_runs_on_digits_resized_to_32(small, digits):
+    """The issue's list: ConvNet and its variants, ResNet18, VGG11, AlexNet, MobileNetV3, Swin-T."""
+    small_test = replace(digits, test_images=digits.test_images[:50], test_labels=digits.test_labels[:50])
+    synthetic, test = _synthetic(small).resized(32), small_test.resized(32)
+    results = evaluate_synthetic(synthetic, test, CROSS_ARCH, replace(QUICK, epochs=1), "cpu")
+    assert list(results) == CROSS_ARCH
+    assert all(0 <= r.mean <= 100 and len(r.runs) == 1 for r in results.values())
+
+
+def test_cli_image_size_runs_networks_too_big_for_8x8(small, tmp_path, capsys):
+    path = tmp_path / "synthetic.safetensors"
+    _synthetic(small).save(path)
+    argv = ["evaluate", "--synthetic", str(path), "--models", "ResNet18,VGG11", "--repeats", "1", "--epochs", "1",
+            "--device", "cpu"]
+    assert main(argv) == 2
+    assert "too small for ResNet18" in capsys.readouterr().err
+    out = _run_json(capsys, argv + ["--image-size", "32", "--json"])
+    assert set(out) == {"ResNet18", "VGG11"}
+    out = _run_json(capsys, ["baseline", "--dataset", "digits", "--ipc", "1", "--models", "VGG11", "--repeats", "1",
+                             "--epochs", "1", "--device", "cpu", "--image-size", "32", "--json"])
+    assert len(out["VGG11"]["runs"]) == 1
+
+
 @pytest.mark.parametrize("model", sorted(TOO_SMALL_FOR_DIGITS) + ["MobileNetV3", "SwinT"])
 def test_cross_architecture_at_32x32(model):
     g = torch.Generator().manual_seed(0)
