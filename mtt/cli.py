@@ -209,10 +209,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size:
         synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
-    width = args.width or synthetic.config.get("width", 128)
-    depth = args.depth or synthetic.config.get("depth", 3)
-    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=width,
-                        depth=depth)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
+                        width=args.width or synthetic.width, depth=args.depth or synthetic.depth)
     results = evaluate_synthetic(synthetic, dataset, args.models.split(","), config, args.device)
     return _eval_summary(results, args)
 

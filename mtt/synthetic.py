@@ -40,6 +40,15 @@ class SyntheticSet:
     def ipc(self) -> int:
         return int(torch.bincount(self.labels).max()) if len(self.labels) else 0
 
+    @property
+    def width(self) -> int:
+        """Width of the ConvNet it was distilled through (the paper's 128 when unrecorded)."""
+        return int(self.config.get("width", 128))
+
+    @property
+    def depth(self) -> int:
+        return int(self.config.get("depth", 3))
+
     def resized(self, size: int) -> SyntheticSet:
         """A copy with images resized to size x size, to evaluate on networks that need larger inputs."""
         if self.zca is not None:
