@@ -7,7 +7,9 @@ exactly as `python -m mtt baseline` does for its repeat s. Each run is merged in
 (JSON, one entry per method/dataset/ipc/model, keyed by seed) as soon as it ends, so that a
 long benchmark can be stopped and extended with more seeds later, or split over processes
 (on a 2-core CPU, two single-threaded seeds at once: OMP_NUM_THREADS=1 ... --seeds 1 & ... --seeds 2).
-Herding trains its feature network once per seed and reuses it for every ipc.
+Herding trains its feature network once per seed and reuses it for every ipc; with
+--feature-seed N one feature network (seed N) serves every seed, so that the runs then differ
+only in the evaluated network (the subset is fixed), at 1/len(seeds) of the cost.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--method", default="random", choices=["random", "herding"])
+    parser.add_argument("--feature-seed", type=int, default=None, help="herding: one feature network for all seeds")
     parser.add_argument("--model", default="ConvNet")
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=BASELINE_LR)
@@ -57,10 +60,13 @@ def main() -> None:
     dataset = load_dataset(args.dataset)
     config = EvalConfig(model=args.model, epochs=args.epochs, lr=args.lr)
     command = " ".join(["python", *sys.argv])
+    fixed = "" if args.feature_seed is None else f"/features-seed{args.feature_seed}"
+    features = None
     for seed in args.seeds:
-        features = herding_features(dataset, seed, device) if args.method == "herding" else None
+        if args.method == "herding" and (features is None or args.feature_seed is None):
+            features = herding_features(dataset, seed if args.feature_seed is None else args.feature_seed, device)
         for ipc in args.ipc:
-            key = f"{args.method}/{dataset.name}/ipc{ipc}/{args.model}/epochs{args.epochs}/lr{args.lr}"
+            key = f"{args.method}/{dataset.name}/ipc{ipc}/{args.model}/epochs{args.epochs}/lr{args.lr}{fixed}"
             start = time.time()
             images, labels = baseline_images(dataset, ipc, args.method, seed, device, features=features)
             accuracy = train_and_test(images, labels, dataset.test_images, dataset.test_labels, config, seed, device)
