@@ -14,6 +14,7 @@ containers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import operator
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from pickle import UnpicklingError
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -35,10 +37,11 @@ from torch import Tensor
 from mtt import __version__
 from mtt.data import SPECS
 from mtt.io import atomic_save_safetensors, atomic_write_json
+from mtt.networks import NETWORK_NAMES, get_network
 
 FORMAT = "mtt-buffer/1"
 INDEX = "index.json"
-TRAIN_HINT = "train them with `python -m mtt experts ... --out DIR` or pass a local folder"
+TRAIN_HINT = "train them with `python -m mtt experts ... --out DIR` and pass that folder (--buffers DIR)"
 
 # The original code names its buffer folders after its own dataset names.
 LEGACY_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST",
@@ -108,10 +111,22 @@ class BufferMeta:
         for j, (exp, got) in enumerate(zip(expected, found)):
             if exp != got:
                 raise ValueError(f"{where}, but the network differs at parameter {j}: buffer has {exp[0]!r} {exp[1]}, "
-                                 f"network has {got[0]!r} {got[1]}; build the network the buffer was made for")
+                                 f"network has {got[0]!r} {got[1]}; use the experts' network (leave out --model, --width and "
+                                 "--depth to take them from the experts)")
         if len(found) != len(expected):
             raise ValueError(f"{where}, which has {len(expected)} parameters, but the network has {len(found)}; "
-                             "build the network the buffer was made for")
+                             "use the experts' network (leave out --model, --width and --depth to take them from "
+                             "the experts)")
+
+    def convnet_size(self) -> tuple[int, int] | None:
+        """(width, depth) of a ConvNet-family model, read from its parameter shapes; None for others."""
+        return _infer_convnet_size(self.param_shapes) if self.model.startswith("ConvNet") else None
+
+    def network(self, width: int | None = None, depth: int | None = None) -> nn.Module:
+        """A fresh network of the architecture these trajectories were made with (width/depth: ConvNets)."""
+        found_width, found_depth = self.convnet_size() or (128, 3)
+        return get_network(self.model, self.channels, self.num_classes, self.im_size, width or found_width,
+                           depth or found_depth)
 
     def _same_experts(self, other: BufferMeta) -> bool:
         """Equal up to the library version that wrote them."""
@@ -314,23 +329,65 @@ class _ShardReader:
 
 # ----------------------------------------------------------------------------- legacy .pt files
 
-def _legacy_files(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> list[Path]:
-    """replay_buffer_{n}.pt files at `path`: the file itself, in the folder, or in {dataset}[_NO_ZCA]/{model}."""
+@dataclass(frozen=True)
+class _LegacyLayout:
+    """replay_buffer_{n}.pt files found in the original layout, and what the folder names tell."""
+
+    files: tuple[Path, ...]
+    model: str | None  # the model folder's name, when it is one of ours
+    zca: bool | None   # from the dataset folder's name: CIFAR10 (ZCA) or CIFAR10_NO_ZCA
+
+
+def _replay_files(folder: Path) -> tuple[Path, ...]:
+    files = folder.glob("replay_buffer_*.pt") if folder.is_dir() else ()
+    return tuple(sorted(files, key=lambda p: (len(p.stem), p.stem)))  # replay_buffer_2 before _10
+
+
+def _zca_of_folder(name: str) -> bool | None:
+    """The original adds _NO_ZCA only for CIFAR, where ZCA is its default; other names say nothing."""
+    if name.endswith("_NO_ZCA"):
+        return False
+    return True if _canonical_dataset(name) in ("cifar10", "cifar100") else None
+
+
+def _dataset_folders(path: Path, dataset: str | None, zca: bool | None) -> list[Path]:
+    """Where {dataset}[_NO_ZCA] folders may be: `path` itself, or its children named after the dataset."""
+    if dataset is None or _canonical_dataset(path.name.removesuffix("_NO_ZCA")) == _canonical_dataset(dataset):
+        return [path]
+    ours = _canonical_dataset(dataset)
+    names = dict.fromkeys([dataset, ours, LEGACY_DATASETS.get(ours, dataset)])
+    suffixes = {None: ["", "_NO_ZCA"], True: [""], False: ["_NO_ZCA", ""]}[zca]
+    folders = [path / (name + suffix) for name in names for suffix in suffixes]
+    # A plain CIFAR folder holds ZCA experts: not what zca=False asks for.
+    return [f for f in folders if not (zca is False and _zca_of_folder(f.name))]
+
+
+def _find_legacy(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> _LegacyLayout | None:
+    """Original-MTT buffers at `path`: a replay_buffer file, a model folder, a dataset folder, or the root
+    of `{root}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`; None when there are none."""
+    def layout(files: tuple[Path, ...], model_folder: Path) -> _LegacyLayout:
+        name = model_folder.name
+        return _LegacyLayout(files, name if name in NETWORK_NAMES else None, _zca_of_folder(model_folder.parent.name))
+
     if path.is_file():
-        return [path] if path.suffix in (".pt", ".pth") else []
-    folders = [path]
-    if dataset is not None and model is not None and zca is not None:
-        ours = _canonical_dataset(dataset)
-        names = dict.fromkeys([dataset, ours, LEGACY_DATASETS.get(ours, dataset)])
-        # The original adds _NO_ZCA only for CIFAR, where ZCA is the default; a plain folder of
-        # another dataset holds experts without ZCA.
-        suffixes = [""] if zca else ["_NO_ZCA"] + ([] if ours in ("cifar10", "cifar100") else [""])
-        folders += [path / (name + suffix) / model for name in names for suffix in suffixes]
-    for folder in folders:
-        files = list(folder.glob("replay_buffer_*.pt"))
-        if files:
-            return sorted(files, key=lambda p: (len(p.stem), p.stem))  # replay_buffer_2 before _10
-    return []
+        return layout((path,), path.parent) if path.suffix in (".pt", ".pth") else None
+    if _replay_files(path):
+        return layout(_replay_files(path), path)
+    found = []
+    for folder in _dataset_folders(path, dataset, zca):
+        models = [folder / model] if model else sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        found += [layout(_replay_files(m), m) for m in models if _replay_files(m)]
+    if len(found) > 1:
+        where = ", ".join(str(f.files[0].parent.relative_to(path)) for f in found)
+        raise ValueError(f"{path} holds several sets of original-MTT experts ({where}): name the model "
+                         "(--model, model=) or point at one of these folders")
+    return found[0] if found else None
+
+
+def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
+    """(width, depth) of a ConvNet from its parameter shapes: the first conv's output channels, and the
+    number of convolutions (the only 4-d parameters)."""
+    return shapes[0][0], sum(len(s) == 4 for s in shapes)
 
 
 def _load_legacy(path: Path) -> object:
@@ -345,6 +402,11 @@ def _load_legacy(path: Path) -> object:
                          "trust its source") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise _broken(path, err) from None
+
+
+def _looks_like_trajectories(obj: object) -> bool:
+    return (isinstance(obj, list) and obj and isinstance(obj[0], (list, tuple)) and obj[0]
+            and isinstance(obj[0][0], (list, tuple)) and obj[0][0] and all(isinstance(t, Tensor) for t in obj[0][0]))
 
 
 def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]], what: str) -> int:
@@ -414,10 +476,18 @@ class ExpertBuffers:
     @classmethod
     def open(cls, path: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
              channels: int | None = None, im_size: int | tuple[int, int] | None = None,
-             num_classes: int | None = None, zca: bool | None = None,
-             network: nn.Module | None = None) -> ExpertBuffers:
-        """Open a shard folder, one shard, or original MTT .pt files (these need `network`, `dataset`,
-        `model` and `zca`), and check every given keyword against what the buffer was made for."""
+             num_classes: int | None = None, zca: bool | None = None, width: int | None = None,
+             depth: int | None = None, network: nn.Module | None = None) -> ExpertBuffers:
+        """Open a shard folder, one shard, or original MTT .pt files, and check every given keyword
+        against what the buffer was made for.
+
+        Original files record nothing about how they were made: `dataset` is needed, the model is
+        read from the folder name (else `model`, else ConvNet), ZCA from the dataset folder's name
+        (else `zca`), a ConvNet's width and depth from the tensors (else `width`, `depth`).
+        """
+        _check_where(path)
+        if zca is not None and not isinstance(zca, bool):
+            raise TypeError(f"zca must be True, False or None, got {zca!r}")
         path = Path(path)
         if path.name == INDEX:
             path = path.parent
@@ -426,21 +496,19 @@ class ExpertBuffers:
         native = path.suffix == ".safetensors" or path.is_dir() and (_shard_paths(path) or (path / INDEX).exists())
         if native:
             buffers = cls._open_native(path)
-        elif _legacy_files(path, dataset, model, zca):
-            if network is None or dataset is None or model is None or zca is None:
-                raise ValueError(f"{path} holds buffers in the original MTT format, which records nothing about "
-                                 "how they were made: pass network=, dataset=, model= and zca= to open them")
-            buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca,
-                                      channels=channels, im_size=im_size, num_classes=num_classes)
+        elif _find_legacy(path, dataset, model, zca):
+            buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca, width=width,
+                                      depth=depth, channels=channels, im_size=im_size, num_classes=num_classes)
         else:
-            legacy = (f" and {dataset}[_NO_ZCA]/{model}/replay_buffer_*.pt" if dataset and model and zca is not None
-                      else " (for the original layout {dataset}[_NO_ZCA]/{model}/ pass dataset=, model=, zca=)")
             raise FileNotFoundError(f"no expert buffers in {path}: looked for *.safetensors shards and "
-                                    f"replay_buffer_*.pt files{legacy}; {TRAIN_HINT}")
+                                    f"replay_buffer_*.pt files (also in {{dataset}}[_NO_ZCA]/{{model}}/ below it); "
+                                    f"{TRAIN_HINT}")
         buffers._check_request(dataset=dataset, model=model, channels=channels, im_size=im_size,
                                num_classes=num_classes, zca=zca)
         if network is not None:
             buffers.meta.check_network(network)
+        elif width is not None or depth is not None:
+            buffers.meta.check_network(buffers.meta.network(width, depth))
         return buffers
 
     @classmethod
@@ -455,18 +523,32 @@ class ExpertBuffers:
         return cls(meta, _ShardReader(where), path)
 
     @classmethod
-    def open_legacy(cls, root_or_file: str | os.PathLike, *, network: nn.Module, dataset: str, model: str,
-                    zca: bool, lr: float = 0.01, channels: int | None = None,
+    def open_legacy(cls, root_or_file: str | os.PathLike, *, dataset: str | None, network: nn.Module | None = None,
+                    model: str | None = None, zca: bool | None = None, width: int | None = None,
+                    depth: int | None = None, lr: float = 0.01, channels: int | None = None,
                     im_size: int | tuple[int, int] | None = None, num_classes: int | None = None) -> ExpertBuffers:
-        """Open original MTT replay_buffer_{n}.pt files, checking every snapshot against `network`.
+        """Open original MTT replay_buffer_{n}.pt files, checking every snapshot against the network.
 
-        channels, im_size and num_classes default to the dataset's (they are not in the files).
+        The network is `network`, else built from the dataset, the model and the ConvNet size read
+        from the files (see `open`). channels, im_size and num_classes default to the dataset's.
         """
         path = Path(root_or_file)
-        files = _legacy_files(path, dataset, model, zca)
-        if not files:
+        layout = _find_legacy(path, dataset, model, zca)
+        if layout is None:
             raise FileNotFoundError(f"no replay_buffer_*.pt files at {path} or in "
-                                    f"{path}/{dataset}{'' if zca else '_NO_ZCA'}/{model}; {TRAIN_HINT}")
+                                    f"{path}/{dataset}{'' if zca else '_NO_ZCA'}/{model or '{model}'}; {TRAIN_HINT}")
+        if dataset is None:
+            raise ValueError(f"{path} holds experts in the original MTT format, which does not record the dataset: "
+                             "name it (--dataset, dataset=)")
+        model = model or layout.model or "ConvNet"
+        if zca is not None and layout.zca is not None and zca != layout.zca:
+            raise ValueError(f"{layout.files[0].parent} holds experts trained {'with' if layout.zca else 'without'} "
+                             f"ZCA (its folder name says so), but this run asks for zca={zca}: "
+                             f"{'add' if layout.zca else 'drop'} --zca (zca={layout.zca}), or use other experts")
+        zca = layout.zca if zca is None else zca
+        if zca is None:
+            raise ValueError(f"{path}: original-MTT experts of {dataset} do not say whether they were trained with "
+                             "ZCA: pass --zca or --no-zca (zca=True/False)")
         dataset = _canonical_dataset(dataset)
         spec = SPECS.get(dataset)
         channels = channels or (spec and spec.channels)
@@ -475,10 +557,17 @@ class ExpertBuffers:
         if not (channels and im_size and num_classes):
             raise ValueError(f"unknown dataset {dataset!r}: pass channels=, im_size= and num_classes=")
         h, w = _hw(im_size)
+        if network is None:
+            if model.startswith("ConvNet") and (width is None or depth is None):
+                first = _load_legacy(layout.files[0])
+                shapes = [tuple(t.shape) for t in first[0][0]] if _looks_like_trajectories(first) else [(128,)]
+                found_width, found_depth = _infer_convnet_size(shapes)
+                width, depth = width or found_width, depth or found_depth
+            network = get_network(model, channels, num_classes, (h, w), width or 128, depth or 3)
         shapes = [tuple(p.shape) for p in network.parameters()]
         where: dict[int, tuple[Path, int]] = {}
         epochs = set()
-        for f in files:
+        for f in layout.files:
             trajectories = _load_legacy(f)
             epochs.add(_check_legacy(f, trajectories, shapes, f"{model} on {channels}x{h}x{w}"))
             where |= {len(where) + k: (f, k) for k in range(len(trajectories))}
@@ -504,6 +593,16 @@ class ExpertBuffers:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def identity(self) -> dict[str, Any]:
+        """What a distillation checkpoint records of its experts, so that resuming with other ones is refused:
+        dataset, model, number of experts, and a hash of the meta and of every expert's final parameters
+        (cheap: one row per expert; it tells apart experts trained with another seed or for longer)."""
+        digest = hashlib.sha256(json.dumps(asdict(replace(self.meta, version=""))).encode())
+        for i in range(len(self)):
+            digest.update(self.snapshot(i, self.meta.epochs)[:4096].float().numpy().tobytes())
+        return {"dataset": self.meta.dataset, "model": self.meta.model, "experts": len(self),
+                "epochs": self.meta.epochs, "hash": digest.hexdigest()[:16]}
 
     @property
     def expert_ids(self) -> list[int]:
@@ -582,7 +681,7 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
 
     def error(reason: str) -> BufferDownloadError:
         return BufferDownloadError(f"cannot get expert buffers from the Hugging Face Hub ({where}): {reason}. "
-                                   f"Alternatively, {TRAIN_HINT} to ExpertBuffers.open")
+                                   f"Alternatively, {TRAIN_HINT}")
 
     kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
                   allow_patterns=[f"{sub}/*"] if sub else None)
@@ -635,11 +734,18 @@ def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", rev
     return info.commit_url
 
 
+def _check_where(where: object) -> None:
+    if not isinstance(where, (str, os.PathLike)):
+        raise TypeError(f"buffers must be a folder, a file or an 'hf://OWNER/REPO' address, "
+                        f"got {type(where).__name__} {where!r}")
+
+
 def open_buffers(where: str | os.PathLike, **expected) -> ExpertBuffers:
     """ExpertBuffers from a local path or `hf://OWNER/REPO[/SUBPATH][@REVISION]` (downloaded into the cache).
 
     `expected` is passed to ExpertBuffers.open (dataset=, zca=, network=, ...) to check the buffer.
     """
+    _check_where(where)
     text = str(where)
     if text.startswith("hf://"):
         location, _, revision = text.removeprefix("hf://").partition("@")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,9 @@ from mtt.augment import DEFAULT_STRATEGY, parse_strategy
 from mtt.buffers import ExpertBuffers
 from mtt.data import Dataset
 from mtt.device import resolve_device
-from mtt.io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from mtt.interrupt import Interrupted, graceful_stop
+from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
+                    remove_stale_temporaries)
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import BACKWARD_MODES, Student, plan_steps, unroll
@@ -130,6 +133,15 @@ def preset(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
     return dataclasses.replace(config, **overrides)
 
 
+def network_from_buffers(config: DistillConfig, buffers: ExpertBuffers, keep: Iterable[str] = ()) -> DistillConfig:
+    """`config` with the student network the experts were trained as (the model, and a ConvNet's width and
+    depth read from the parameter shapes), except the fields named in `keep` (those the user set)."""
+    found: dict[str, Any] = {"model": buffers.meta.model}
+    if (size := buffers.meta.convnet_size()) is not None:
+        found |= {"width": size[0], "depth": size[1]}
+    return dataclasses.replace(config, **{k: v for k, v in found.items() if k not in keep})
+
+
 # ----------------------------------------------------------------------------- state
 
 @dataclass
@@ -170,39 +182,66 @@ def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device)
     return state
 
 
-def save_checkpoint(state: DistillState, config: DistillConfig, path: Path) -> None:
-    """Write the state atomically to `path`, and the history beside it (history.json) for plots."""
+def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
+                    experts: dict[str, Any] | None = None) -> None:
+    """Write the state atomically to `path`, and the history beside it (history.json) for plots.
+
+    `experts` is ExpertBuffers.identity(): resuming with other experts is refused.
+    """
     atomic_write_json(path.parent / "history.json", state.history)
     tensors = {f"var.{k}": v for k, v in state.variables().items()}
     tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
-                "history": json.dumps(state.history)}
+                "history": json.dumps(state.history), "experts": json.dumps(experts)}
     atomic_save_safetensors(tensors, path, metadata)
 
 
-# What may differ between the run that wrote a checkpoint and the one resuming it.
-_RESUMABLE_CHANGES = {"iterations", "device", "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every",
-                      "snapshot_every"}
+# What must stay as it was when a run is resumed: the shape and meaning of the learned state.
+# Everything else (learning rates, unroll length, evaluation, ...) may change; the change is
+# recorded in history["changes"].
+FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels")
+_FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
+          "soft_labels": "--soft-labels", "dataset": "--dataset"}
 
 
-def load_checkpoint(path: Path, config: DistillConfig, device: torch.device) -> DistillState:
-    tensors = load_safetensors(path)
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    saved = json.loads(metadata["config"])
-    changed = {k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v} - _RESUMABLE_CHANGES
-    if changed:
-        diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in sorted(changed))
+def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
+                    experts: dict[str, Any] | None = None) -> DistillState:
+    """The state saved at `path`; refuses a checkpoint of another kind of run or of other experts."""
+    try:
+        tensors = load_safetensors(path)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        saved = json.loads(metadata["config"])
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{path} is not a checkpoint mtt can read ({err}). Move it away (or delete it) and "
+                         "run without --resume to start afresh, or choose another --out") from None
+    fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
+    if fixed:
+        diffs = ", ".join(f"{_FLAGS[k]}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed)
         raise ValueError(f"cannot resume {path}: the run was started with other settings ({diffs}). "
-                         f"Use the same settings, or a new --out folder to start afresh.")
+                         f"Use the checkpoint's values, or another --out to start afresh.")
+    saved_experts = json.loads(metadata.get("experts", "null"))
+    if saved_experts is not None and experts is not None and saved_experts != experts:
+        raise ValueError(f"cannot resume {path}: it was distilled from other experts ({_describe(saved_experts)}; "
+                         f"now {_describe(experts)}). Pass the same --buffers as that run, or another --out "
+                         "to start afresh with these experts.")
     generator = torch.Generator()
     generator.set_state(tensors["generator"])
     variables = {k.removeprefix("var."): v.to(device) for k, v in tensors.items() if k.startswith("var.")}
     momenta = {k.removeprefix("momentum."): v.to(device) for k, v in tensors.items() if k.startswith("momentum.")}
-    return DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
-                        variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
-                        json.loads(metadata["history"]))
+    state = DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
+                         variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
+                         json.loads(metadata["history"]))
+    changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
+    if changed:
+        state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
+    return state
+
+
+def _describe(experts: dict[str, Any]) -> str:
+    return (f"{experts['experts']} {experts['model']} experts on {experts['dataset']}, {experts['epochs']} epochs, "
+            f"hash {experts['hash']}")
 
 
 # ----------------------------------------------------------------------------- loop
@@ -225,53 +264,86 @@ Evaluator = Callable[[DistillState], dict[str, Any]]
 def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out_dir: str | Path, *,
             resume: bool = False, callbacks: list[Callback] = (), evaluator: Evaluator | None = None,
             progress: bool = True) -> SyntheticSet:
-    """Run (or resume) distillation; writes checkpoint, snapshots, history.json and synthetic.safetensors."""
+    """Run (or resume) distillation; writes checkpoint, snapshots, history.json and synthetic.safetensors.
+
+    SIGINT/SIGTERM (Ctrl-C) drop the iteration in progress, save a checkpoint and raise
+    `Interrupted`; `resume=True` then continues exactly as if nothing had happened.
+    """
     config.validate()
-    out = Path(out_dir)
+    out = ensure_writable_dir(out_dir)
     device = resolve_device(config.device)
     student = _student_for(config, dataset, buffers, device)
-    checkpoint = out / "checkpoint.safetensors"
-    if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, config, device)
-    else:
-        if checkpoint.exists():
-            raise ValueError(f"{out} already holds a run (checkpoint.safetensors): pass resume=True (--resume) "
-                             f"to continue it, or choose another output folder")
-        state = initial_state(config, dataset, device)
+    experts = buffers.identity()
+    state = _start_or_resume(config, dataset, experts, out, device, resume)
+    atomic_write_json(out / "config.json", dataclasses.asdict(config))
     if evaluator is None and config.eval_repeats > 0:
         evaluator = _default_evaluator(config, dataset, progress)
 
-    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
-    while state.iteration < config.iterations:
-        evaluation = None
-        if evaluator is not None and config.eval_every and state.iteration % config.eval_every == 0:
-            evaluation = _record_eval(state, evaluator)
-        if state.iteration % config.snapshot_every == 0:
-            _save_snapshot(state, out)
-        started = time.perf_counter()
-        loss = _iteration(state, config, student, buffers, out, device)
-        state.history["loss"].append(loss)
-        state.history["syn_lr"].append(state.syn_lr.item())
-        state.history["seconds"].append(time.perf_counter() - started)
-        state.iteration += 1
-        if state.iteration % config.checkpoint_every == 0:
-            save_checkpoint(state, config, checkpoint)
-        bar.update()
-        bar.set_postfix(loss=f"{loss:.4f}", syn_lr=f"{state.syn_lr.item():.2e}")
-        for callback in callbacks:
-            callback(IterationInfo(state.iteration, loss, state.syn_lr.item(), state, evaluation))
-    bar.close()
+    def save() -> None:
+        save_checkpoint(state, config, out / "checkpoint.safetensors", experts)
 
-    evals = state.history["evals"]
-    if evaluator is not None and not (evals and evals[-1]["iteration"] == state.iteration):
-        _record_eval(state, evaluator)
-    _save_snapshot(state, out)
-    save_checkpoint(state, config, checkpoint)
+    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
+    with graceful_stop() as stop:
+        while state.iteration < config.iterations:
+            rng = state.generator.get_state()
+            try:
+                with stop.abandonable():  # Ctrl-C here drops this iteration; it is redone on resume
+                    evaluation = None
+                    if evaluator is not None and config.eval_every and state.iteration % config.eval_every == 0:
+                        evaluation = {"iteration": state.iteration, **evaluator(state)}
+                    if state.iteration % config.snapshot_every == 0:
+                        _save_snapshot(state, out)
+                    started = time.perf_counter()
+                    update = _iteration(state, config, student, buffers, device, save)
+            except KeyboardInterrupt:
+                state.generator.set_state(rng)
+                _interrupted(state, config, out, save)
+            _apply(state, update, evaluation, time.perf_counter() - started)
+            if state.iteration % config.checkpoint_every == 0:
+                save()
+            bar.update()
+            bar.set_postfix(loss=f"{update.loss:.4f}", syn_lr=f"{state.syn_lr.item():.2e}")
+            for callback in callbacks:
+                callback(IterationInfo(state.iteration, update.loss, state.syn_lr.item(), state, evaluation))
+            if stop.requested:
+                _interrupted(state, config, out, save)
+        bar.close()
+
+        evals = state.history["evals"]
+        if evaluator is not None and not (evals and evals[-1]["iteration"] == state.iteration):
+            try:
+                with stop.abandonable():
+                    evaluation = {"iteration": state.iteration, **evaluator(state)}
+            except KeyboardInterrupt:
+                _interrupted(state, config, out, save)
+            evals.append(evaluation)
+        _save_snapshot(state, out)
+        save()
     synthetic = SyntheticSet(state.images.detach().cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset,
                              config.model, None if state.label_logits is None else state.label_logits.detach().cpu(),
                              dataset.zca, dataclasses.asdict(config))
     synthetic.save(out / "synthetic.safetensors")
     return synthetic
+
+
+def _start_or_resume(config: DistillConfig, dataset: Dataset, experts: dict[str, Any], out: Path,
+                     device: torch.device, resume: bool) -> DistillState:
+    checkpoint = out / "checkpoint.safetensors"
+    remove_stale_temporaries(out)  # left by a run killed mid-write; nothing else writes here now
+    if checkpoint.exists():
+        if not resume:
+            raise ValueError(f"{out} already holds a run (checkpoint.safetensors): add --resume (resume=True) "
+                             f"to continue it, or choose another --out to start afresh")
+        return load_checkpoint(checkpoint, config, device, experts)
+    if resume:
+        print(f"--resume: no checkpoint in {out} yet, starting afresh", file=sys.stderr)
+    return initial_state(config, dataset, device)
+
+
+def _interrupted(state: DistillState, config: DistillConfig, out: Path, save: Callable[[], None]) -> None:
+    save()
+    raise Interrupted(f"interrupted at iteration {state.iteration} of {config.iterations}: checkpoint saved in "
+                      f"{out}; run the same command with --resume (resume=True) to continue") from None
 
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
@@ -289,8 +361,17 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
     return Student(net.to(device))
 
 
-def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers, out: Path,
-               device: torch.device) -> float:
+@dataclass
+class Update:
+    """One iteration's result, computed without touching the state (so it can be dropped)."""
+
+    loss: float
+    variables: dict[str, Tensor]
+    momenta: dict[str, Tensor]
+
+
+def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
+               device: torch.device, save: Callable[[], None]) -> Update:
     g = state.generator
     expert = int(torch.randint(len(buffers), (), generator=g))
     start = int(torch.randint(config.max_start_epoch, (), generator=g))
@@ -304,28 +385,38 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     where = f"(expert {expert}, start epoch {start})"
     if not math.isfinite(result.loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
-        _diverged(state, config, out, f"the matching loss or its gradient is not finite (loss {result.loss:.3g}) {where}")
-    # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors;
-    # computed out of place first, so a bad step leaves the state as it was.
+        _diverged(state, config, save, f"the matching loss or its gradient is not finite (loss {result.loss:.3g}) "
+                                       f"{where}")
+    # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors.
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
     momenta = {name: 0.5 * state.momenta[name] + grads[name] for name in state.momenta}
     updated = {name: v.detach() - rates[name] * momenta[name] for name, v in state.variables().items()}
     if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
-        _diverged(state, config, out, f"this update would make the learned step size {updated['syn_lr'].item():.3g} "
-                                      f"(from {state.syn_lr.item():.3g}) {where}")
-    state.momenta = momenta
-    state.images, state.syn_lr = updated["images"], updated["syn_lr"]
-    state.label_logits = updated.get("label_logits")
-    return result.loss
+        _diverged(state, config, save, f"this update would make the learned step size "
+                                       f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
+    return Update(result.loss, updated, momenta)
 
 
-def _diverged(state: DistillState, config: DistillConfig, out: Path, what: str) -> None:
-    path = out / "checkpoint.safetensors"
-    save_checkpoint(state, config, path)  # the state before this iteration's update: the last good one
+def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | None, seconds: float) -> None:
+    """Commit an iteration: the only place the state changes (signals are deferred here)."""
+    if evaluation is not None:
+        state.history["evals"].append(evaluation)
+    state.momenta = update.momenta
+    state.images, state.syn_lr = update.variables["images"], update.variables["syn_lr"]
+    state.label_logits = update.variables.get("label_logits")
+    state.history["loss"].append(update.loss)
+    state.history["syn_lr"].append(state.syn_lr.item())
+    state.history["seconds"].append(seconds)
+    state.iteration += 1
+
+
+def _diverged(state: DistillState, config: DistillConfig, save: Callable[[], None], what: str) -> None:
+    save()  # the state before this iteration's update: the last good one
     raise DistillationDiverged(
-        f"distillation diverged at iteration {state.iteration}: {what}. The last good state is saved in {path}. "
-        f"Try a smaller lr_img (now {config.lr_img:g}) or lr_lr (now {config.lr_lr:g}), fewer syn_steps "
-        f"(now {config.syn_steps}), or a smaller lr_teacher (now {config.lr_teacher:g}).")
+        f"distillation diverged at iteration {state.iteration}: {what}. The last good state is saved. To go on "
+        f"from it, run the same command with --resume and a smaller --lr-img (now {config.lr_img:g}) or --lr-lr "
+        f"(now {config.lr_lr:g}), or fewer --syn-steps (now {config.syn_steps}); these may change on resume. "
+        f"Or start afresh in another --out with a smaller --lr-teacher (now {config.lr_teacher:g}).")
 
 
 def _save_snapshot(state: DistillState, out: Path) -> None:
@@ -333,12 +424,6 @@ def _save_snapshot(state: DistillState, out: Path) -> None:
     if state.label_logits is not None:
         tensors["label_logits"] = state.label_logits
     atomic_save_safetensors(tensors, out / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
-
-
-def _record_eval(state: DistillState, evaluator: Evaluator) -> dict[str, Any]:
-    evaluation = {"iteration": state.iteration, **evaluator(state)}
-    state.history["evals"].append(evaluation)
-    return evaluation
 
 
 def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool) -> Evaluator:

@@ -282,8 +282,53 @@ def test_legacy_wrong_network(tmp_path):
                                   zca=False)
     with pytest.raises(ValueError, match=r"parameter 0 is \(16, 1, 3, 3\) but ConvNet on 1x8x8 expects \(8, 1, 3, 3\)"):
         ExpertBuffers.open_legacy(folder, network=small_net(width=8), dataset="digits", model="ConvNet", zca=False)
-    with pytest.raises(ValueError, match="original MTT format.*network="):
+    with pytest.raises(ValueError, match=r"original MTT format, which does not record the dataset.*--dataset"):
         ExpertBuffers.open(folder)
+
+
+@pytest.mark.parametrize("where", ["root", "dataset folder", "model folder", "one file"])
+def test_legacy_opens_without_a_network_in_every_original_layout(tmp_path, where):
+    """The model comes from the folder name, ZCA from the dataset folder's, width and depth from the tensors."""
+    folder, written = write_legacy(tmp_path)
+    path = {"root": tmp_path, "dataset folder": folder.parent, "model folder": folder,
+            "one file": folder / "replay_buffer_0.pt"}[where]
+    buffers = open_buffers(path, dataset="digits", zca=False)
+    assert buffers.meta == meta_for(small_net())  # width 16 read from the files, not the default 128
+    assert buffers.meta.convnet_size() == (16, 3)
+    assert len(buffers) == (2 if where == "one file" else 3)
+    assert torch.equal(buffers.snapshot(1, 2), flatten_params(written[1][2]))
+
+
+def test_legacy_zca_read_from_the_folder_name(tmp_path):
+    write_legacy(tmp_path, dataset_dir="CIFAR10_NO_ZCA", files=((0,),), channels=3, size=32)
+    model_folder = tmp_path / "CIFAR10_NO_ZCA" / "ConvNet"
+    assert not open_buffers(model_folder, dataset="cifar10").meta.zca
+    with pytest.raises(ValueError, match=r"trained without ZCA \(its folder name says so\).*drop --zca"):
+        open_buffers(model_folder, dataset="cifar10", zca=True)
+    with pytest.raises(FileNotFoundError, match="no expert buffers"):  # the root holds no ZCA experts
+        open_buffers(tmp_path, dataset="cifar10", zca=True)
+    bare = tmp_path / "bare" / "replay_buffer_0.pt"  # a file outside the layout says nothing about ZCA
+    bare.parent.mkdir()
+    bare.write_bytes((model_folder / "replay_buffer_0.pt").read_bytes())
+    with pytest.raises(ValueError, match="--zca or --no-zca"):
+        open_buffers(bare, dataset="cifar10")
+    assert open_buffers(bare, dataset="cifar10", zca=True).meta.zca
+
+
+def test_legacy_several_models_need_a_name(tmp_path):
+    write_legacy(tmp_path, files=((0,),))
+    write_legacy(tmp_path, model="ConvNetAL", files=((1,),))
+    with pytest.raises(ValueError, match=r"several sets of original-MTT experts \(digits_NO_ZCA/ConvNet, "
+                                         r"digits_NO_ZCA/ConvNetAL\): name the model \(--model"):
+        open_buffers(tmp_path, dataset="digits", zca=False)
+    assert open_buffers(tmp_path, dataset="digits", zca=False, model="ConvNetAL").meta.model == "ConvNetAL"
+
+
+def test_open_buffers_refuses_what_is_not_a_path():
+    with pytest.raises(TypeError, match="buffers must be a folder, a file or an 'hf://OWNER/REPO' address, got int 123"):
+        open_buffers(123)
+    with pytest.raises(TypeError, match="zca must be True, False or None, got 'no'"):
+        ExpertBuffers.open(".", zca="no")
 
 
 class Evil:
@@ -340,7 +385,7 @@ def test_download_offline_without_cache_fails_fast(tmp_path, monkeypatch, no_net
     assert time.perf_counter() - start < 10
     msg = str(err.value)
     assert REPO in msg and "cifar10/ConvNet" in msg and "HF_HUB_OFFLINE" in msg
-    assert "python -m mtt experts" in msg and "local folder" in msg
+    assert "python -m mtt experts" in msg and "--buffers DIR" in msg
     assert isinstance(err.value, FileNotFoundError)
 
 

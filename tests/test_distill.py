@@ -76,23 +76,59 @@ def test_resume_equals_a_straight_run(digits, experts, tmp_path):
     assert a["loss"] == b["loss"]
 
 
-def test_existing_run_needs_resume_and_same_settings(digits, experts, tmp_path):
+def test_existing_run_needs_resume_and_the_same_kind_of_run(digits, experts, tmp_path):
     buffers = ExpertBuffers.open(experts)
     distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="resume"):
+    with pytest.raises(ValueError, match="add --resume"):
         distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="syn_steps: checkpoint 5 vs now 7"):
-        distill(small_config(iterations=6, syn_steps=7), digits, buffers, tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="--ipc: checkpoint 1 vs now 2"):
+        distill(small_config(iterations=6, ipc=2), digits, buffers, tmp_path, resume=True, progress=False)
 
 
-def test_divergence_stops_with_a_clear_message_and_keeps_a_good_checkpoint(digits, experts, tmp_path):
-    config = small_config(lr_lr=1e3, iterations=20, checkpoint_every=100)
-    with pytest.raises(DistillationDiverged, match=r"iteration \d+.*lr_lr \(now 1000\)") as err:
-        distill(config, digits, ExpertBuffers.open(experts), tmp_path, progress=False)
-    assert "checkpoint.safetensors" in str(err.value)
-    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
-        syn_lr, images = f.get_tensor("var.syn_lr"), f.get_tensor("var.images")
-    assert syn_lr > 0 and torch.isfinite(images).all()
+def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_recorded(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
+    distill(small_config(iterations=5, lr_img=5, syn_steps=4), digits, buffers, tmp_path, resume=True,
+            progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["changes"] == [{"iteration": 3, "changed": {"lr_img": [10, 5], "syn_steps": [5, 4],
+                                                                "iterations": [3, 5]}}]
+    assert len(history["loss"]) == 5
+    assert json.loads((tmp_path / "config.json").read_text())["lr_img"] == 5
+
+
+def test_a_diverged_run_continues_with_the_advice_it_gives(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    with pytest.raises(DistillationDiverged, match=r"--resume and a smaller --lr-img .* or --lr-lr \(now 1000\)") as err:
+        distill(small_config(lr_lr=1e3, iterations=20), digits, buffers, tmp_path, progress=False)
+    stopped_at = int(str(err.value).split("iteration ")[1].split(":")[0])
+    synthetic = distill(small_config(lr_lr=1e-5, iterations=stopped_at + 3), digits, buffers, tmp_path, resume=True,
+                        progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["loss"]) == stopped_at + 3 and synthetic.syn_lr > 0
+    assert history["changes"][0]["changed"]["lr_lr"] == [1e3, 1e-5]
+
+
+def test_resuming_with_other_experts_is_refused(digits, experts, tmp_path):
+    distill(small_config(iterations=3), digits, ExpertBuffers.open(experts), tmp_path / "run", progress=False)
+    others = tmp_path / "others"
+    train_experts(digits, ExpertConfig(num_experts=2, epochs=4, width=WIDTH, seed=7), others, device="cpu",
+                  progress=False)
+    with pytest.raises(ValueError, match=r"other experts \(2 ConvNet experts on digits, 4 epochs, hash \w+; now "
+                                         r"2 ConvNet experts on digits, 4 epochs, hash \w+\)\. Pass the same --buffers"):
+        distill(small_config(iterations=6), digits, ExpertBuffers.open(others), tmp_path / "run", resume=True,
+                progress=False)
+
+
+def test_resume_into_an_empty_folder_says_it_starts_afresh(digits, experts, tmp_path, capsys):
+    distill(small_config(iterations=2), digits, ExpertBuffers.open(experts), tmp_path, resume=True, progress=False)
+    assert f"no checkpoint in {tmp_path} yet, starting afresh" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_is_not_one_says_how_to_go_on(digits, experts, tmp_path):
+    (tmp_path / "checkpoint.safetensors").write_text('{"not": "a checkpoint"}')
+    with pytest.raises(ValueError, match="not a checkpoint mtt can read .*run without --resume to start afresh"):
+        distill(small_config(), digits, ExpertBuffers.open(experts), tmp_path, resume=True, progress=False)
 
 
 def test_experts_too_short_for_the_settings(digits, experts, tmp_path):
