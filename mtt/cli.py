@@ -15,10 +15,60 @@ from typing import Any, Callable
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags end with one `error:` line naming the flag, like every other error here."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None, off switches)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_above(low: float, *, inclusive: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value >= low if inclusive else value > low):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (experts: expert k uses seed + k)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+
+
+def _announce(what: str, settings: dict[str, Any]) -> None:
+    """The resolved configuration, printed at the start of every run."""
+    print(f"{what}: " + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
@@ -34,96 +84,121 @@ def command(add: Callable[[argparse._SubParsersAction], None]):
 def add_experts(subparsers: argparse._SubParsersAction) -> None:
     from mtt.augment import DEFAULT_STRATEGY
 
-    p = subparsers.add_parser("experts", help="train expert trajectories (resumes into --out; torchrun-aware)")
+    p = subparsers.add_parser("experts", help="train expert trajectories (resumes into --out; torchrun-aware)",
+                              formatter_class=_Formatter)
     p.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, svhn, ...")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     p.add_argument("--zca", action="store_true", help="train in ZCA-whitened space (eps 0.1)")
-    p.add_argument("--train-per-class", type=int, default=None, help="keep N training images per class (quick runs)")
-    p.add_argument("--model", default="ConvNet")
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--num-experts", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--lr", type=float, default=0.01, help="lr_teacher")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--train-per-class", type=POSITIVE, default=None,
+                   help="keep N training images per class (quick runs; default: all)")
+    p.add_argument("--model", default="ConvNet", help="network (ConvNet, ConvNetD4, ResNet18, ...)")
+    p.add_argument("--width", type=POSITIVE, default=128, help="ConvNet width")
+    p.add_argument("--depth", type=POSITIVE, default=3, help="ConvNet depth")
+    p.add_argument("--num-experts", type=POSITIVE, default=10, help="trajectories to train")
+    p.add_argument("--epochs", type=POSITIVE, default=50, help="epochs per trajectory (snapshots: epochs + 1)")
+    p.add_argument("--lr", type=RATE, default=0.01, help="SGD learning rate (the paper's lr_teacher)")
+    p.add_argument("--batch-size", type=POSITIVE, default=256, help="SGD minibatch")
+    p.add_argument("--momentum", type=NON_NEGATIVE_RATE, default=0.0, help="SGD momentum")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_RATE, default=0.0, help="SGD weight decay")
     p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
-    p.add_argument("--parallel", type=int, default=1, help="experts trained at once on one device (vmap)")
+    p.add_argument("--parallel", type=POSITIVE, default=1, help="experts trained at once on one device (vmap)")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(run=run_experts)
 
 
 def run_experts(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
     import os
 
     from mtt.data import load_dataset
     from mtt.experts import ExpertConfig, train_experts
+    from mtt.io import ensure_writable_dir
 
-    if int(os.environ.get("RANK", 0)) != 0:
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
         args.json = False  # under torchrun only rank 0 reports
-    dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
-    if args.train_per_class:
-        dataset = dataset.take_per_class(args.train_per_class, seed=args.seed)
     config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                           dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth)
-    return train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
+    ensure_writable_dir(args.out)  # before loading data and training, not after
+    dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
+    if args.train_per_class:
+        dataset = dataset.take_per_class(args.train_per_class, seed=args.seed)
+    if rank == 0:
+        _announce("experts", {"dataset": dataset.name, "zca": args.zca, "train_images": len(dataset.train_images),
+                              **dataclasses.asdict(config), "out": args.out})
+    result = train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
+    if rank == 0:
+        print(f"saved: {result['experts']} experts in {args.out} ({result['trained']} trained now)", file=sys.stderr)
+    return result
 
 
 @command
 def add_distill(subparsers: argparse._SubParsersAction) -> None:
+    from mtt.tracking import TRACKERS
     from mtt.unroll import BACKWARD_MODES
 
-    p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--ipc", type=int, required=True, help="synthetic images per class")
+    p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories",
+                              formatter_class=_Formatter,
+                              description="Unset hyper-parameters come from the preset (--preset); the network "
+                                          "(--model/--width/--depth) from the experts.")
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, svhn, ...")
+    p.add_argument("--ipc", type=POSITIVE, required=True, help="synthetic images per class")
     p.add_argument("--buffers", required=True,
-                   help="expert folder, legacy MTT buffer folder, or hf://OWNER/REPO[/SUBPATH][@REVISION]")
-    p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, synthetic.safetensors")
+                   help="expert folder (ours, or the original MTT's {root}/{CIFAR10|CIFAR10_NO_ZCA|...}/{model}/"
+                        "replay_buffer_{n}.pt, its model folder or one file), or hf://OWNER/REPO[/SUBPATH][@REVISION]")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, config.json, "
+                                                "synthetic.safetensors")
     p.add_argument("--preset", default="paper",
                    help="'paper': the preset for --dataset/--ipc (the paper's table, ours for digits/fashion-mnist); "
                         "'none': library defaults; or another preset as DATASET:IPC")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--model", default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--iterations", type=int, default=None)
-    p.add_argument("--syn-steps", type=int, default=None)
-    p.add_argument("--expert-epochs", type=int, default=None)
-    p.add_argument("--max-start-epoch", type=int, default=None)
-    p.add_argument("--batch-syn", type=int, default=None)
-    p.add_argument("--lr-img", type=float, default=None)
-    p.add_argument("--lr-lr", type=float, default=None)
-    p.add_argument("--lr-teacher", type=float, default=None)
-    p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None, help="default: the preset's")
-    p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--init", choices=["real", "noise"], default=None)
-    p.add_argument("--backward", choices=BACKWARD_MODES, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="iterations between evaluations (0: only at the end)")
-    p.add_argument("--eval-repeats", type=int, default=None, help="networks per evaluation (0: no evaluation)")
-    p.add_argument("--eval-epochs", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--snapshot-every", type=int, default=None)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--model", default=None, help="student network; default: the experts'")
+    p.add_argument("--width", type=POSITIVE, default=None, help="ConvNet width; default: the experts'")
+    p.add_argument("--depth", type=POSITIVE, default=None, help="ConvNet depth; default: the experts'")
+    p.add_argument("--iterations", type=POSITIVE, default=None, help="distillation iterations")
+    p.add_argument("--syn-steps", type=POSITIVE, default=None, help="student SGD steps per iteration (N)")
+    p.add_argument("--expert-epochs", type=POSITIVE, default=None, help="target = expert epoch start + M (M)")
+    p.add_argument("--max-start-epoch", type=POSITIVE, default=None, help="start epoch drawn from [0, T) (T)")
+    p.add_argument("--batch-syn", type=POSITIVE, default=None, help="synthetic minibatch per step (default: all)")
+    p.add_argument("--lr-img", type=RATE, default=None, help="learning rate of the images")
+    p.add_argument("--lr-lr", type=RATE, default=None, help="learning rate of the learned step size")
+    p.add_argument("--lr-teacher", type=RATE, default=None, help="initial learned step size")
+    p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZCA-whitened space (default: the preset's)")
+    p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="learn label logits")
+    p.add_argument("--init", choices=["real", "noise"], default=None, help="initial images (default: real)")
+    p.add_argument("--backward", choices=BACKWARD_MODES, default=None,
+                   help="full: autograd through the unroll; checkpointed: exact, constant memory")
+    p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
+                   help="iterations between evaluations (0: only at the end)")
+    p.add_argument("--eval-repeats", type=NON_NEGATIVE, default=None, help="networks per evaluation (0: none)")
+    p.add_argument("--eval-epochs", type=POSITIVE, default=None, help="training epochs of each evaluation network")
+    p.add_argument("--checkpoint-every", type=POSITIVE, default=None, help="iterations between checkpoints")
+    p.add_argument("--snapshot-every", type=POSITIVE, default=None, help="iterations between image snapshots")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (learning rates and other settings that do "
+                        "not change the learned state's shape may change)")
+    p.add_argument("--log", choices=TRACKERS, default=None,
+                   help="also log loss, step size, accuracy and image grids (needs that package)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(run=run_distill)
 
 
-def run_distill(args: argparse.Namespace) -> dict[str, Any]:
-    import time
+NETWORK_FLAGS = ("model", "width", "depth")
+CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "lr_img", "lr_lr",
+                "lr_teacher", "zca", "soft_labels", "init", "backward", "eval_every", "eval_repeats", "eval_epochs",
+                "checkpoint_every", "snapshot_every")
 
-    from mtt.buffers import open_buffers
-    from mtt.data import load_dataset
-    from mtt.distill import DistillConfig, distill, preset
 
-    overrides = {name: getattr(args, name) for name in
-                 ["model", "width", "iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn",
-                  "lr_img", "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "eval_every",
-                  "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every"]
-                 if getattr(args, name) is not None}
+def distill_config(args: argparse.Namespace):
+    """The preset named by --preset for --dataset/--ipc, with every flag given applied over it."""
+    from mtt.distill import DistillConfig, preset
+
+    overrides = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS if getattr(args, name) is not None}
     overrides |= {"seed": args.seed, "device": args.device}
     if args.preset == "paper":
         config = preset(args.dataset, args.ipc, **overrides)
@@ -132,28 +207,59 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     else:
         dataset_name, _, ipc = args.preset.partition(":")
         if not ipc.isdigit():
-            raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC, got {args.preset!r}")
+            raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {args.preset!r}")
         config = preset(dataset_name, int(ipc), **overrides)
         config.dataset, config.ipc = args.dataset, args.ipc
+    config.validate()
+    return config
+
+
+def run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+    import time
+
+    from mtt.buffers import open_buffers
+    from mtt.data import load_dataset
+    from mtt.distill import distill, network_from_buffers
+    from mtt.io import ensure_writable_dir
+    from mtt.tracking import tracker
+
+    config = distill_config(args)
+    ensure_writable_dir(args.out)
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
-    buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca)
+    buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca, model=args.model, width=args.width,
+                           depth=args.depth)
+    config = network_from_buffers(config, buffers, keep=[k for k in NETWORK_FLAGS if getattr(args, k) is not None])
+    _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"})
+    log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
     started = time.perf_counter()
-    synthetic = distill(config, dataset, buffers, args.out, resume=args.resume, progress=not args.no_progress)
-    history = json.loads((Path(args.out) / "history.json").read_text())
+    try:
+        synthetic = distill(config, dataset, buffers, args.out, resume=args.resume, progress=not args.no_progress,
+                            callbacks=[log] if log else [])
+        history = json.loads((Path(args.out) / "history.json").read_text())
+        if log and history["evals"]:
+            log.log_evaluation(history["evals"][-1])  # the final one comes after the last iteration's callback
+    finally:
+        if log:
+            log.close()
     summary = {"iterations": len(history["loss"]), "final_loss": history["loss"][-1] if history["loss"] else None,
                "syn_lr": synthetic.syn_lr, "seconds": round(time.perf_counter() - started, 2), "out": str(args.out)}
     if history["evals"]:
         summary["final_eval"] = history["evals"][-1]
+        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {summary['final_eval']['mean']:.2f} "
+              f"+- {summary['final_eval']['std']:.2f} %", file=sys.stderr)
+    print(f"saved: {Path(args.out) / 'synthetic.safetensors'} (with history.json, config.json, snapshots/ and "
+          "checkpoint.safetensors beside it)", file=sys.stderr)
     return summary
 
 
 def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:
     p.add_argument("--models", default="ConvNet", help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
-    p.add_argument("--repeats", type=int, default=5, help="networks per model (seeds seed..seed+repeats-1)")
-    p.add_argument("--epochs", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=lr_default, help=lr_help)
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (seeds seed..seed+repeats-1)")
+    p.add_argument("--epochs", type=NON_NEGATIVE, default=1000, help="training epochs per network")
+    p.add_argument("--lr", type=RATE, default=lr_default, help=lr_help)
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
-    p.add_argument("--image-size", type=int, default=None, metavar="N",
+    p.add_argument("--image-size", type=POSITIVE, default=None, metavar="N",
                    help="resize the set and the real images to NxN first (e.g. 32, to run ResNet18 or VGG11 on 8x8 digits)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also save a bar chart of the results")
     _common(p)
@@ -170,7 +276,8 @@ def _eval_summary(results: dict, args: argparse.Namespace) -> dict[str, Any]:
 
 @command
 def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("evaluate", help="train fresh networks on a synthetic set, test on real data")
+    p = subparsers.add_parser("evaluate", help="train fresh networks on a synthetic set, test on real data",
+                              formatter_class=_Formatter)
     p.add_argument("--synthetic", required=True,
                    help="synthetic.safetensors, or the original MTT's images_best.pt (with --original-labels)")
     p.add_argument("--original-labels", default=None, metavar="FILE",
@@ -217,10 +324,12 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 @command
 def add_baseline(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("baseline", help="random / herding / full real-data baselines on the same protocol")
+    p = subparsers.add_parser("baseline", help="random / herding / full real-data baselines on the same protocol",
+                              formatter_class=_Formatter)
     p.add_argument("--dataset", required=True)
-    p.add_argument("--ipc", type=int, default=None, help="images per class (not for --method full)")
-    p.add_argument("--method", choices=["random", "herding", "full"], default="random")
+    p.add_argument("--ipc", type=POSITIVE, default=None, help="images per class (not for --method full)")
+    p.add_argument("--method", choices=["random", "herding", "full"], default="random",
+                   help="real images: random per class, herding in feature space, or the whole training set")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the dataset (eps 0.1)")
     _eval_flags(p, "learning rate (real-data baselines train with 0.01)", 0.01)
     p.set_defaults(run=run_baseline)
@@ -242,9 +351,10 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 @command
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="the whole pipeline on digits (offline, a few CPU minutes)")
+    p = subparsers.add_parser("demo", help="the whole pipeline on digits (offline, a few CPU minutes)",
+                              formatter_class=_Formatter)
     p.add_argument("--out", default="demo", help="output folder (report.md, images, curves); reruns resume")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(p)
     p.set_defaults(run=run_demo)
 
@@ -262,7 +372,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtt", description=__doc__.splitlines()[0])
+    from mtt.interrupt import Interrupted
+
+    parser = _Parser(prog="python -m mtt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
@@ -273,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input and known failure modes end with one readable line, not a stack trace.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:  # the run saved its work and says how to continue
+        print(err, file=sys.stderr)
+        return Interrupted.exit_code
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.command} stopped; it had nothing to save", file=sys.stderr)
+        return Interrupted.exit_code
     if args.json:
         print(json.dumps(result))
     return 0

@@ -181,6 +181,8 @@ class Dataset:
 
     def take_per_class(self, n: int, seed: int = 0) -> Dataset:
         """A copy whose training set keeps n random images per class (for quick runs)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"images per class to keep must be an int >= 1, got {n!r}")
         generator = torch.Generator().manual_seed(seed)
         keep = torch.cat([self.class_indices(c)[torch.randperm(len(self.class_indices(c)), generator=generator)[:n]]
                           for c in range(self.num_classes)]).sort().values
@@ -243,6 +245,10 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, zca: bool 
     (each directly and in the dataset's usual sub-folder); if absent and `download` is set,
     torchvision's mirrors are tried. zca=True whitens both splits (eps 0.1) as the paper does.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, one of {', '.join(DATASET_NAMES)}; got {name!r}")
+    if not isinstance(zca, bool):
+        raise TypeError(f"zca must be True or False, got {zca!r}")
     key = name.lower().replace("_", "-")
     key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
            "tinyimagenet": "tiny-imagenet"}.get(key, key)

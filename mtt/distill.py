@@ -89,6 +89,9 @@ class DistillConfig:
             raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
             raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
+        for name in ("zca", "soft_labels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         parse_strategy(self.dsa)
 
 
@@ -125,10 +128,13 @@ PRESETS: dict[tuple[str, int], dict[str, Any]] = {**_PAPER, **_OURS}
 
 def preset(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
     """The preset for (dataset, ipc) — the paper's where it has one — with overrides applied."""
+    if not isinstance(dataset, str) or isinstance(ipc, bool) or not isinstance(ipc, int):
+        raise TypeError(f"preset(dataset, ipc) takes a dataset name and an int, got {dataset!r}, {ipc!r}")
     if (dataset, ipc) not in PRESETS:
-        known = ", ".join(f"{d} IPC {i}" for d, i in PRESETS)
-        raise ValueError(f"no preset for {dataset} at IPC {ipc}; known: {known}. "
-                         f"Set the hyper-parameters yourself (DistillConfig(...)) or pick a listed one.")
+        known = ", ".join(f"{d}:{i}" for d, i in PRESETS)
+        raise ValueError(f"no preset for {dataset} at IPC {ipc}. Use --preset none (library defaults; "
+                         f"DistillConfig(...) in Python) and set the hyper-parameters, or borrow one with "
+                         f"--preset DATASET:IPC, one of {known}")
     config = DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)])
     return dataclasses.replace(config, **overrides)
 

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +34,8 @@ from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strateg
 from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device
+from mtt.interrupt import Interrupted, graceful_stop
+from mtt.io import atomic_write_json, ensure_writable_dir, remove_stale_temporaries
 from mtt.networks import get_network
 
 
@@ -53,6 +55,18 @@ class ExpertConfig:
     seed: int = 0  # expert k uses seed + k
     width: int = 128
     depth: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "epochs", "batch_size", "parallel", "width", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0 (the paper's experts use 0.01), got {self.lr!r}")
+        for name in ("momentum", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        parse_strategy(self.dsa)  # a bad strategy fails before any training
 
 
 # ----------------------------------------------------------------------------- one expert's randomness
@@ -246,13 +260,15 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
     expert_ids order; this rank's own only on ranks > 0), seconds, out}.
     """
     start = time.perf_counter()
-    parse_strategy(config.dsa)  # a bad strategy fails before any training
-    if config.parallel < 1:
-        raise ValueError(f"parallel must be >= 1, got {config.parallel}")
     out_dir = Path(out_dir)
     ids = list(range(config.num_experts) if expert_ids is None else expert_ids)
     rank, world, device, started = _distributed(resolve_device(device))
     try:
+        if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
+            ensure_writable_dir(out_dir)
+            remove_stale_temporaries(out_dir)
+            atomic_write_json(out_dir / "config.json", {"dataset": dataset.name, "zca": dataset.zca is not None,
+                                                        "train_images": len(dataset.train_images), **asdict(config)})
         probe, _ = init_expert(dataset, config, 0)
         meta = BufferMeta.for_network(probe, dataset=dataset.name, model=config.model, channels=dataset.channels,
                                       im_size=dataset.im_size, num_classes=dataset.num_classes,
@@ -273,12 +289,19 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                    desc="experts" if world == 1 else f"experts (rank 0 of {world})",
                    disable=not progress or rank != 0 or not mine)
         final: dict[int, float] = {}
-        for i in range(0, len(mine), parallel):
-            group = mine[i:i + parallel]
-            trajectories, test_acc = train_group(dataset, config, group, device, bar)
-            # One shard per group as soon as it is done: a crash loses at most this group.
-            write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
-            final.update(zip(group, test_acc[:, -1].tolist()))
+        with graceful_stop() as stop:
+            for i in range(0, len(mine), parallel):
+                group = mine[i:i + parallel]
+                try:
+                    with stop.abandonable():  # Ctrl-C drops the group in training; finished shards stay
+                        trajectories, test_acc = train_group(dataset, config, group, device, bar)
+                except KeyboardInterrupt:
+                    _interrupted(out_dir, len(done) + len(final), len(ids), world)
+                # One shard per group as soon as it is done: a crash loses at most this group.
+                write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
+                final.update(zip(group, test_acc[:, -1].tolist()))
+                if stop.requested:
+                    _interrupted(out_dir, len(done) + len(final), len(ids), world)
         bar.close()
         if world > 1:
             _barrier(device)
@@ -295,6 +318,13 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             "out": str(out_dir)}
 
 
+def _interrupted(out_dir: Path, finished: int, wanted: int, world: int) -> None:
+    if world == 1 and finished:
+        write_index(out_dir)  # the finished experts are usable as they are
+    raise Interrupted(f"interrupted: {finished} of {wanted} experts are finished and kept in {out_dir}; run the "
+                      "same command again to train the rest") from None
+
+
 def _check_compatible(out_dir: Path, meta: BufferMeta) -> None:
     """Refuse to resume into a folder whose experts were trained on something else."""
     # One shard's meta is enough (they must all agree); the index may be stale after a crash.
@@ -305,3 +335,58 @@ def _check_compatible(out_dir: Path, meta: BufferMeta) -> None:
     if diff:
         detail = ", ".join(f"{k}: {old!r} there vs {new!r} now" for k, (old, new) in diff.items())
         raise ValueError(f"{out_dir} holds experts trained differently ({detail}); use another --out to start afresh")
+
+
+# ----------------------------------------------------------------------------- how long it will take
+
+def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike = "auto",
+                     probe_batches: int = 3) -> float:
+    """Rough wall time (seconds) that train_experts(dataset, config) would take on one device.
+
+    Times `probe_batches` SGD steps (after one warm-up step) of one group of `parallel`
+    experts, with DSA, and one test batch, then extrapolates to ceil(num_experts / parallel)
+    groups x epochs x ceil(n_train / batch_size) steps plus each epoch's test pass. Under
+    torchrun divide by the number of ranks. A guide, not a promise: the first steps may run
+    slower or faster than the steady state.
+    """
+    import math
+
+    if probe_batches < 1:
+        raise ValueError(f"probe_batches must be >= 1, got {probe_batches}")
+    parse_strategy(config.dsa)
+    device = resolve_device(device)
+    probe, _ = init_expert(dataset, config, 0)
+    parallel = max(1, min(config.parallel, config.num_experts))
+    if parallel > 1 and has_batchnorm(probe):
+        parallel = 1  # as train_experts does
+    nets, gens = zip(*(init_expert(dataset, config, k) for k in range(parallel)))
+    nets = [net.to(device) for net in nets]
+    trainer = VectorisedExperts(nets, config) if len(nets) > 1 else SequentialExperts(nets[0], config)
+    n, n_test = len(dataset.train_images), len(dataset.test_images)
+    batch, test_batch = min(config.batch_size, n), min(2 * config.batch_size, n_test)
+    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
+    test_x, test_y = dataset.test_images[:test_batch].to(device), dataset.test_labels[:test_batch].to(device)
+    shape = (dataset.channels, dataset.im_size)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(fn, repeats: int) -> float:
+        fn()  # warm-up: allocations, kernel selection
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / repeats
+
+    def train_step() -> None:
+        idx = torch.stack([torch.randint(n, (batch,), generator=g) for g in gens]).to(device)
+        params = [sample_params(config.dsa, batch, *shape, g) for g in gens]
+        trainer.step(augment(train_x[idx], params), train_y[idx])
+
+    step_seconds = timed(train_step, probe_batches)
+    test_seconds = timed(lambda: trainer.accuracy(test_x, test_y, test_batch), 1)
+    epoch_seconds = math.ceil(n / config.batch_size) * step_seconds + math.ceil(n_test / test_batch) * test_seconds
+    return math.ceil(config.num_experts / parallel) * config.epochs * epoch_seconds
