@@ -16,7 +16,7 @@ from mtt.data import Dataset, load_dataset
 from mtt.distill import DistillConfig, distill, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, train_experts
-from mtt.io import atomic_write_json, atomic_write_text
+from mtt.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from mtt.synthetic import SyntheticSet
 
 
@@ -64,7 +64,7 @@ def quick_run(out_dir: str | Path, device: str = "auto", config: QuickConfig | N
               progress: bool = True) -> QuickRun:
     """Experts then distillation into out_dir/experts and out_dir/distill, reusing what is already there."""
     config = config or QuickConfig()
-    out = Path(out_dir)
+    out = ensure_writable_dir(out_dir)  # before training, not after
     dataset = load_dataset(config.dataset)
     train_experts(dataset, config.expert_config(), out / "experts", device=device, progress=progress)
     buffers = ExpertBuffers.open(out / "experts")

@@ -1,0 +1,283 @@
+"""`python -m mtt` as a user meets it: bad input, interruption, resume, original buffers. Real subprocesses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from mtt.data import load_dataset
+from mtt.distill import DistillConfig, preset
+from mtt.experts import ExpertConfig, train_experts
+from mtt.networks import get_network
+from mtt.synthetic import SyntheticSet
+
+WIDTH = 16
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # tiny networks: threads only add contention
+
+
+def mtt(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mtt", *map(str, args)], capture_output=True, text=True, env=ENV,
+                          **kw)
+
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mtt", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def the_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
+    """The one `error:` line of a failed command, after checking the exit code and that no trace was printed."""
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts")
+    train_experts(load_dataset("digits"), ExpertConfig(num_experts=2, epochs=4, width=WIDTH), out, device="cpu",
+                  progress=False)
+    return out
+
+
+def distill_args(experts, out, *extra):
+    return ["distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", out, "--preset", "none",
+            "--syn-steps", 5, "--expert-epochs", 2, "--max-start-epoch", 2, "--lr-img", 10, "--eval-repeats", 0,
+            "--device", "cpu", "--no-progress", *extra]
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+@pytest.mark.parametrize("args,flag", [
+    (["experts", "--dataset", "digits", "--out", "x", "--epochs", 0], "--epochs"),
+    (["experts", "--dataset", "digits", "--out", "x", "--batch-size", 0], "--batch-size"),
+    (["experts", "--dataset", "digits", "--out", "x", "--num-experts", 0], "--num-experts"),
+    (["experts", "--dataset", "digits", "--out", "x", "--train-per-class", -5], "--train-per-class"),
+    (["experts", "--dataset", "digits", "--out", "x", "--train-per-class", 0], "--train-per-class"),
+    (["experts", "--dataset", "digits", "--out", "x", "--lr", -0.1], "--lr"),
+    (["experts", "--dataset", "digits", "--out", "x", "--parallel", "two"], "--parallel"),
+    (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
+    (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "tesla"],
+     "--backward"),
+    (["distill", "--dataset", "digits", "--ipc", 3, "--buffers", "b", "--out", "o"], "--preset none"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", "cifar10"],
+     "--preset"),
+])
+def test_a_bad_flag_is_one_error_line_naming_it(tmp_path, args, flag):
+    assert flag in the_error(mtt(*args, cwd=tmp_path))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "o").exists()  # and nothing was started
+
+
+def test_help_shows_defaults():
+    text = mtt("experts", "--help").stdout
+    assert "(default: 50)" in text and "(default: 0.01)" in text and "(default: 0.0)" in text
+    assert "default: the experts'" in mtt("distill", "--help").stdout
+
+
+# ----------------------------------------------------------------------------- output folders, checked first
+
+@pytest.mark.parametrize("command", [["experts", "--dataset", "digits", "--epochs", 1],
+                                     ["demo"]])
+def test_out_that_is_a_file_fails_before_any_work(tmp_path, command):
+    (tmp_path / "taken").write_text("not a folder")
+    started = time.monotonic()
+    result = mtt(*command, "--out", tmp_path / "taken", "--device", "cpu", "--no-progress")
+    assert "--out" in the_error(result) and "is an existing file" in the_error(result)
+    assert time.monotonic() - started < 30  # failed at once, not after training
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path):
+    result = mtt("experts", "--dataset", "digits", "--epochs", 1, "--out", "/proc/mtt-experts", "--no-progress")
+    assert "--out /proc/mtt-experts is not writable" in the_error(result)
+
+
+def test_a_killed_runs_temporary_files_are_cleaned(tmp_path):
+    out = tmp_path / "experts"
+    out.mkdir()
+    stale = out / ".experts_00000-00000.safetensors.k2j4.tmp"
+    stale.write_bytes(b"half a shard")
+    train_experts(load_dataset("digits").take_per_class(5), ExpertConfig(num_experts=1, epochs=1, width=WIDTH), out,
+                  device="cpu", progress=False)
+    assert not stale.exists() and (out / "experts_00000-00000.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+
+
+# ----------------------------------------------------------------------------- distill: resume and its errors
+
+def test_distill_prints_its_config_saves_it_and_says_where_results_are(experts, tmp_path):
+    result = mtt(*distill_args(experts, tmp_path / "run", "--iterations", 2))
+    assert result.returncode == 0, result.stderr
+    first, last = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
+    assert first.startswith("distill: dataset=digits, ipc=1, model=ConvNet, width=16, depth=3")  # width: the experts'
+    assert last.startswith(f"saved: {tmp_path / 'run' / 'synthetic.safetensors'}")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["width"] == WIDTH
+
+
+def test_resume_into_an_empty_folder_says_it_starts_afresh(experts, tmp_path):
+    result = mtt(*distill_args(experts, tmp_path / "run", "--iterations", 1, "--resume"))
+    assert result.returncode == 0, result.stderr
+    assert "no checkpoint in" in result.stderr and "starting afresh" in result.stderr
+
+
+def test_a_fresh_run_in_a_used_folder_names_resume(experts, tmp_path):
+    assert mtt(*distill_args(experts, tmp_path, "--iterations", 1)).returncode == 0
+    assert "add --resume" in the_error(mtt(*distill_args(experts, tmp_path, "--iterations", 1)))
+
+
+def test_a_checkpoint_that_is_not_one(experts, tmp_path):
+    (tmp_path / "checkpoint.safetensors").write_text(json.dumps({"iteration": 3}))
+    message = the_error(mtt(*distill_args(experts, tmp_path, "--iterations", 1, "--resume")))
+    assert "not a checkpoint mtt can read" in message and "run without --resume" in message
+
+
+def test_resuming_with_other_experts_is_refused(experts, tmp_path):
+    others = tmp_path / "others"
+    train_experts(load_dataset("digits"), ExpertConfig(num_experts=2, epochs=4, width=WIDTH, seed=9), others,
+                  device="cpu", progress=False)
+    assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 2)).returncode == 0
+    message = the_error(mtt(*distill_args(others, tmp_path / "run", "--iterations", 4, "--resume")))
+    assert "other experts" in message and "--buffers" in message
+
+
+def test_a_diverged_run_continues_with_the_advice_it_gives(experts, tmp_path):
+    diverged = mtt(*distill_args(experts, tmp_path, "--iterations", 30, "--lr-lr", 1000))
+    message = the_error(diverged)
+    assert "diverged" in message and "--resume" in message and "--lr-lr (now 1000)" in message
+    resumed = mtt(*distill_args(experts, tmp_path, "--iterations", 30, "--lr-lr", 1e-5, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["loss"]) == 30 and history["changes"][0]["changed"]["lr_lr"] == [1000, 1e-5]
+
+
+# ----------------------------------------------------------------------------- interruption
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(experts, tmp_path, sig):
+    args = ["--iterations", 40, "--checkpoint-every", 1000, "--snapshot-every", 5, "--seed", 4]
+    assert mtt(*distill_args(experts, tmp_path / "straight", *args)).returncode == 0
+
+    run = tmp_path / "interrupted"
+    process = start(*distill_args(experts, run, *args))
+    wait_for(run / "snapshots" / "iter_000005.safetensors", process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted at iteration ")
+    assert "--resume" in stderr.strip().splitlines()[-1]
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        stopped_at = int(f.metadata()["iteration"])
+    assert 5 <= stopped_at < 40  # checkpoint_every is 1000: this checkpoint was written by the interrupt
+
+    resumed = mtt(*distill_args(experts, run, *args, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = SyntheticSet.load(tmp_path / "straight" / "synthetic.safetensors")
+    b = SyntheticSet.load(run / "synthetic.safetensors")
+    assert torch.equal(a.images, b.images) and a.syn_lr == b.syn_lr
+    losses = [json.loads((tmp_path / d / "history.json").read_text())["loss"] for d in ("straight", "interrupted")]
+    assert losses[0] == losses[1]
+
+
+def test_ctrl_c_during_expert_training_keeps_the_finished_experts(tmp_path):
+    out = tmp_path / "experts"
+    process = start("experts", "--dataset", "digits", "--num-experts", 3, "--epochs", 30, "--width", WIDTH,
+                    "--out", out, "--device", "cpu", "--no-progress")
+    wait_for(out / "experts_00000-00000.safetensors", process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "experts are finished and kept" in last
+    finished = int(last.split("interrupted: ")[1].split(" of 3")[0])
+    assert 1 <= finished < 3 and len(json.loads((out / "index.json").read_text())["shards"]) == finished
+    again = mtt("experts", "--dataset", "digits", "--num-experts", 3, "--epochs", 30, "--width", WIDTH, "--out", out,
+                "--device", "cpu", "--no-progress", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout.splitlines()[-1])["trained"] == 3 - finished
+
+
+def test_ctrl_c_during_evaluation_stops_cleanly(experts, tmp_path):
+    assert mtt(*distill_args(experts, tmp_path, "--iterations", 1)).returncode == 0
+    process = start("evaluate", "--synthetic", tmp_path / "synthetic.safetensors", "--epochs", 100000,
+                    "--device", "cpu")
+    time.sleep(8)  # importing torch and loading digits, then training
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: evaluate stopped")
+
+
+# ----------------------------------------------------------------------------- original MTT buffers
+
+def write_original_buffers(folder: Path, experts: int = 2, epochs: int = 3) -> None:
+    """replay_buffer_0.pt as the original buffer.py writes it: experts trained on real Fashion-MNIST images,
+    each a list of per-epoch lists of parameter tensors (ConvNet-16, .parameters() order)."""
+    dataset = load_dataset("fashion-mnist").take_per_class(20)
+    trajectories = []
+    for seed in range(experts):
+        torch.manual_seed(seed)
+        net = get_network("ConvNet", 1, 10, (28, 28), width=WIDTH)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        trajectory = [[p.detach().clone() for p in net.parameters()]]
+        for _ in range(epochs):
+            for batch in torch.randperm(200).split(50):
+                opt.zero_grad()
+                F.cross_entropy(net(dataset.train_images[batch]), dataset.train_labels[batch]).backward()
+                opt.step()
+            trajectory.append([p.detach().clone() for p in net.parameters()])
+        trajectories.append(trajectory)
+    folder.mkdir(parents=True)
+    torch.save(trajectories, folder / "replay_buffer_0.pt")
+
+
+@pytest.mark.skipif(not FASHION_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_distill_from_original_layout_buffers(tmp_path):
+    write_original_buffers(tmp_path / "buffers" / "FashionMNIST" / "ConvNet")
+    for i, where in enumerate([tmp_path / "buffers", tmp_path / "buffers" / "FashionMNIST" / "ConvNet"]):
+        result = mtt("distill", "--dataset", "fashion-mnist", "--ipc", 1, "--buffers", where, "--out",
+                     tmp_path / f"run{i}", "--iterations", 2, "--syn-steps", 3, "--max-start-epoch", 1,
+                     "--eval-repeats", 0, "--device", "cpu", "--no-progress", "--json")
+        assert result.returncode == 0, result.stderr
+        assert "width=16" in result.stderr.splitlines()[0]  # read from the files
+        assert json.loads(result.stdout.splitlines()[-1])["iterations"] == 2
+        synthetic = SyntheticSet.load(tmp_path / f"run{i}" / "synthetic.safetensors")
+        assert synthetic.images.shape == (10, 1, 28, 28) and synthetic.width == WIDTH
+
+
+# ----------------------------------------------------------------------------- the API's own checks
+
+def test_api_arguments_of_the_wrong_kind_get_clear_errors():
+    with pytest.raises(TypeError, match="dataset name must be a string"):
+        load_dataset(None)
+    with pytest.raises(TypeError, match="zca must be True or False, got 'no'"):
+        load_dataset("digits", zca="no")
+    with pytest.raises(TypeError, match=r"preset\(dataset, ipc\) takes a dataset name and an int, got 'cifar10', '1'"):
+        preset("cifar10", "1")
+    with pytest.raises(ValueError, match="zca must be True or False, got 'no'"):
+        DistillConfig(dataset="digits", ipc=1, zca="no").validate()
+    with pytest.raises(ValueError, match="epochs must be an int >= 1, got 0"):
+        ExpertConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        ExpertConfig(lr=-0.1)
+    with pytest.raises(ValueError, match="images per class to keep must be an int >= 1, got -5"):
+        load_dataset("digits").take_per_class(-5)
