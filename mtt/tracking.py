@@ -17,11 +17,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid
 
 from mtt.data import Dataset
 from mtt.distill import IterationInfo
-from mtt.viz import display_pixels
 
 TRACKERS = ("tensorboard", "wandb")
 MAX_PER_CLASS = 10  # images per class in a grid: at IPC 50 a full grid would bloat the logs
@@ -121,6 +119,10 @@ class Tracker:
 
     def _grid(self, images: Tensor, labels: Tensor) -> Tensor:
         """[3, H', W'] pixels in [0, 1]: one row per class (ten images a row at IPC 1)."""
+        from torchvision.utils import make_grid  # here: the CLI imports this module for TRACKERS alone
+
+        from mtt.viz import display_pixels
+
         keep = torch.cat([(labels == c).nonzero().flatten()[:MAX_PER_CLASS] for c in labels.unique()])
         images = images[keep].detach().float().cpu()
         if self.dataset is not None:
@@ -144,4 +146,8 @@ def tracker(kind: str, run_dir: str | Path, config: dict[str, Any], dataset: Dat
     except ImportError:
         raise ValueError(f"--log {kind} needs the {kind} package: pip install {kind}") from None
     backend = TensorBoard if kind == "tensorboard" else WandB
-    return Tracker(backend(Path(run_dir), config), dataset, image_every)
+    try:
+        started = backend(Path(run_dir), config)
+    except Exception as err:  # e.g. wandb not logged in: its own error types, which share no base class
+        raise ValueError(f"--log {kind} could not start: {type(err).__name__}: {err}") from None
+    return Tracker(started, dataset, image_every)

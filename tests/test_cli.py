@@ -281,3 +281,10 @@ def test_api_arguments_of_the_wrong_kind_get_clear_errors():
         ExpertConfig(lr=-0.1)
     with pytest.raises(ValueError, match="images per class to keep must be an int >= 1, got -5"):
         load_dataset("digits").take_per_class(-5)
+
+
+def test_log_tensorboard_from_the_command_line(experts, tmp_path):
+    pytest.importorskip("tensorboard")
+    result = mtt(*distill_args(experts, tmp_path, "--iterations", 2, "--log", "tensorboard"))
+    assert result.returncode == 0, result.stderr
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
