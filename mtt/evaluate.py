@@ -88,7 +88,7 @@ def train_network(net: nn.Module, images: Tensor, targets: Tensor, config: EvalC
                   generator: torch.Generator, on_epoch: EpochHook | None = None) -> nn.Module:
     """Train `net` in place with the protocol; targets are class indices [N] or soft-label logits [N, K]."""
     if config.lr is None or config.lr <= 0:
-        raise ValueError(f"evaluation needs a positive learning rate, got {config.lr!r}: pass lr "
+        raise ValueError(f"evaluation needs a positive learning rate, got {config.lr!r}: pass --lr (lr=) "
                          "(the synthetic set holds no learned syn_lr)")
     device = next(net.parameters()).device
     images, targets = images.to(device), targets.to(device)

@@ -76,7 +76,8 @@ class SyntheticSet:
             metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT or "images" not in tensors or "labels" not in tensors:
             raise ValueError(f"{path} is not an mtt synthetic set (format {metadata.get('format')!r}); "
-                             f"for the original MTT's images_best.pt use load_original_mtt()")
+                             "for the original MTT's images_best.pt pass --original-labels labels_best.pt, --dataset and --lr "
+                             "(mtt.synthetic.load_original_mtt in Python)")
         zca = ZCA.from_state_dict(tensors) if "zca.mean" in tensors else None
         syn_lr = float(tensors["syn_lr"]) if "syn_lr" in tensors else None
         return cls(tensors["images"], tensors["labels"], syn_lr, metadata.get("dataset", ""),
