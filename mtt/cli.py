@@ -265,12 +265,20 @@ def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | No
     _common(p)
 
 
+def _check_plot(args: argparse.Namespace) -> None:
+    """The chart's folder must be writable before hours of training, not after."""
+    if args.plot:
+        from mtt.io import ensure_writable_dir
+        ensure_writable_dir(Path(args.plot).parent, "--plot")
+
+
 def _eval_summary(results: dict, args: argparse.Namespace) -> dict[str, Any]:
     for model, result in results.items():
         print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
     if args.plot:
         from mtt.paper import plot_cross_arch
         plot_cross_arch(results, path=args.plot)
+        print(f"saved: {args.plot}", file=sys.stderr)
     return {model: result.to_dict() for model, result in results.items()}
 
 
@@ -298,8 +306,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
+    _check_plot(args)
     if not Path(args.synthetic).is_file():
-        raise FileNotFoundError(f"no such file: {args.synthetic}")
+        raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")
     if args.original_labels:
         if args.dataset is None or args.lr is None:
             raise ValueError("an original-MTT set (--original-labels) needs --dataset and --lr "
@@ -339,6 +348,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
     from mtt.evaluate import EvalConfig, evaluate_baseline
 
+    _check_plot(args)
     dataset = load_dataset(args.dataset, args.data_root)
     if args.image_size:
         dataset = dataset.resized(args.image_size)

@@ -288,3 +288,8 @@ def test_log_tensorboard_from_the_command_line(experts, tmp_path):
     result = mtt(*distill_args(experts, tmp_path, "--iterations", 2, "--log", "tensorboard"))
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_an_unwritable_plot_fails_before_the_evaluation(tmp_path):
+    result = mtt("baseline", "--dataset", "digits", "--ipc", 1, "--plot", "/proc/mtt/bars.png", "--device", "cpu")
+    assert "--plot /proc/mtt is not writable" in the_error(result)
