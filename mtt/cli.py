@@ -375,7 +375,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.demo import QuickConfig, results_table, run_demo
 
     started = time.perf_counter()
-    results = run_demo(args.out, args.device, QuickConfig(seed=args.seed), progress=not args.no_progress)
+    results = run_demo(args.out, args.device, QuickConfig.demo(seed=args.seed), progress=not args.no_progress)
     print(f"\n{results_table(results)}\nreport: {Path(args.out) / 'report.md'} "
           f"({time.perf_counter() - started:.0f} s)")
     return results
