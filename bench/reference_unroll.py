@@ -37,7 +37,7 @@ from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.device import resolve_device
 from mtt.io import atomic_write_json
 from mtt.networks import get_network
-from mtt.unroll import BACKWARD_MODES, StepPlan, Student, plan_steps, unroll
+from mtt.unroll import BACKWARD_MODES, EXACT_MODES, StepPlan, Student, choose_backward, plan_steps, unroll
 
 CLASSES = 10
 SYN_LR = 0.01  # the original's default lr_teacher, which initialises syn_lr
@@ -217,8 +217,12 @@ def bench_config(config: Config, repeats: int, device: torch.device) -> dict:
     student = Student(problem.net)
     errors = check_same_gradients(our_gradients(student, problem, "full"),
                                   reference_gradients(reference_net, problem), CHECK_RTOL, CHECK_ATOL)
+    # `auto` chooses once per run (on its first iteration); after that an iteration costs what the chosen mode does.
+    p = problem
+    choice = choose_backward(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels)
+    chosen = {mode: mode for mode in EXACT_MODES} | {"auto": choice.mode}
     methods: dict[str, Callable[[], object]] = {"reference": lambda: reference_gradients(reference_net, problem)}
-    methods |= {mode: (lambda mode=mode: our_gradients(student, problem, mode)) for mode in BACKWARD_MODES}
+    methods |= {mode: (lambda mode=mode: our_gradients(student, problem, chosen[mode])) for mode in BACKWARD_MODES}
     for run in methods.values():
         run()  # warm-up: kernel selection, allocator caches
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -228,7 +232,7 @@ def bench_config(config: Config, repeats: int, device: torch.device) -> dict:
     median = {name: statistics.median(t) for name, t in times.items()}
     return {"config": asdict(config), "description": config.describe(), "seconds": median,
             "ratio": {mode: median["reference"] / median[mode] for mode in BACKWARD_MODES},
-            "relative_error": errors}
+            "relative_error": errors, "auto_chose": choice.mode}
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +261,8 @@ def table(rows: list[dict]) -> str:
     header = "| config | reference s/it | " + " | ".join(f"{m} s/it (ratio)" for m in BACKWARD_MODES) + " |"
     lines = [header, "|---" * (2 + len(BACKWARD_MODES)) + "|"]
     for r in rows:
-        ours = " | ".join(f"{r['seconds'][m]:.4f} ({r['ratio'][m]:.2f}x)" for m in BACKWARD_MODES)
+        ours = " | ".join(f"{r['seconds'][m]:.4f} ({r['ratio'][m]:.2f}x)" + (f", {r['auto_chose']}" if m == "auto" else "")
+                          for m in BACKWARD_MODES)
         lines.append(f"| {r['config']['name']} ({r['description']}) | {r['seconds']['reference']:.4f} | {ours} |")
     return "\n".join(lines)
 

@@ -171,7 +171,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="learn label logits")
     p.add_argument("--init", choices=["real", "noise"], default=None, help="initial images (default: real)")
     p.add_argument("--backward", choices=BACKWARD_MODES, default=None,
-                   help="full: autograd through the unroll; checkpointed: exact, constant memory")
+                   help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
+                        "the two that fits in memory, measured on the first iteration (default)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
                    help="iterations between evaluations (0: only at the end)")
     p.add_argument("--eval-repeats", type=NON_NEGATIVE, default=None, help="networks per evaluation (0: none)")

@@ -34,7 +34,7 @@ from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_
                     remove_stale_temporaries)
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
-from mtt.unroll import BACKWARD_MODES, Student, plan_steps, unroll
+from mtt.unroll import BACKWARD_MODES, BackwardChoice, Student, choose_backward, plan_steps, unroll
 
 
 class DistillationDiverged(ValueError):
@@ -63,7 +63,7 @@ class DistillConfig:
     init: str = "real"           # "real": random real images of each class; "noise": N(0, 1)
     dsa: str = DEFAULT_STRATEGY
     iterations: int = 5000
-    backward: str = "checkpointed"
+    backward: str = "auto"       # "full" or "checkpointed" (both exact), or "auto": the faster that fits, measured
     seed: int = 0
     device: str = "auto"
     eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0)
@@ -162,6 +162,7 @@ class DistillState:
     generator: torch.Generator       # draws experts, start epochs, minibatches, DSA
     iteration: int = 0
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
+    backward: str | None = None      # the exact mode in use (what `auto` chose), once known
 
     def variables(self) -> dict[str, Tensor]:
         found = {"images": self.images, "syn_lr": self.syn_lr}
@@ -199,7 +200,7 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
-                "history": json.dumps(state.history), "experts": json.dumps(experts)}
+                "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or ""}
     atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -238,7 +239,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     momenta = {k.removeprefix("momentum."): v.to(device) for k, v in tensors.items() if k.startswith("momentum.")}
     state = DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
                          variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
-                         json.loads(metadata["history"]))
+                         json.loads(metadata["history"]), metadata.get("backward") or None)
     changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
     if changed:
         state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
@@ -305,6 +306,8 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
                 state.generator.set_state(rng)
                 _interrupted(state, config, out, save)
             _apply(state, update, evaluation, time.perf_counter() - started)
+            if update.choice is not None:
+                bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
             if state.iteration % config.checkpoint_every == 0:
                 save()
             bar.update()
@@ -374,6 +377,8 @@ class Update:
     loss: float
     variables: dict[str, Tensor]
     momenta: dict[str, Tensor]
+    backward: str                        # the exact mode this iteration used
+    choice: BackwardChoice | None = None  # when `auto` chose it in this iteration
 
 
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
@@ -385,9 +390,15 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     theta_target = buffers.snapshot(expert, start + config.expert_epochs).to(device)
     plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
                        config.dsa, g, device)
-    result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans,
-                    labels=None if config.soft_labels else state.labels, label_logits=state.label_logits,
-                    mode=config.backward)
+    labels = None if config.soft_labels else state.labels
+    mode = config.backward if config.backward != "auto" else state.backward
+    choice = None
+    if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
+        choice = choose_backward(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels,
+                                 state.label_logits)
+        mode = choice.mode
+    result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
+                    label_logits=state.label_logits, mode=mode)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     where = f"(expert {expert}, start epoch {start})"
     if not math.isfinite(result.loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
@@ -400,7 +411,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
         _diverged(state, config, save, f"this update would make the learned step size "
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
-    return Update(result.loss, updated, momenta)
+    return Update(result.loss, updated, momenta, mode, choice)
 
 
 def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | None, seconds: float) -> None:
@@ -413,6 +424,9 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
     state.history["loss"].append(update.loss)
     state.history["syn_lr"].append(state.syn_lr.item())
     state.history["seconds"].append(seconds)
+    state.backward = update.backward
+    if update.choice is not None:
+        state.history["backward"] = {"iteration": state.iteration, **dataclasses.asdict(update.choice)}
     state.iteration += 1
 
 
@@ -423,6 +437,11 @@ def _diverged(state: DistillState, config: DistillConfig, save: Callable[[], Non
         f"from it, run the same command with --resume and a smaller --lr-img (now {config.lr_img:g}) or --lr-lr "
         f"(now {config.lr_lr:g}), or fewer --syn-steps (now {config.syn_steps}); these may change on resume. "
         f"Or start afresh in another --out with a smaller --lr-teacher (now {config.lr_teacher:g}).")
+
+
+def _describe_choice(choice: BackwardChoice) -> str:
+    timed = ", ".join(f"{mode} {seconds:.3g} s" for mode, seconds in choice.seconds.items())
+    return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
 
 
 def _save_snapshot(state: DistillState, out: Path) -> None:

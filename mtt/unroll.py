@@ -19,10 +19,18 @@ We need its gradient with respect to X (and soft labels, if learned) and alpha.
 
 Both modes draw the minibatches and DSA parameters of all N steps up front (`plan_steps`)
 from one generator, so they see the very same randomness and the backward walk replays it.
+
+`auto` is not a third computation but a choice between the two (`choose_backward`): which
+is faster depends on the device and the problem's size (on a CPU `full` wins at IPC 1 and
+`checkpointed` at IPC 10, whose large graph costs more than the recomputation), and `full`
+is only a candidate where its graph fits in memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,7 +41,8 @@ from torch.func import functional_call
 from mtt.augment import DSAParams, apply_params, sample_params
 
 BackwardMode = Literal["full", "checkpointed"]
-BACKWARD_MODES = ("full", "checkpointed")
+EXACT_MODES = ("full", "checkpointed")
+BACKWARD_MODES = ("auto", *EXACT_MODES)
 
 
 class Student:
@@ -99,8 +108,9 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     """Matching loss and its gradients for one expert segment; images/syn_lr/label_logits are leaves."""
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
-    if mode not in BACKWARD_MODES:
-        raise ValueError(f"unknown backward mode {mode!r}: use one of {BACKWARD_MODES}")
+    if mode not in EXACT_MODES:
+        raise ValueError(f"unknown backward mode {mode!r}: use one of {EXACT_MODES} (resolve 'auto' with "
+                         "choose_backward)")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
     start_distance = (theta_start - theta_target).pow(2).sum()
     run = _unroll_full if mode == "full" else _unroll_checkpointed
@@ -177,3 +187,96 @@ def _unroll_checkpointed(student, theta_start, theta_target, start_distance, ima
         if soft:
             targets.requires_grad_(False)
     return UnrollResult(loss.item(), grad_images, grad_lr, grad_logits, theta_final)
+
+
+# ----------------------------------------------------------------------------- auto: measure, then choose
+
+FULL_MEMORY_SHARE = 0.5  # `full` is a candidate only if its graph needs at most this share of the free memory
+
+
+@dataclass
+class BackwardChoice:
+    """What `auto` chose, and the measurements it chose by (recorded in the run's history)."""
+
+    mode: BackwardMode
+    seconds: dict[str, float] = field(default_factory=dict)  # median seconds of one unroll, per mode timed
+    full_graph_bytes: int = 0        # estimate of the memory `full` keeps alive across the unroll
+    free_bytes: int | None = None    # free memory on the device when measured (None: unknown)
+    reason: str = ""
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated: free CUDA memory, else the OS's MemAvailable (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_lr: Tensor, plans: list[StepPlan],
+                     targets: Tensor) -> int:
+    """Memory the `full` mode's graph holds at its peak: the tensors one step saves for the double
+    backward, counted with saved-tensor hooks, times the number of steps."""
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    theta = theta_start.detach().requires_grad_()
+    x = images.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        grad = torch.autograd.grad(_step_loss(student, theta, x, targets, plans[0]), theta, create_graph=True)[0]
+        _ = theta - syn_lr.detach().requires_grad_() * grad
+    return saved * len(plans)
+
+
+def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
+                    plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
+                    repeats: int = 2, free_bytes: int | None = None) -> BackwardChoice:
+    """The faster exact backward mode on this segment, among those whose memory fits.
+
+    Each candidate runs once to warm up (allocator, kernel choice) and then `repeats` times;
+    the median decides. `free_bytes` defaults to what `free_memory` reports now. Nothing here
+    draws random numbers, so choosing leaves a run's randomness as it was.
+    """
+    device = images.device
+    targets = labels if label_logits is None else label_logits.detach()
+    free = free_memory(device) if free_bytes is None else free_bytes
+    graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, targets)
+    if free is not None and graph > FULL_MEMORY_SHARE * free:
+        return BackwardChoice("checkpointed", {}, graph, free,
+                              f"full would hold ~{graph / 2**30:.2f} GiB, more than {FULL_MEMORY_SHARE:.0%} of the "
+                              f"{free / 2**30:.2f} GiB free")
+    seconds = {}
+    for mode in EXACT_MODES:
+        try:
+            seconds[mode] = _median_seconds(lambda: unroll(student, theta_start, theta_target, images, syn_lr, plans,
+                                                           labels, label_logits, mode), repeats, device)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return BackwardChoice("checkpointed", seconds, graph, free, "full ran out of memory")
+    mode = min(seconds, key=seconds.get)
+    return BackwardChoice(mode, seconds, graph, free, f"{mode} was faster")
+
+
+def _median_seconds(run, repeats: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        run()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)

@@ -53,7 +53,7 @@ def experts(tmp_path_factory):
 def distill_args(experts, out, *extra):
     return ["distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", out, "--preset", "none",
             "--syn-steps", 5, "--expert-epochs", 2, "--max-start-epoch", 2, "--lr-img", 10, "--eval-repeats", 0,
-            "--device", "cpu", "--no-progress", *extra]
+            "--backward", "checkpointed", "--device", "cpu", "--no-progress", *extra]  # one mode: runs are compared
 
 
 # ----------------------------------------------------------------------------- bad flags

@@ -35,7 +35,7 @@ def experts(digits, tmp_path_factory):
 def small_config(**overrides):
     settings = dict(dataset="digits", ipc=1, width=WIDTH, syn_steps=5, expert_epochs=2, max_start_epoch=2,
                     lr_img=10, lr_lr=1e-5, iterations=6, eval_repeats=0, checkpoint_every=3, snapshot_every=2,
-                    device="cpu", seed=3)
+                    device="cpu", seed=3, backward="checkpointed")  # not auto: runs compared must use one mode
     return DistillConfig(**(settings | overrides))
 
 
@@ -157,6 +157,24 @@ def test_bad_config_values():
         small_config(backward="tesla").validate()
 
 
+def test_auto_backward_chooses_once_records_it_and_resumes_with_it(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(backward="auto", iterations=3), digits, buffers, tmp_path / "auto", progress=False)
+    history = json.loads((tmp_path / "auto" / "history.json").read_text())
+    chosen = history["backward"]
+    assert chosen["iteration"] == 0 and chosen["mode"] in ("full", "checkpointed")
+    assert set(chosen["seconds"]) == {"full", "checkpointed"} and chosen["full_graph_bytes"] > 0
+    with safe_open(str(tmp_path / "auto" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["backward"] == chosen["mode"]
+    resumed = distill(small_config(backward="auto", iterations=6), digits, buffers, tmp_path / "auto", resume=True,
+                      progress=False)
+    assert json.loads((tmp_path / "auto" / "history.json").read_text())["backward"] == chosen  # not chosen again
+    # Choosing draws no random numbers: the run is the one the chosen mode gives on its own.
+    straight = distill(small_config(backward=chosen["mode"], iterations=6), digits, buffers, tmp_path / "straight",
+                       progress=False)
+    assert torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
+
+
 def test_paper_presets_match_the_design_table():
     table = {  # DESIGN.md: syn_steps, expert_epochs, max_start, batch_syn, zca, lr_img, lr_lr, lr_teacher
         ("cifar10", 1): (50, 2, 2, None, True, 100, 1e-7, 0.01),
@@ -186,7 +204,7 @@ def cli(*args):
 def test_cli_json_and_a_real_kill_then_resume(experts, tmp_path):
     common = ["--dataset", "digits", "--ipc", "1", "--buffers", experts, "--preset", "none", "--width", WIDTH,
               "--syn-steps", 5, "--expert-epochs", 2, "--max-start-epoch", 2, "--lr-img", 10, "--eval-repeats", 0,
-              "--device", "cpu", "--seed", 5, "--iterations", 40, "--checkpoint-every", 10, "--no-progress"]
+              "--backward", "checkpointed", "--device", "cpu", "--seed", 5, "--iterations", 40, "--checkpoint-every", 10, "--no-progress"]
     straight = subprocess.run(cli(*common, "--out", tmp_path / "straight", "--json"), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
     summary = json.loads(straight.stdout.strip().splitlines()[-1])

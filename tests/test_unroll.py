@@ -6,7 +6,7 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import Student, plan_steps, student_path, unroll
+from mtt.unroll import Student, choose_backward, full_graph_bytes, plan_steps, student_path, unroll
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -120,3 +120,21 @@ def test_student_path_ends_where_the_unroll_ends(problem):
     assert torch.equal(path[0], theta_start)
     result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="full")
     assert torch.allclose(path[-1], result.final_params, rtol=0, atol=1e-12)
+
+
+def test_auto_times_both_exact_modes_and_keeps_the_faster(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    choice = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, repeats=1)
+    assert set(choice.seconds) == {"full", "checkpointed"} and all(t > 0 for t in choice.seconds.values())
+    assert choice.mode == min(choice.seconds, key=choice.seconds.get)
+    with pytest.raises(ValueError, match="choose_backward"):  # auto is a choice, not a mode of unroll
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="auto")
+
+
+def test_auto_skips_full_when_its_graph_would_not_fit(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, labels)
+    assert graph == len(plans) * full_graph_bytes(student, theta_start, images, syn_lr, plans[:1], labels) > 0
+    choice = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels,
+                             free_bytes=graph)  # full would need all of it: over the 50 % share
+    assert choice.mode == "checkpointed" and choice.seconds == {} and "more than 50%" in choice.reason
