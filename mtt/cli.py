@@ -162,6 +162,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--syn-steps", type=POSITIVE, default=None, help="student SGD steps per iteration (N)")
     p.add_argument("--expert-epochs", type=POSITIVE, default=None, help="target = expert epoch start + M (M)")
     p.add_argument("--max-start-epoch", type=POSITIVE, default=None, help="start epoch drawn from [0, T) (T)")
+    p.add_argument("--segments", type=POSITIVE, default=None,
+                   help="(expert, start epoch) segments per iteration, unrolled together (default: 1)")
     p.add_argument("--batch-syn", type=POSITIVE, default=None, help="synthetic minibatch per step (default: all)")
     p.add_argument("--lr-img", type=RATE, default=None, help="learning rate of the images")
     p.add_argument("--lr-lr", type=RATE, default=None, help="learning rate of the learned step size")
@@ -190,7 +192,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 
 NETWORK_FLAGS = ("model", "width", "depth")
-CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "batch_syn", "lr_img", "lr_lr",
+CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img", "lr_lr",
                 "lr_teacher", "zca", "soft_labels", "init", "backward", "eval_every", "eval_repeats", "eval_epochs",
                 "checkpoint_every", "snapshot_every")
 

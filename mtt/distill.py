@@ -54,6 +54,7 @@ class DistillConfig:
     syn_steps: int = 20          # N: student steps per iteration
     expert_epochs: int = 2       # M: target = expert checkpoint t + M
     max_start_epoch: int = 20    # T: t drawn uniformly from [0, T)
+    segments: int = 1            # K (expert, start) segments per iteration, unrolled together; gradients averaged
     batch_syn: int | None = None  # minibatch of synthetic images per student step; None = all
     lr_img: float = 1000.0
     lr_lr: float = 1e-5
@@ -73,7 +74,7 @@ class DistillConfig:
     snapshot_every: int = 100
 
     def validate(self) -> None:
-        positive = ["ipc", "syn_steps", "expert_epochs", "max_start_epoch", "iterations",
+        positive = ["ipc", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "iterations",
                     "checkpoint_every", "snapshot_every", "width", "depth"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -384,12 +385,15 @@ class Update:
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
                device: torch.device, save: Callable[[], None]) -> Update:
     g = state.generator
-    expert = int(torch.randint(len(buffers), (), generator=g))
-    start = int(torch.randint(config.max_start_epoch, (), generator=g))
-    theta_start = buffers.snapshot(expert, start).to(device)
-    theta_target = buffers.snapshot(expert, start + config.expert_epochs).to(device)
+    experts = torch.randint(len(buffers), (config.segments,), generator=g).tolist()
+    starts = torch.randint(config.max_start_epoch, (config.segments,), generator=g).tolist()
+    theta_start, theta_target = (torch.stack([buffers.snapshot(e, s + offset) for e, s in zip(experts, starts)])
+                                 for offset in (0, config.expert_epochs))
+    if config.segments == 1:  # one segment: plain [P] vectors, no vmap
+        theta_start, theta_target = theta_start[0], theta_target[0]
+    theta_start, theta_target = theta_start.to(device), theta_target.to(device)
     plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
-                       config.dsa, g, device)
+                       config.dsa, g, device, config.segments)
     labels = None if config.soft_labels else state.labels
     mode = config.backward if config.backward != "auto" else state.backward
     choice = None
@@ -400,7 +404,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                     label_logits=state.label_logits, mode=mode)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
-    where = f"(expert {expert}, start epoch {start})"
+    where = f"(experts {experts}, start epochs {starts})"
     if not math.isfinite(result.loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
         _diverged(state, config, save, f"the matching loss or its gradient is not finite (loss {result.loss:.3g}) "
                                        f"{where}")

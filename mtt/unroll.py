@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from mtt.augment import DSAParams, apply_params, sample_params
 
@@ -46,7 +46,8 @@ BACKWARD_MODES = ("auto", *EXACT_MODES)
 
 
 class Student:
-    """A network evaluated at a flat parameter vector theta [P] (in .parameters() order)."""
+    """A network evaluated at a flat parameter vector theta [P] (in .parameters() order), or at K of
+    them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call)."""
 
     def __init__(self, net: nn.Module):
         self.net = net
@@ -56,8 +57,11 @@ class Student:
         self.num_params = sum(self.numels)
 
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
-        if theta.shape != (self.num_params,):
+        if theta.shape[-1:] != (self.num_params,) or theta.dim() > 2:
             raise ValueError(f"theta has shape {tuple(theta.shape)}, the network has {self.num_params} parameters")
+        return self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
+
+    def _forward(self, theta: Tensor, x: Tensor) -> Tensor:
         views = [t.view(s) for t, s in zip(torch.split(theta, self.numels), self.shapes)]
         return functional_call(self.net, dict(zip(self.names, views)), (x,))
 
@@ -66,21 +70,28 @@ class Student:
 class StepPlan:
     """The randomness of one student step: which synthetic images, and which augmentation."""
 
-    indices: Tensor   # [b] into the synthetic set
-    augment: DSAParams
+    indices: Tensor   # [b] into the synthetic set; [K, b] for K segments
+    augment: DSAParams  # for all the step's images: K * b of them, one op, per-sample parameters
 
 
 def plan_steps(num_images: int, syn_steps: int, batch_syn: int | None, image_shape: tuple[int, int, int],
-               dsa: str, generator: torch.Generator, device: torch.device) -> list[StepPlan]:
-    """Minibatches as the original: cycle through random permutations split into chunks."""
+               dsa: str, generator: torch.Generator, device: torch.device, segments: int = 1) -> list[StepPlan]:
+    """Minibatches as the original: cycle through random permutations split into chunks.
+
+    With K segments each cycles through its own permutations; a step's K minibatches share one
+    DSA op (so they are augmented in one call) with independently drawn per-sample parameters.
+    """
     batch = num_images if batch_syn is None else min(batch_syn, num_images)
     channels, h, w = image_shape
-    plans, chunks = [], []
+    plans, chunks = [], [[] for _ in range(segments)]
     for _ in range(syn_steps):
-        if not chunks:
-            chunks = list(torch.randperm(num_images, generator=generator).split(batch))
-        indices = chunks.pop()
-        augment = sample_params(dsa, len(indices), channels, (h, w), generator, device)
+        picks = []
+        for mine in chunks:
+            if not mine:
+                mine.extend(torch.randperm(num_images, generator=generator).split(batch))
+            picks.append(mine.pop())
+        indices = picks[0] if segments == 1 else torch.stack(picks)
+        augment = sample_params(dsa, indices.numel(), channels, (h, w), generator, device)
         plans.append(StepPlan(indices.to(device), augment))
     return plans
 
@@ -95,24 +106,36 @@ class UnrollResult:
 
 
 def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor, plan: StepPlan) -> Tensor:
-    x = apply_params(images[plan.indices], plan.augment)
+    """The step's cross-entropy; with K segments the sum of theirs, so that d/dtheta[k] is segment k's gradient."""
+    x = apply_params(images[plan.indices.flatten()], plan.augment).view(*plan.indices.shape, *images.shape[1:])
     logits = student(theta, x)
-    if targets.dtype == torch.long:
-        return F.cross_entropy(logits, targets[plan.indices])
-    return F.cross_entropy(logits, targets[plan.indices].softmax(1))  # soft labels: targets are logits
+    y = targets[plan.indices]
+    if targets.dtype != torch.long:
+        y = y.softmax(-1)  # soft labels: targets are logits
+    if plan.indices.dim() == 1:
+        return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(plan.indices.shape) \
+        .mean(1).sum()
 
 
 def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
            plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
            mode: BackwardMode = "checkpointed") -> UnrollResult:
-    """Matching loss and its gradients for one expert segment; images/syn_lr/label_logits are leaves."""
+    """Matching loss and its gradients; images/syn_lr/label_logits are leaves.
+
+    One expert segment: theta_start/theta_target [P]. K segments at once: [K, P] each, with plans
+    from plan_steps(..., segments=K); the loss is the mean of the K segments' losses.
+    """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
     if mode not in EXACT_MODES:
         raise ValueError(f"unknown backward mode {mode!r}: use one of {EXACT_MODES} (resolve 'auto' with "
                          "choose_backward)")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
-    start_distance = (theta_start - theta_target).pow(2).sum()
+    if theta_start.shape != theta_target.shape or plans and plans[0].indices.dim() != theta_start.dim():
+        raise ValueError(f"theta_start {tuple(theta_start.shape)}, theta_target {tuple(theta_target.shape)} and plans "
+                         f"for {plans[0].indices.dim() if plans else '?'}-d indices do not describe the same segments")
+    start_distance = (theta_start - theta_target).pow(2).sum(-1)  # [K] for K segments
     run = _unroll_full if mode == "full" else _unroll_checkpointed
     return run(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits)
 
@@ -125,7 +148,7 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
     for plan in plans:
         grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta, create_graph=True)[0]
         theta = theta - syn_lr * grad
-    loss = (theta - theta_target).pow(2).sum() / start_distance
+    loss = ((theta - theta_target).pow(2).sum(-1) / start_distance).mean()
     leaves = [images, syn_lr] + ([targets] if label_logits is not None else [])
     grads = torch.autograd.grad(loss, leaves)
     return UnrollResult(loss.item(), grads[0], grads[1], grads[2] if label_logits is not None else None,
@@ -162,10 +185,11 @@ def _unroll_checkpointed(student, theta_start, theta_target, start_distance, ima
 
     thetas = _forward_path(student, theta_start, images, targets, alpha, plans)
     theta_final = thetas[-1]
-    loss = (theta_final - theta_target).pow(2).sum() / start_distance
+    loss = ((theta_final - theta_target).pow(2).sum(-1) / start_distance).mean()
 
     # Backward: adjoint walk, one step's graph at a time.
-    adjoint = 2 * (theta_final - theta_target) / start_distance
+    segments = 1 if theta_final.dim() == 1 else len(theta_final)
+    adjoint = 2 * (theta_final - theta_target) / (start_distance.unsqueeze(-1) * segments)
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
     grad_logits = torch.zeros_like(targets) if soft else None
@@ -174,7 +198,7 @@ def _unroll_checkpointed(student, theta_start, theta_target, start_distance, ima
         x = images.requires_grad_()
         t = targets.requires_grad_() if soft else targets
         grad = torch.autograd.grad(_step_loss(student, theta, x, t, plans[i]), theta, create_graph=True)[0]
-        grad_dot_adjoint = grad @ adjoint
+        grad_dot_adjoint = (grad * adjoint).sum()
         inputs = [theta, x] + ([t] if soft else [])
         vjps = torch.autograd.grad(grad_dot_adjoint, inputs)
         grad_lr -= grad_dot_adjoint.detach()

@@ -234,3 +234,15 @@ def test_cli_reports_bad_input_without_a_traceback(experts, tmp_path):
                                 tmp_path / "run", "--device", "cpu"), capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_segments_distil_and_resume_exactly(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    straight = distill(small_config(segments=3, iterations=4), digits, buffers, tmp_path / "straight",
+                       progress=False)
+    distill(small_config(segments=3, iterations=2), digits, buffers, tmp_path / "split", progress=False)
+    resumed = distill(small_config(segments=3, iterations=4), digits, buffers, tmp_path / "split", resume=True,
+                      progress=False)
+    assert torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
+    one = distill(small_config(iterations=4), digits, buffers, tmp_path / "one", progress=False)
+    assert not torch.equal(one.images, straight.images)  # three segments are not one

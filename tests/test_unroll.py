@@ -1,4 +1,6 @@
 """The two backward modes against an independent plain-autograd unroll, in float64."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import Student, choose_backward, full_graph_bytes, plan_steps, student_path, unroll
+from mtt.unroll import StepPlan, Student, choose_backward, full_graph_bytes, plan_steps, student_path, unroll
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -138,3 +140,36 @@ def test_auto_skips_full_when_its_graph_would_not_fit(problem):
     choice = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels,
                              free_bytes=graph)  # full would need all of it: over the 50 % share
     assert choice.mode == "checkpointed" and choice.seconds == {} and "more than 50%" in choice.reason
+
+
+def segment_plans(plans, k):
+    """Segment k's own plans out of plans drawn for K segments (its indices and its rows of the DSA draw)."""
+    out = []
+    for plan in plans:
+        b = plan.indices.shape[1]
+        rows = {f.name: getattr(plan.augment, f.name)[k * b:(k + 1) * b] for f in dataclasses.fields(plan.augment)
+                if isinstance(getattr(plan.augment, f.name), torch.Tensor)}
+        out.append(StepPlan(plan.indices[k], dataclasses.replace(plan.augment, batch_size=b, **rows)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["full", "checkpointed"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_k_segments_equal_the_mean_of_k_separate_unrolls(problem, mode, soft):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    K = 3
+    torch.manual_seed(5)
+    starts = theta_start + 0.05 * torch.randn(K, len(theta_start), dtype=torch.float64)
+    targets = starts + 0.05 * torch.randn_like(starts)
+    plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
+                       torch.device("cpu"), segments=K)
+    assert len({plan.augment.op for plan in plans}) > 1 and {p.indices.shape[0] for p in plans} == {K}
+    kw = {"label_logits": torch.randn(len(images), CLASSES, dtype=torch.float64)} if soft else {"labels": labels}
+    together = unroll(student, starts, targets, images, syn_lr, plans, mode=mode, **kw)
+    apart = [unroll(student, starts[k], targets[k], images, syn_lr, segment_plans(plans, k), mode=mode, **kw)
+             for k in range(K)]
+    assert together.loss == pytest.approx(sum(r.loss for r in apart) / K, rel=1e-12)
+    for name in ["grad_images", "grad_lr"] + (["grad_label_logits"] if soft else []):
+        mean = sum(getattr(r, name) for r in apart) / K
+        assert torch.allclose(getattr(together, name), mean, rtol=1e-6, atol=1e-12), name
+    assert torch.allclose(together.final_params, torch.stack([r.final_params for r in apart]), rtol=0, atol=1e-12)
