@@ -49,6 +49,12 @@ class DSAParams:
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, Tensor)})
 
+    def rows(self, start: int, stop: int) -> DSAParams:
+        """The draw of samples start..stop-1 only (a slice of the batch)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, batch_size=stop - start,
+                       **{k: v[start:stop] for k, v in tensors.items() if isinstance(v, Tensor)})
+
 
 def parse_strategy(strategy: str) -> list[str]:
     """Op names of a strategy string ("color_crop_..."); [] for "none" or "". Unknown names raise."""

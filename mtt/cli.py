@@ -140,7 +140,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     from mtt.tracking import TRACKERS
     from mtt.unroll import BACKWARD_MODES
 
-    p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories",
+    p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
                               formatter_class=_Formatter,
                               description="Unset hyper-parameters come from the preset (--preset); the network "
                                           "(--model/--width/--depth) from the experts.")
@@ -219,6 +219,7 @@ def distill_config(args: argparse.Namespace):
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
+    import os
     import time
 
     from mtt.buffers import open_buffers
@@ -228,11 +229,17 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.tracking import tracker
 
     config = distill_config(args)
-    ensure_writable_dir(args.out)
+    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun rank 0 reports and writes
+    if main:
+        ensure_writable_dir(args.out)
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
     buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca, model=args.model, width=args.width,
                            depth=args.depth)
     config = network_from_buffers(config, buffers, keep=[k for k in NETWORK_FLAGS if getattr(args, k) is not None])
+    if not main:
+        args.json = False
+        distill(config, dataset, buffers, args.out, resume=args.resume, progress=False)
+        return {}
     _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"})
     log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
     started = time.perf_counter()

@@ -11,6 +11,7 @@ momenta, the generator, the iteration, the history), so a killed run resumes exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -29,6 +30,7 @@ from mtt.augment import DEFAULT_STRATEGY, parse_strategy
 from mtt.buffers import ExpertBuffers
 from mtt.data import Dataset
 from mtt.device import resolve_device
+from mtt.distributed import Ranks, ranks
 from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
                     remove_stale_temporaries)
@@ -269,27 +271,74 @@ Callback = Callable[[IterationInfo], None]
 Evaluator = Callable[[DistillState], dict[str, Any]]
 
 
+class RunFolder:
+    """A run's files: checkpoint.safetensors, history.json, config.json, snapshots/, synthetic.safetensors.
+
+    Under torchrun every rank holds the same state and rank 0 writes for all (`writes=False` elsewhere).
+    """
+
+    def __init__(self, path: str | Path, experts: dict[str, Any], writes: bool = True) -> None:
+        self.path, self.experts, self.writes = Path(path), experts, writes
+        self.checkpoint = self.path / "checkpoint.safetensors"
+        if writes:
+            ensure_writable_dir(self.path)
+            remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now
+
+    def save(self, state: DistillState, config: DistillConfig) -> None:
+        if self.writes:
+            save_checkpoint(state, config, self.checkpoint, self.experts)
+
+    def save_snapshot(self, state: DistillState) -> None:
+        if self.writes:
+            tensors = {"images": state.images, "syn_lr": state.syn_lr}
+            if state.label_logits is not None:
+                tensors["label_logits"] = state.label_logits
+            atomic_save_safetensors(tensors, self.path / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
+
+    def save_json(self, name: str, obj: Any) -> None:
+        if self.writes:
+            atomic_write_json(self.path / name, obj)
+
+    def save_synthetic(self, synthetic: SyntheticSet) -> None:
+        if self.writes:
+            synthetic.save(self.path / "synthetic.safetensors")
+
+
 def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out_dir: str | Path, *,
             resume: bool = False, callbacks: list[Callback] = (), evaluator: Evaluator | None = None,
             progress: bool = True) -> SyntheticSet:
     """Run (or resume) distillation; writes checkpoint, snapshots, history.json and synthetic.safetensors.
 
     SIGINT/SIGTERM (Ctrl-C) drop the iteration in progress, save a checkpoint and raise
-    `Interrupted`; `resume=True` then continues exactly as if nothing had happened.
+    `Interrupted`; `resume=True` then continues exactly as if nothing had happened. Under
+    torchrun the K segments of each iteration are split over the ranks and their gradients
+    summed, so every rank takes the same step; rank 0 evaluates, reports and writes.
     """
     config.validate()
-    out = ensure_writable_dir(out_dir)
-    device = resolve_device(config.device)
-    student = _student_for(config, dataset, buffers, device)
-    experts = buffers.identity()
-    state = _start_or_resume(config, dataset, experts, out, device, resume)
-    atomic_write_json(out / "config.json", dataclasses.asdict(config))
-    if evaluator is None and config.eval_repeats > 0:
-        evaluator = _default_evaluator(config, dataset, progress)
+    with ranks(resolve_device(config.device)) as procs:
+        if config.segments % procs.world:
+            raise ValueError(f"--segments ({config.segments}) must be a multiple of the number of processes "
+                             f"({procs.world}): each unrolls an equal share")
+        if not procs.is_main:
+            callbacks, evaluator, progress = (), None, False
+        elif evaluator is None and config.eval_repeats > 0:
+            evaluator = _default_evaluator(config, dataset, progress)
+        student = _student_for(config, dataset, buffers, procs.device)
+        folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
+        state = _start_or_resume(config, dataset, folder, procs.device, resume)
+        folder.save_json("config.json", dataclasses.asdict(config))
+        _loop(state, config, student, buffers, folder, procs, callbacks, evaluator, progress)
+    synthetic = SyntheticSet(state.images.detach().cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset,
+                             config.model, None if state.label_logits is None else state.label_logits.detach().cpu(),
+                             dataset.zca, dataclasses.asdict(config))
+    folder.save_synthetic(synthetic)
+    return synthetic
 
-    def save() -> None:
-        save_checkpoint(state, config, out / "checkpoint.safetensors", experts)
 
+def _loop(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers, folder: RunFolder,
+          procs: Ranks, callbacks: list[Callback], evaluator: Evaluator | None, progress: bool) -> None:
+    """Iterate up to config.iterations, then evaluate the final images and save everything."""
+    save = functools.partial(folder.save, state, config)
     bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
     with graceful_stop() as stop:
         while state.iteration < config.iterations:
@@ -300,14 +349,14 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
                     if evaluator is not None and config.eval_every and state.iteration % config.eval_every == 0:
                         evaluation = {"iteration": state.iteration, **evaluator(state)}
                     if state.iteration % config.snapshot_every == 0:
-                        _save_snapshot(state, out)
+                        folder.save_snapshot(state)
                     started = time.perf_counter()
-                    update = _iteration(state, config, student, buffers, device, save)
+                    update = _iteration(state, config, student, buffers, procs, save)
             except KeyboardInterrupt:
                 state.generator.set_state(rng)
-                _interrupted(state, config, out, save)
+                _interrupted(state, config, folder)
             _apply(state, update, evaluation, time.perf_counter() - started)
-            if update.choice is not None:
+            if update.choice is not None and procs.is_main:
                 bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
             if state.iteration % config.checkpoint_every == 0:
                 save()
@@ -316,7 +365,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             for callback in callbacks:
                 callback(IterationInfo(state.iteration, update.loss, state.syn_lr.item(), state, evaluation))
             if stop.requested:
-                _interrupted(state, config, out, save)
+                _interrupted(state, config, folder)
         bar.close()
 
         evals = state.history["evals"]
@@ -325,35 +374,28 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
                 with stop.abandonable():
                     evaluation = {"iteration": state.iteration, **evaluator(state)}
             except KeyboardInterrupt:
-                _interrupted(state, config, out, save)
+                _interrupted(state, config, folder)
             evals.append(evaluation)
-        _save_snapshot(state, out)
+        folder.save_snapshot(state)
         save()
-    synthetic = SyntheticSet(state.images.detach().cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset,
-                             config.model, None if state.label_logits is None else state.label_logits.detach().cpu(),
-                             dataset.zca, dataclasses.asdict(config))
-    synthetic.save(out / "synthetic.safetensors")
-    return synthetic
 
 
-def _start_or_resume(config: DistillConfig, dataset: Dataset, experts: dict[str, Any], out: Path,
-                     device: torch.device, resume: bool) -> DistillState:
-    checkpoint = out / "checkpoint.safetensors"
-    remove_stale_temporaries(out)  # left by a run killed mid-write; nothing else writes here now
-    if checkpoint.exists():
+def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder, device: torch.device,
+                     resume: bool) -> DistillState:
+    if folder.checkpoint.exists():
         if not resume:
-            raise ValueError(f"{out} already holds a run (checkpoint.safetensors): add --resume (resume=True) "
+            raise ValueError(f"{folder.path} already holds a run (checkpoint.safetensors): add --resume (resume=True) "
                              f"to continue it, or choose another --out to start afresh")
-        return load_checkpoint(checkpoint, config, device, experts)
-    if resume:
-        print(f"--resume: no checkpoint in {out} yet, starting afresh", file=sys.stderr)
+        return load_checkpoint(folder.checkpoint, config, device, folder.experts)
+    if resume and folder.writes:
+        print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
     return initial_state(config, dataset, device)
 
 
-def _interrupted(state: DistillState, config: DistillConfig, out: Path, save: Callable[[], None]) -> None:
-    save()
+def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) -> None:
+    folder.save(state, config)
     raise Interrupted(f"interrupted at iteration {state.iteration} of {config.iterations}: checkpoint saved in "
-                      f"{out}; run the same command with --resume (resume=True) to continue") from None
+                      f"{folder.path}; run the same command with --resume (resume=True) to continue") from None
 
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
@@ -383,7 +425,7 @@ class Update:
 
 
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
-               device: torch.device, save: Callable[[], None]) -> Update:
+               procs: Ranks, save: Callable[[], None]) -> Update:
     g = state.generator
     experts = torch.randint(len(buffers), (config.segments,), generator=g).tolist()
     starts = torch.randint(config.max_start_epoch, (config.segments,), generator=g).tolist()
@@ -391,22 +433,32 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
                                  for offset in (0, config.expert_epochs))
     if config.segments == 1:  # one segment: plain [P] vectors, no vmap
         theta_start, theta_target = theta_start[0], theta_target[0]
-    theta_start, theta_target = theta_start.to(device), theta_target.to(device)
     plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
-                       config.dsa, g, device, config.segments)
+                       config.dsa, g, procs.device, config.segments)
+    if procs.world > 1:  # every rank drew the same K segments; it unrolls its own share of them
+        share = config.segments // procs.world
+        mine = slice(procs.rank * share, (procs.rank + 1) * share)
+        theta_start, theta_target, plans = theta_start[mine], theta_target[mine], [p.select(mine) for p in plans]
+    theta_start, theta_target = theta_start.to(procs.device), theta_target.to(procs.device)
     labels = None if config.soft_labels else state.labels
     mode = config.backward if config.backward != "auto" else state.backward
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
-        choice = choose_backward(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels,
-                                 state.label_logits)
+        choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
+                                                 plans, labels, state.label_logits))  # one choice for all ranks
         mode = choice.mode
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                     label_logits=state.label_logits, mode=mode)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
+    loss = result.loss
+    if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world
+        summed = [grads[k].div_(procs.world) for k in state.momenta] + [torch.tensor(loss / procs.world,
+                                                                                   device=procs.device)]
+        procs.sum_(*summed)
+        loss = summed[-1].item()
     where = f"(experts {experts}, start epochs {starts})"
-    if not math.isfinite(result.loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
-        _diverged(state, config, save, f"the matching loss or its gradient is not finite (loss {result.loss:.3g}) "
+    if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
+        _diverged(state, config, save, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
     # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors.
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
@@ -415,7 +467,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
         _diverged(state, config, save, f"this update would make the learned step size "
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
-    return Update(result.loss, updated, momenta, mode, choice)
+    return Update(loss, updated, momenta, mode, choice)
 
 
 def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | None, seconds: float) -> None:
@@ -446,13 +498,6 @@ def _diverged(state: DistillState, config: DistillConfig, save: Callable[[], Non
 def _describe_choice(choice: BackwardChoice) -> str:
     timed = ", ".join(f"{mode} {seconds:.3g} s" for mode, seconds in choice.seconds.items())
     return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
-
-
-def _save_snapshot(state: DistillState, out: Path) -> None:
-    tensors = {"images": state.images, "syn_lr": state.syn_lr}
-    if state.label_logits is not None:
-        tensors["label_logits"] = state.label_logits
-    atomic_save_safetensors(tensors, out / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
 
 
 def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool) -> Evaluator:

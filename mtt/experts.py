@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +33,7 @@ from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strateg
 from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device
+from mtt.distributed import ranks
 from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import atomic_write_json, ensure_writable_dir, remove_stale_temporaries
 from mtt.networks import get_network
@@ -220,32 +220,6 @@ def train_group(dataset: Dataset, config: ExpertConfig, expert_ids: Sequence[int
 
 # ----------------------------------------------------------------------------- many experts, many ranks
 
-def _distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, whether we started the process group) from torchrun's env.
-
-    On CUDA each rank takes cuda:LOCAL_RANK. The process group (nccl on CUDA, gloo
-    otherwise) is only needed for the final barrier, so it is started only when WORLD_SIZE > 1.
-    """
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world == 1:
-        return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device, started
-
-
-def _barrier(device: torch.device) -> None:
-    if device.type == "cuda":
-        dist.barrier(device_ids=[device.index])
-    else:
-        dist.barrier()
-
-
 def shard_name(expert_ids: Sequence[int]) -> str:
     return f"experts_{expert_ids[0]:05d}-{expert_ids[-1]:05d}.safetensors"
 
@@ -262,8 +236,8 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
     start = time.perf_counter()
     out_dir = Path(out_dir)
     ids = list(range(config.num_experts) if expert_ids is None else expert_ids)
-    rank, world, device, started = _distributed(resolve_device(device))
-    try:
+    with ranks(resolve_device(device)) as procs:
+        rank, world, device = procs.rank, procs.world, procs.device
         if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
             ensure_writable_dir(out_dir)
             remove_stale_temporaries(out_dir)
@@ -277,8 +251,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
         if done:
             _check_compatible(out_dir, meta)
         todo = [k for k in ids if k not in done]
-        if world > 1:
-            _barrier(device)  # every rank has read the folder before any rank adds to it
+        procs.barrier()  # every rank has read the folder before any rank adds to it
         mine = [k for k in todo if k % world == rank]
         parallel = config.parallel
         if parallel > 1 and has_batchnorm(probe):
@@ -303,16 +276,12 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                 if stop.requested:
                     _interrupted(out_dir, len(done) + len(final), len(ids), world)
         bar.close()
-        if world > 1:
-            _barrier(device)
+        procs.barrier()
         if rank == 0:
             write_index(out_dir)
             buffers = ExpertBuffers.open(out_dir)
             position = {k: i for i, k in enumerate(buffers.expert_ids)}
             final = {k: float(buffers.test_acc(position[k])[-1]) for k in ids}
-    finally:
-        if started:
-            dist.destroy_process_group()
     return {"experts": len(ids), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,
             "out": str(out_dir)}

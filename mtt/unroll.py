@@ -73,6 +73,11 @@ class StepPlan:
     indices: Tensor   # [b] into the synthetic set; [K, b] for K segments
     augment: DSAParams  # for all the step's images: K * b of them, one op, per-sample parameters
 
+    def select(self, segments: slice) -> StepPlan:
+        """The plan of some of the K segments only (the share of one rank under torchrun)."""
+        b = self.indices.shape[1]
+        return StepPlan(self.indices[segments], self.augment.rows(segments.start * b, segments.stop * b))
+
 
 def plan_steps(num_images: int, syn_steps: int, batch_syn: int | None, image_shape: tuple[int, int, int],
                dsa: str, generator: torch.Generator, device: torch.device, segments: int = 1) -> list[StepPlan]:

@@ -293,3 +293,29 @@ def test_log_tensorboard_from_the_command_line(experts, tmp_path):
 def test_an_unwritable_plot_fails_before_the_evaluation(tmp_path):
     result = mtt("baseline", "--dataset", "digits", "--ipc", 1, "--plot", "/proc/mtt/bars.png", "--device", "cpu")
     assert "--plot /proc/mtt is not writable" in the_error(result)
+
+
+def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
+    """2 gloo processes, 4 segments: each rank unrolls 2, gradients are summed; rank 0 writes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--iterations", 4, "--segments", 4, "--seed", 2, "--json"]
+    single = mtt(*distill_args(experts, tmp_path / "single", *args))
+    assert single.returncode == 0, single.stderr
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
+                "mtt"]
+    double = subprocess.run([*torchrun, *map(str, distill_args(experts, tmp_path / "double", *args))],
+                            capture_output=True, text=True, env=ENV)
+    assert double.returncode == 0, double.stderr
+    assert len([line for line in double.stdout.splitlines() if line.startswith("{")]) == 1  # rank 0's summary only
+    a = SyntheticSet.load(tmp_path / "single" / "synthetic.safetensors")
+    b = SyntheticSet.load(tmp_path / "double" / "synthetic.safetensors")
+    torch.testing.assert_close(b.images, a.images, rtol=1e-4, atol=1e-5)
+    assert b.syn_lr == pytest.approx(a.syn_lr, rel=1e-5)
+    losses = [json.loads((tmp_path / d / "history.json").read_text())["loss"] for d in ("single", "double")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    uneven = mtt(*distill_args(experts, tmp_path / "uneven", "--segments", 3), "--iterations", 1)
+    assert uneven.returncode == 0  # one process: any K

@@ -1,0 +1,67 @@
+"""torchrun support shared by expert training and distillation: ranks, the process group, collectives.
+
+Under `torchrun` (WORLD_SIZE > 1) each process learns its rank from the environment; on CUDA
+rank r takes cuda:LOCAL_RANK. The process group (nccl on CUDA, gloo otherwise) is started only
+then, so a plain `python -m mtt ...` never touches torch.distributed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 reports and writes the files every rank shares."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+
+    def sum_(self, *tensors: Tensor) -> None:
+        """Sum each tensor over the ranks, in place."""
+        if self.world > 1:
+            for t in tensors:
+                dist.all_reduce(t)
+
+    def from_main(self, obj: object) -> object:
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@contextmanager
+def ranks(device: torch.device) -> Iterator[Ranks]:
+    """This process's Ranks for the duration of a run; starts (and ends) the process group if needed."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world == 1:
+        yield Ranks(0, 1, device)
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield Ranks(rank, world, device)
+    finally:
+        if started:
+            dist.destroy_process_group()
