@@ -138,7 +138,7 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
 @command
 def add_distill(subparsers: argparse._SubParsersAction) -> None:
     from mtt.tracking import TRACKERS
-    from mtt.unroll import BACKWARD_MODES
+    from mtt.unroll import BACKWARD_MODES, PRECISIONS
 
     p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
                               formatter_class=_Formatter,
@@ -175,6 +175,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backward", choices=BACKWARD_MODES, default=None,
                    help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
                         "the two that fits in memory, measured on the first iteration (default)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16: the student network under bf16 autocast, fp32 state (default: fp32)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
                    help="iterations between evaluations (0: only at the end)")
     p.add_argument("--eval-repeats", type=NON_NEGATIVE, default=None, help="networks per evaluation (0: none)")
@@ -193,7 +195,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 NETWORK_FLAGS = ("model", "width", "depth")
 CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img", "lr_lr",
-                "lr_teacher", "zca", "soft_labels", "init", "backward", "eval_every", "eval_repeats", "eval_epochs",
+                "lr_teacher", "zca", "soft_labels", "init", "backward", "precision", "eval_every", "eval_repeats", "eval_epochs",
                 "checkpoint_every", "snapshot_every")
 
 

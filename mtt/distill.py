@@ -36,7 +36,7 @@ from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_
                     remove_stale_temporaries)
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
-from mtt.unroll import BACKWARD_MODES, BackwardChoice, Student, choose_backward, plan_steps, unroll
+from mtt.unroll import BACKWARD_MODES, PRECISIONS, BackwardChoice, Student, choose_backward, plan_steps, unroll
 
 
 class DistillationDiverged(ValueError):
@@ -67,6 +67,7 @@ class DistillConfig:
     dsa: str = DEFAULT_STRATEGY
     iterations: int = 5000
     backward: str = "auto"       # "full" or "checkpointed" (both exact), or "auto": the faster that fits, measured
+    precision: str = "fp32"      # "bf16": the student network under bf16 autocast (GPU speed; fp32 state)
     seed: int = 0
     device: str = "auto"
     eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0)
@@ -86,6 +87,8 @@ class DistillConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None (the whole set), got {self.batch_syn}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backward not in BACKWARD_MODES:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         if self.init not in ("real", "noise"):
@@ -410,7 +413,7 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
                          f"longer experts")
     net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
     meta.check_network(net)
-    return Student(net.to(device))
+    return Student(net.to(device), config.precision)
 
 
 @dataclass

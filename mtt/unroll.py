@@ -45,12 +45,22 @@ EXACT_MODES = ("full", "checkpointed")
 BACKWARD_MODES = ("auto", *EXACT_MODES)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class Student:
     """A network evaluated at a flat parameter vector theta [P] (in .parameters() order), or at K of
-    them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call)."""
+    them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call).
 
-    def __init__(self, net: nn.Module):
+    precision "bf16" runs the network under bf16 autocast (convolutions and matmuls in bf16,
+    theta, logits, the loss, the adjoint and every update in fp32).
+    """
+
+    def __init__(self, net: nn.Module, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.net = net
+        self.precision = precision
         self.names = [name for name, _ in net.named_parameters()]
         self.shapes = [p.shape for p in net.parameters()]
         self.numels = [p.numel() for p in net.parameters()]
@@ -59,7 +69,10 @@ class Student:
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         if theta.shape[-1:] != (self.num_params,) or theta.dim() > 2:
             raise ValueError(f"theta has shape {tuple(theta.shape)}, the network has {self.num_params} parameters")
-        return self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
+        device_type = theta.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
+        return logits.to(theta.dtype)  # fp32 out of bf16 autocast; float64 stays float64
 
     def _forward(self, theta: Tensor, x: Tensor) -> Tensor:
         views = [t.view(s) for t, s in zip(torch.split(theta, self.numels), self.shapes)]

@@ -1,0 +1,1045 @@
+"""The GPU measurements owed, in one command and one report (markdown + JSON).
+
+    PYTHONPATH=. python3 bench/gpu_suite.py --out DIR [--part NAME[,NAME...]]... [--smoke]
+
+Parts (default: all, in this order; `--part` takes names in the order to run them):
+  unroll-c10     s/iteration and peak memory of one MTT iteration at the paper's CIFAR-10 IPC 1/10/50
+                 shapes: the original's loop (bench/reference_unroll.py), our `full`, `checkpointed`,
+                 `auto`, and segments=8 and precision bf16 where this checkout's engine has them (random
+                 tensors, no dataset needed)
+  unroll-c100    the same at CIFAR-100 IPC 10 and 50 (the reference is expected to run out of memory at 50)
+  experts        experts per hour on full Fashion-MNIST, sequential (P=1) vs vectorised P=10, 50
+  fmnist-experts ConvNet-128 experts on full Fashion-MNIST into DIR/experts_fashion-mnist (resumes;
+                 trains group by group while a time budget lasts)
+  fmnist-ipc1    distillation with the fashion-mnist IPC 1 preset from those experts (iterations sized
+  fmnist-ipc10   to a time budget), then the full protocol (5 ConvNet-128 x 1000 epochs) vs random real
+  cuda-tests     the checks that need CUDA (gradient equality of the backward modes, with segments too;
+                 bf16 vs fp32; choose_backward; distillation; bit-identical resume; experts P=1 vs P=2),
+                 as plain functions (no pytest on the GPU machine)
+Each part writes DIR/NAME.json (status "running" while it works, updated after every measurement)
+and rewrites DIR/report.md from every part's JSON present, so a run stopped at a time limit still
+leaves what it measured. A part that raises is recorded as failed and the next part runs; SIGINT
+or SIGTERM records the part as interrupted and stops. Exit status: 0 all parts ok, 1 some part
+failed, 2 bad arguments, 130 interrupted.
+
+On the GPU machine (python3 with torch, torchvision, safetensors, huggingface_hub, scikit-learn,
+matplotlib, tqdm; nothing else needed), from the repository root. Fashion-MNIST is read from
+./data/fashion-mnist (the four IDX .gz files), which is git-ignored, so copy it there first
+(`mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`) and carry it: the device tool's
+`carry: ["data/fashion-mnist"]`. One device command per part, each under the 10-minute limit;
+the report lists them (`device_command`). They write into runs/gpu_suite, which stays on the
+machine between commands while it is warm (the fmnist-ipc parts reuse fmnist-experts' experts),
+and copy the JSONs and the report into $OUT.
+
+--smoke runs every part at toy size on the CPU (Fashion-MNIST cut to 20 images per class if its
+files are found, else digits) in a minute or two: tests/test_gpu_suite.py runs it.
+"""
+from __future__ import annotations
+
+import os
+
+# Deterministic cuBLAS (cuda-tests' resume check) needs this before the first cuBLAS call.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import hashlib
+import importlib.util
+import json
+import math
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache, cached_property
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtt.augment import DEFAULT_STRATEGY
+from mtt.buffers import ExpertBuffers, finished_experts
+from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
+from mtt.device import resolve_device
+from mtt.distill import DistillConfig, distill, load_snapshots, network_from_buffers, preset
+from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
+from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_group
+from mtt.io import atomic_write_json, atomic_write_text
+from mtt.networks import get_network
+from mtt.paper import PUBLISHED
+from mtt.unroll import EXACT_MODES, Student, choose_backward, plan_steps, unroll
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
+DEVICE_TIMEOUT_S = 540  # below the device tool's 600 s, so that the copy into $OUT still runs
+MiB = 2**20
+
+
+def say(message: str) -> None:
+    print(f"[gpu_suite] {message}", file=sys.stderr, flush=True)
+
+
+@cache
+def reference() -> ModuleType:
+    """bench/reference_unroll.py (bench/ is not a package: loaded by its path)."""
+    spec = importlib.util.spec_from_file_location("reference_unroll", ROOT / "bench" / "reference_unroll.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while they are created
+    spec.loader.exec_module(module)
+    return module
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left (a graph kept by an exception's frames, the allocator cache)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+
+
+def relative_error(ours: Tensor, reference_: Tensor) -> float:
+    """max |ours - reference| / max |reference|."""
+    return ((ours.double() - reference_.double()).abs().max() / reference_.double().abs().max()).item()
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class DataChoice:
+    """Which real data a part uses; the smoke variants cut it down and may fall back to digits."""
+
+    dataset: str = "fashion-mnist"
+    train_per_class: int | None = None  # None: the whole training set
+    test_images: int | None = None      # None: the whole test split
+    digits_if_missing: bool = False
+
+    def smoke(self) -> DataChoice:
+        return replace(self, train_per_class=20, test_images=200, digits_if_missing=True)
+
+    def load(self) -> tuple[Dataset, str | None]:
+        """The dataset, and a note when it is not the one asked for."""
+        note = None
+        try:
+            dataset = load_dataset(self.dataset, download=False)  # offline machines: fail at once, not after a try
+        except DatasetNotFoundError as err:
+            if not self.digits_if_missing:
+                raise DatasetNotFoundError(f"{err}\nOn the GPU machine: copy the IDX files into data/{self.dataset} "
+                                           f"here and carry that folder with the device command.") from None
+            dataset, note = load_dataset("digits"), f"{self.dataset} not found: smoke run on digits"
+        if self.train_per_class:
+            dataset = dataset.take_per_class(self.train_per_class)
+        if self.test_images:
+            dataset = replace(dataset, test_images=dataset.test_images[:self.test_images],
+                              test_labels=dataset.test_labels[:self.test_images])
+        return dataset, note
+
+
+def experts_folder(out: Path, dataset: Dataset) -> Path:
+    return out / f"experts_{dataset.name}"
+
+
+# ----------------------------------------------------------------------------- measuring one cell
+
+def measure(make_run: Callable[[], Callable[[], Any]], device: torch.device, repeats: int,
+            budget_s: float) -> tuple[dict[str, Any], Any]:
+    """Build a run, call it once (warm-up, peak memory), then time it up to `repeats` times.
+
+    Fewer timed runs when one takes long: as many as fit in `budget_s` after the warm-up, at least
+    one, so a slow cell costs at most about twice its warm-up plus the budget. Peak memory is
+    torch.cuda.max_memory_allocated above what was allocated before (the problem's own tensors
+    excluded); None off CUDA, where one process's peak RSS cannot be split between cells.
+    Returns (row, the warm-up's output); out of memory and other errors become the row's status.
+    """
+    release(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    output = None
+    try:
+        run = make_run()
+        started = time.perf_counter()
+        output = run()
+        synchronize(device)
+        first = time.perf_counter() - started
+        peak = (torch.cuda.max_memory_allocated(device) - base) / MiB if device.type == "cuda" else None
+        times = []
+        for _ in range(max(1, min(repeats, int(budget_s // max(first, 1e-9))))):
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
+            times.append(time.perf_counter() - started)
+    except torch.OutOfMemoryError as err:
+        row = {"status": "OOM", "error": first_line(err)}
+    except Exception as err:  # a cell that cannot run (e.g. an engine feature missing) must not end the part
+        row = {"status": "error", "error": first_line(err)}
+    else:
+        row = {"status": "ok", "seconds": statistics.median(times), "runs": times, "first_run_s": first,
+               "peak_mib": peak}
+    release(device)
+    return row, output
+
+
+# ----------------------------------------------------------------------------- part: unroll
+
+@dataclass
+class UnrollConfig:
+    cases: tuple[tuple[str, int], ...]  # (dataset, IPC): shapes, steps, batch and lr from the paper preset
+    width: int = 128                    # ConvNet-128, as the presets
+    size: int | None = None             # image side; None: the dataset's (smoke: 8)
+    steps: int | None = None            # syn_steps; None: the preset's (smoke: 3)
+    repeats: int = 3                    # timed runs after the warm-up (median reported)
+    cell_budget_s: float = 20.0         # fewer timed runs where one is slow (see `measure`)
+    segments: int = 8
+
+    def smoke(self) -> UnrollConfig:
+        return replace(self, width=8, size=8, steps=3, repeats=1)
+
+
+@dataclass
+class UnrollCase:
+    name: str
+    problem: Any  # reference_unroll.Problem: net, theta_start/target, images, labels, syn_lr, plans
+    width: int
+    steps: int
+    batch_syn: int | None
+    dsa: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.problem.images.shape[1:])
+
+    def describe(self) -> str:
+        p = self.problem
+        c, h, w = self.shape
+        return (f"{c}x{h}x{w}, ConvNet-{self.width}, {len(p.images)} images, {self.steps} steps, "
+                f"batch {self.batch_syn or 'all'}, {p.theta_start.numel():,} parameters, lr {p.syn_lr.item():g}")
+
+
+def unroll_case(dataset: str, ipc: int, config: UnrollConfig, device: torch.device) -> UnrollCase:
+    """Random images and a random network at the paper preset's shapes (timing needs no real data)."""
+    ref = reference()
+    settings = preset(dataset, ipc)
+    spec = SPECS[dataset]
+    size = config.size or spec.im_size[0]
+    shape = (spec.channels, size, size)
+    steps = config.steps or settings.syn_steps
+    torch.manual_seed(0)
+    net = get_network(settings.model, spec.channels, spec.num_classes, (size, size), width=config.width,
+                      depth=settings.depth).to(device)
+    theta = torch.cat([p.detach().flatten() for p in net.parameters()])
+    images = torch.randn(spec.num_classes * ipc, *shape, device=device)
+    labels = torch.arange(spec.num_classes, device=device).repeat_interleave(ipc)
+    plans = plan_steps(len(images), steps, settings.batch_syn, shape, settings.dsa, torch.Generator().manual_seed(0),
+                       device)
+    problem = ref.Problem(net, theta, theta + ref.TARGET_NOISE * torch.randn_like(theta), images, labels,
+                          torch.tensor(settings.lr_teacher, device=device), plans)
+    return UnrollCase(f"{dataset} IPC {ipc}", problem, config.width, steps, settings.batch_syn, settings.dsa)
+
+
+def segments_missing() -> str | None:
+    """Why the segments cells are skipped, or None when the engine has `segments`."""
+    if "segments" not in DistillConfig.__dataclass_fields__:
+        return "skipped: this checkout's DistillConfig has no `segments`"
+    return None
+
+
+BF16 = "precision='bf16': the student network under bf16 autocast, fp32 state"
+
+
+def precision_missing() -> str | None:
+    """Why the bf16 cells are skipped, or None when the engine has precision="bf16"."""
+    if "precision" not in DistillConfig.__dataclass_fields__:
+        return "skipped: this checkout's DistillConfig has no `precision` (bf16 autocast)"
+    return None
+
+
+def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
+                 device: torch.device) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
+    """(name, make_run) per method; each run returns (dL/dimages, dL/dsyn_lr)."""
+    ref, p = reference(), case.problem
+
+    def ours(mode: str) -> Callable[[], Callable[[], Any]]:
+        return lambda: lambda: ref.our_gradients(student, p, mode)
+
+    def reference_loop() -> Callable[[], Any]:
+        net = ref.ReparamModule(copy.deepcopy(p.net))  # the wrapper deregisters its module's parameters
+        return lambda: ref.reference_gradients(net, p)
+
+    def bf16(mode: str) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            low = Student(p.net, precision="bf16")
+            return lambda: ref.our_gradients(low, p, mode)
+        return make
+
+    def segments(mode: str) -> Callable[[], Callable[[], Any]]:
+        def make() -> Callable[[], Any]:
+            k = config.segments
+            plans = plan_steps(len(p.images), case.steps, case.batch_syn, case.shape, case.dsa,
+                               torch.Generator().manual_seed(1), device, segments=k)
+            starts = p.theta_start + ref.TARGET_NOISE * torch.randn(k, p.theta_start.numel(), device=device)
+            targets = starts + ref.TARGET_NOISE * torch.randn_like(starts)
+
+            def run() -> Any:
+                result = unroll(student, starts, targets, p.images, p.syn_lr, plans, labels=p.labels, mode=mode)
+                return result.grad_images, result.grad_lr
+            return run
+        return make
+
+    cells = [("reference", reference_loop), ("full", ours("full")), ("checkpointed", ours("checkpointed"))]
+    if segments_missing() is None:
+        cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
+    if precision_missing() is None:
+        cells += [(f"bf16-{m}", bf16(m)) for m in EXACT_MODES]
+    return cells
+
+
+def auto_cell(case: UnrollCase, student: Student, device: torch.device, cells: dict[str, dict]) -> dict[str, Any]:
+    """What `auto` chooses here and what choosing costs; an iteration then costs what the chosen mode does."""
+    p = case.problem
+    release(device)
+    try:
+        started = time.perf_counter()
+        choice = choose_backward(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels)
+        synchronize(device)
+        choose_s = time.perf_counter() - started
+    except Exception as err:
+        return {"status": "error", "error": first_line(err)}
+    finally:
+        release(device)
+    chosen = cells[choice.mode]
+    return {"status": chosen["status"], "chose": choice.mode, "reason": choice.reason, "choose_s": choose_s,
+            "timed_while_choosing": choice.seconds, "full_graph_mib": choice.full_graph_bytes / MiB,
+            "seconds": chosen.get("seconds"), "peak_mib": chosen.get("peak_mib"),
+            "note": "s/it and memory of the chosen mode: auto measures once per run, then runs that mode"}
+
+
+def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
+    results: dict[str, Any] = {"cases": [], "segments": segments_missing() or f"segments={config.segments}",
+                               "bf16": precision_missing() or BF16}
+    for dataset, ipc in config.cases:
+        case = unroll_case(dataset, ipc, config, device)
+        student = Student(case.problem.net)
+        row: dict[str, Any] = {"case": case.name, "description": case.describe(), "cells": {}}
+        results["cases"].append(row)
+        outputs = {}
+        for name, make_run in unroll_cells(case, config, student, device):
+            say(f"{case.name}: {name}")
+            row["cells"][name], outputs[name] = measure(make_run, device, config.repeats, config.cell_budget_s)
+            if name == "checkpointed":  # auto chooses between the two exact modes, both measured by now
+                row["cells"]["auto"] = auto_cell(case, student, device, row["cells"])
+            record(results)
+        row["checks"] = gradient_checks(outputs)
+        record(results)
+        del case, student, outputs  # this case's tensors go before the next case's are made
+        release(device)
+
+
+def gradient_checks(outputs: dict[str, Any]) -> dict[str, Any]:
+    """Reference vs ours (same computation, float32), and bf16 vs fp32 gradients (same mode and plans)."""
+    checks = {}
+    if outputs.get("reference") is not None and outputs.get("full") is not None:
+        checks["reference_vs_full_rel_err"] = {name: relative_error(a, b) for name, a, b in
+                                               zip(("images", "syn_lr"), outputs["full"], outputs["reference"])}
+    for mode in EXACT_MODES:
+        low, fp32 = outputs.get(f"bf16-{mode}"), outputs.get(mode)
+        if low is not None and fp32 is not None:
+            checks[f"bf16-{mode}_vs_fp32"] = {"cosine_images": cosine(low[0], fp32[0]),
+                                              "syn_lr_rel_err": relative_error(low[1], fp32[1])}
+    return checks
+
+
+# ----------------------------------------------------------------------------- part: experts
+
+@dataclass
+class ExpertsBenchConfig:
+    data: DataChoice = field(default_factory=DataChoice)
+    parallels: tuple[int, ...] = (1, 10, 50)
+    epochs: int = 1         # timed: `epochs` full epochs of P experts (and their test passes), per P
+    paper_epochs: int = 50  # experts per hour are counted for the paper's 50-epoch experts
+    width: int = 128
+
+    def smoke(self) -> ExpertsBenchConfig:
+        return replace(self, data=self.data.smoke(), parallels=(1, 2), width=16)
+
+
+def run_experts(config: ExpertsBenchConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
+    dataset, note = config.data.load()
+    results: dict[str, Any] = {"dataset": dataset.name, "train_images": len(dataset.train_images),
+                               "test_images": len(dataset.test_images), "note": note, "rows": []}
+    for parallel in config.parallels:
+        say(f"experts: P={parallel}")
+        expert_config = ExpertConfig(num_experts=parallel, epochs=config.epochs, parallel=parallel, width=config.width)
+        row: dict[str, Any] = {"parallel": parallel, "experts": parallel, "epochs": config.epochs}
+        release(device)
+        try:
+            # Also the warm-up (allocator, kernel choice) of the timed run below.
+            row["estimate_s"] = estimate_seconds(dataset, expert_config, device, probe_batches=3)
+            synchronize(device)
+            started = time.perf_counter()
+            _, accuracy = train_group(dataset, expert_config, list(range(parallel)), device)
+            synchronize(device)
+            seconds = time.perf_counter() - started
+        except torch.OutOfMemoryError as err:
+            row |= {"status": "OOM", "error": first_line(err)}
+        else:
+            per_expert_epoch = seconds / (parallel * config.epochs)
+            row |= {"status": "ok", "seconds": seconds, "s_per_expert_epoch": per_expert_epoch,
+                    "paper_experts_per_hour": 3600 / (config.paper_epochs * per_expert_epoch),
+                    "test_acc": 100 * accuracy[:, -1].mean().item()}
+        results["rows"].append(row)
+        record(results)
+        release(device)
+
+
+# ----------------------------------------------------------------------------- part: fmnist-experts
+
+@dataclass
+class FmnistExpertsConfig:
+    data: DataChoice = field(default_factory=DataChoice)
+    num_experts: int = 10
+    # The presets need max_start_epoch + expert_epochs <= epochs: IPC 1 is 10 + 2, IPC 10 is 20 + 2.
+    epochs: int = 22
+    parallel: int = 5         # one shard per group of 5: a stop part-way keeps the finished groups
+    budget_s: float = 230.0   # no new group once the last group's time would overrun this
+    width: int = 128
+
+    def smoke(self) -> FmnistExpertsConfig:
+        return replace(self, data=self.data.smoke(), num_experts=2, epochs=4, parallel=2, budget_s=60.0, width=16)
+
+
+def run_fmnist_experts(config: FmnistExpertsConfig, device: torch.device, out: Path,
+                       record: Callable[[dict], None]) -> None:
+    dataset, note = config.data.load()
+    folder = experts_folder(out, dataset)
+    expert_config = ExpertConfig(num_experts=config.num_experts, epochs=config.epochs, parallel=config.parallel,
+                                 width=config.width)
+    results: dict[str, Any] = {"dataset": dataset.name, "folder": str(folder), "note": note, "groups": [],
+                               "found": len(finished_experts(folder))}
+    started, last, count = time.perf_counter(), None, results["found"]
+    while count < config.num_experts:
+        if last is not None and time.perf_counter() - started + last > config.budget_s:
+            results["stopped"] = (f"time budget ({config.budget_s:.0f} s): another group would take ~{last:.0f} s; "
+                                  f"run this part again to train more (it resumes)")
+            break
+        count = min(config.num_experts, count + config.parallel)
+        say(f"fmnist-experts: training up to {count} experts x {config.epochs} epochs")
+        group_started = time.perf_counter()
+        train_experts(dataset, replace(expert_config, num_experts=count), folder, device, progress=False)
+        last = time.perf_counter() - group_started
+        results["groups"].append({"experts": count, "seconds": last})
+        record(results)
+    buffers = ExpertBuffers.open(folder)
+    accuracy = [100 * float(buffers.test_acc(i)[-1]) for i in range(len(buffers))]
+    results |= {"experts": len(buffers), "epochs": buffers.meta.epochs, "final_test_acc": accuracy}
+    record(results)
+
+
+# ----------------------------------------------------------------------------- parts: fmnist-ipc1, fmnist-ipc10
+
+@dataclass
+class FmnistDistillConfig:
+    ipc: int
+    data: DataChoice = field(default_factory=DataChoice)
+    max_iterations: int = 2000   # the paper runs 5000; the time budget usually stops us first
+    probe_iterations: int = 10   # run first, to measure s/iteration and size the rest to the budget
+    budget_s: float = 150.0      # distillation's share of the part (evaluation comes after)
+    eval_repeats: int = 5
+    eval_epochs: int = 1000
+    overrides: dict[str, Any] = field(default_factory=dict)  # preset fields changed (recorded in the report)
+
+    def smoke(self) -> FmnistDistillConfig:
+        return replace(self, data=self.data.smoke(), max_iterations=4, probe_iterations=2, budget_s=20.0,
+                       eval_repeats=2, eval_epochs=20, overrides={"syn_steps": 5})
+
+
+def distill_config(config: FmnistDistillConfig, dataset: Dataset, buffers: ExpertBuffers,
+                   device: torch.device) -> tuple[DistillConfig, dict[str, str]]:
+    """The preset at the experts' network, with the changes it needed, each said why."""
+    changes = {k: f"{getattr(preset(dataset.name, config.ipc), k)} -> {v} (suite config)"
+               for k, v in config.overrides.items()}
+    settings = preset(dataset.name, config.ipc, eval_repeats=0, device=str(device), **config.overrides)
+    settings = network_from_buffers(settings, buffers)
+    longest = buffers.meta.epochs - settings.expert_epochs
+    if settings.max_start_epoch > longest:
+        changes["max_start_epoch"] = (f"{settings.max_start_epoch} -> {longest} (the experts have "
+                                      f"{buffers.meta.epochs} epochs)")
+        settings = replace(settings, max_start_epoch=longest)
+    return settings, changes
+
+
+def run_fmnist_distill(config: FmnistDistillConfig, device: torch.device, out: Path,
+                       record: Callable[[dict], None]) -> None:
+    dataset, note = config.data.load()
+    folder = experts_folder(out, dataset)
+    if not finished_experts(folder):
+        raise FileNotFoundError(f"no experts in {folder}: run --part fmnist-experts first with the same --out "
+                                f"(on the GPU machine in the same warm session: {DEVICE_OUT} is not carried)")
+    buffers = ExpertBuffers.open(folder)
+    settings, changes = distill_config(config, dataset, buffers, device)
+    run_dir = out / f"distill_{dataset.name}_ipc{config.ipc}"
+    results: dict[str, Any] = {"dataset": dataset.name, "ipc": config.ipc, "note": note, "run": str(run_dir),
+                               "experts": len(buffers), "expert_epochs_trained": buffers.meta.epochs,
+                               "preset": asdict(settings), "changes": changes}
+    say(f"{dataset.name} IPC {config.ipc}: distilling ({config.probe_iterations} iterations to time it)")
+    started = time.perf_counter()
+    resume = (run_dir / "checkpoint.safetensors").exists()
+    distill(replace(settings, iterations=config.probe_iterations), dataset, buffers, run_dir, resume=resume,
+            progress=False)
+    history = json.loads((run_dir / "history.json").read_text())
+    per_iteration = statistics.median(history["seconds"][1:] or history["seconds"])  # the first also chose `auto`
+    done = len(history["loss"])
+    left = config.budget_s - (time.perf_counter() - started)
+    iterations = max(done, min(config.max_iterations, done + int(left / per_iteration)))
+    say(f"{dataset.name} IPC {config.ipc}: {per_iteration:.3f} s/iteration, going on to {iterations}")
+    synthetic = distill(replace(settings, iterations=iterations), dataset, buffers, run_dir, resume=True,
+                        progress=False)
+    history = json.loads((run_dir / "history.json").read_text())
+    results |= {"iterations": len(history["loss"]), "s_per_iteration": per_iteration,
+                "distill_s": time.perf_counter() - started, "backward": history.get("backward"),
+                "loss_first10": statistics.mean(history["loss"][:10]),
+                "loss_last10": statistics.mean(history["loss"][-10:]), "syn_lr": synthetic.syn_lr}
+    record(results)
+
+    eval_config = EvalConfig(model=settings.model, epochs=config.eval_epochs, repeats=config.eval_repeats,
+                             width=settings.width, depth=settings.depth, progress=False)
+    say(f"{dataset.name} IPC {config.ipc}: evaluating the distilled set ({config.eval_repeats} networks)")
+    started = time.perf_counter()
+    results["distilled"] = evaluate(synthetic.images, synthetic.labels, dataset.test_images, dataset.test_labels,
+                                    replace(eval_config, lr=synthetic.syn_lr), device).to_dict()
+    results["distilled"]["seconds"] = time.perf_counter() - started
+    record(results)
+    say(f"{dataset.name} IPC {config.ipc}: evaluating random real images")
+    started = time.perf_counter()
+    results["random_real"] = evaluate_baseline(dataset, config.ipc, "random", [settings.model], eval_config,
+                                               device)[settings.model].to_dict()
+    results["random_real"]["seconds"] = time.perf_counter() - started
+    results["published"] = {m: acc for (m, d, i), acc in PUBLISHED.items() if d == dataset.name and i == config.ipc}
+    record(results)
+
+
+# ----------------------------------------------------------------------------- part: cuda-tests
+
+@dataclass
+class CudaTestsConfig:
+    width: int = 16
+    size: int = 16
+    ipc: int = 2
+    steps: int = 8
+    distill_iterations: int = 6
+    # Of the largest entry. float64 round-off stays near 1e-12; 1e-9 still catches a float32 step hiding inside.
+    float64_tol: float = 1e-9
+    float32_tol: float = 5e-3  # loose: cuDNN convolutions run in TF32 by default
+    experts_tol: float = 1e-3  # P=2 vs P=1 after one epoch, of the largest parameter
+
+    def smoke(self) -> CudaTestsConfig:
+        return replace(self, size=8, steps=4, distill_iterations=4)
+
+
+@dataclass
+class CheckContext:
+    """What the checks share: the device, a scratch folder, and (trained once, on first use) two experts."""
+
+    config: CudaTestsConfig
+    device: torch.device
+    work: Path
+
+    @cached_property
+    def digits(self) -> Dataset:
+        return load_dataset("digits")
+
+    @cached_property
+    def experts(self) -> ExpertBuffers:
+        folder = self.work / "experts"
+        train_experts(self.digits, ExpertConfig(num_experts=2, epochs=4, width=self.config.width, parallel=2), folder,
+                      self.device, progress=False)
+        return ExpertBuffers.open(folder)
+
+    def problem(self, dtype: torch.dtype) -> Any:
+        ref, c = reference(), self.config
+        return ref.make_problem(ref.Config("check", 3, c.size, c.width, c.ipc, c.steps), self.device, dtype)
+
+    def distill_config(self, **overrides: Any) -> DistillConfig:
+        settings = dict(dataset="digits", ipc=1, width=self.config.width, syn_steps=5, expert_epochs=2,
+                        max_start_epoch=2, lr_img=10, lr_lr=1e-5, iterations=self.config.distill_iterations,
+                        eval_repeats=0, checkpoint_every=3, snapshot_every=2, device=str(self.device), seed=3)
+        return DistillConfig(**(settings | overrides))
+
+
+Check = Callable[[CheckContext], tuple[bool | None, str]]  # passed (None: skipped), message
+
+
+def _modes_agree(ctx: CheckContext, dtype: torch.dtype, tol: float) -> tuple[bool, str]:
+    ref, p = reference(), ctx.problem(dtype)
+    student = Student(p.net)
+    full, checkpointed = (ref.our_gradients(student, p, mode) for mode in EXACT_MODES)
+    errors = {name: relative_error(a, b) for name, a, b in zip(("images", "syn_lr"), checkpointed, full)}
+    tf32 = f"; cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}" if ctx.device.type == "cuda" else ""
+    return all(e <= tol for e in errors.values()), (
+        f"max |checkpointed - full| / max |full|: images {errors['images']:.1e}, syn_lr {errors['syn_lr']:.1e} "
+        f"(tolerance {tol:g}{tf32})")
+
+
+def check_modes_agree_float64(ctx: CheckContext) -> tuple[bool, str]:
+    return _modes_agree(ctx, torch.float64, ctx.config.float64_tol)
+
+
+def check_modes_agree_float32(ctx: CheckContext) -> tuple[bool, str]:
+    return _modes_agree(ctx, torch.float32, ctx.config.float32_tol)
+
+
+def check_reference_equals_full_float64(ctx: CheckContext) -> tuple[bool, str]:
+    ref, p = reference(), ctx.problem(torch.float64)
+    theirs = ref.reference_gradients(ref.ReparamModule(copy.deepcopy(p.net)), p)
+    ours = ref.our_gradients(Student(p.net), p, "full")
+    errors = {name: relative_error(a, b) for name, a, b in zip(("images", "syn_lr"), ours, theirs)}
+    tol = ctx.config.float64_tol
+    return all(e <= tol for e in errors.values()), (
+        f"max |ours - original loop| / max |original loop|: images {errors['images']:.1e}, "
+        f"syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
+
+
+def check_segments_modes_agree_float64(ctx: CheckContext) -> tuple[bool | None, str]:
+    if (why := segments_missing()) is not None:
+        return None, why
+    p, k = ctx.problem(torch.float64), 3
+    plans = plan_steps(len(p.images), ctx.config.steps, 3, tuple(p.images.shape[1:]), DEFAULT_STRATEGY,
+                       torch.Generator().manual_seed(2), ctx.device, segments=k)
+    starts = p.theta_start + 0.01 * torch.randn(k, p.theta_start.numel(), dtype=p.theta_start.dtype, device=ctx.device)
+    targets = starts + 0.01 * torch.randn_like(starts)
+    student = Student(p.net)
+    full, checkpointed = (unroll(student, starts, targets, p.images, p.syn_lr, plans, labels=p.labels, mode=m)
+                          for m in EXACT_MODES)
+    errors = {"images": relative_error(checkpointed.grad_images, full.grad_images),
+              "syn_lr": relative_error(checkpointed.grad_lr, full.grad_lr)}
+    tol = ctx.config.float64_tol
+    return all(e <= tol for e in errors.values()), (
+        f"{k} segments, batch 3: max |checkpointed - full| / max |full|: images {errors['images']:.1e}, "
+        f"syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
+
+
+def check_bf16_close_to_fp32(ctx: CheckContext) -> tuple[bool | None, str]:
+    if (why := precision_missing()) is not None:
+        return None, why
+    ref, p = reference(), ctx.problem(torch.float32)
+    cosines = {mode: cosine(ref.our_gradients(Student(p.net, precision="bf16"), p, mode)[0],
+                            ref.our_gradients(Student(p.net), p, mode)[0]) for mode in EXACT_MODES}
+    return all(c >= 0.99 for c in cosines.values()), (
+        "cosine of dL/dimages, bf16 vs fp32: " + ", ".join(f"{m} {c:.5f}" for m, c in cosines.items())
+        + " (kept only at >= 0.99, DESIGN.md)")
+
+
+def check_choose_backward(ctx: CheckContext) -> tuple[bool, str]:
+    p = ctx.problem(torch.float32)
+    student = Student(p.net)
+    args = (student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans)
+    choice = choose_backward(*args, labels=p.labels)
+    starved = choose_backward(*args, labels=p.labels, free_bytes=1)
+    timed = ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in choice.seconds.items())
+    passed = (choice.mode in EXACT_MODES and set(choice.seconds) == set(EXACT_MODES) and bool(choice.free_bytes)
+              and starved.mode == "checkpointed" and not starved.seconds)
+    return passed, (f"chose {choice.mode} ({choice.reason}; {timed}; {(choice.free_bytes or 0) / 2**30:.1f} GiB free); "
+                    f"with 1 byte free: {starved.mode} ({starved.reason})")
+
+
+def check_distill_auto(ctx: CheckContext) -> tuple[bool, str]:
+    out = ctx.work / "distill-auto"
+    config = ctx.distill_config(backward="auto")
+    synthetic = distill(config, ctx.digits, ctx.experts, out, progress=False)
+    history = json.loads((out / "history.json").read_text())
+    chosen = history.get("backward", {}).get("mode")
+    moved = not torch.equal(load_snapshots(out)[0][1], synthetic.images)
+    passed = (len(history["loss"]) == config.iterations and all(math.isfinite(x) for x in history["loss"])
+              and bool(torch.isfinite(synthetic.images).all()) and chosen in EXACT_MODES and moved
+              and (out / "synthetic.safetensors").is_file())
+    return passed, (f"{len(history['loss'])} iterations, loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, "
+                    f"auto chose {chosen}, images moved: {moved}, syn_lr {synthetic.syn_lr:.4g}")
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[list[warnings.WarningMessage]]:
+    """torch.use_deterministic_algorithms(warn_only) inside; yields the warnings of ops that have no such kernel."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def check_resume_bit_identical(ctx: CheckContext) -> tuple[bool, str]:
+    config = ctx.distill_config(backward="checkpointed")  # one mode: runs compared must not choose apart
+    half = replace(config, iterations=config.iterations // 2)
+    with deterministic_algorithms() as caught:
+        straight = distill(config, ctx.digits, ctx.experts, ctx.work / "straight", progress=False)
+        again = distill(config, ctx.digits, ctx.experts, ctx.work / "again", progress=False)
+        distill(half, ctx.digits, ctx.experts, ctx.work / "split", progress=False)
+        resumed = distill(config, ctx.digits, ctx.experts, ctx.work / "split", resume=True, progress=False)
+    same = torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
+    noise = (straight.images - again.images).abs().max().item()
+    nondeterministic = sorted({str(w.message).split(".")[0][:120] for w in caught})
+    return same, (f"{'bit-identical' if same else 'differs'} after {half.iterations} + resume to {config.iterations} "
+                  f"iterations (max |diff| {(straight.images - resumed.images).abs().max().item():.1e}; two straight "
+                  f"runs differ by {noise:.1e}); deterministic algorithms on"
+                  + (f"; ops without a deterministic kernel: {nondeterministic}" if nondeterministic else ""))
+
+
+def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, str]:
+    config = ExpertConfig(num_experts=2, epochs=1, width=ctx.config.width, parallel=1)
+    alone = torch.cat([train_group(ctx.digits, config, [k], ctx.device)[0] for k in (0, 1)])
+    together, _ = train_group(ctx.digits, replace(config, parallel=2), [0, 1], ctx.device)
+    error = relative_error(together, alone)
+    return error <= ctx.config.experts_tol, (f"2 experts x 1 epoch, P=2 vs P=1: max |diff| / max |param| {error:.1e} "
+                                             f"(tolerance {ctx.config.experts_tol:g})")
+
+
+CHECKS: tuple[Check, ...] = (
+    check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
+    check_segments_modes_agree_float64, check_bf16_close_to_fp32, check_choose_backward, check_distill_auto,
+    check_resume_bit_identical, check_experts_vectorised_equal_sequential)
+
+
+def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
+    results: dict[str, Any] = {"ran_on": str(device), "checks": []}
+    if device.type != "cuda":
+        results["note"] = f"no CUDA here: the checks ran on {device}"
+    with tempfile.TemporaryDirectory() as work:
+        ctx = CheckContext(config, device, Path(work))
+        for check in CHECKS:
+            name = check.__name__.removeprefix("check_")
+            say(f"cuda-tests: {name}")
+            started = time.perf_counter()
+            try:
+                passed, message = check(ctx)
+            except Exception as err:
+                passed, message = False, f"raised {first_line(err)}"
+            results["checks"].append({"name": name, "passed": passed, "message": message,
+                                      "seconds": time.perf_counter() - started})
+            record(results)
+            release(device)
+    failed = [c["name"] for c in results["checks"] if c["passed"] is False]
+    if failed:
+        raise AssertionError(f"{len(failed)} of {len(CHECKS)} checks failed: {', '.join(failed)}")
+
+
+# ----------------------------------------------------------------------------- parts, recording, report
+
+@dataclass(frozen=True)
+class Part:
+    run: Callable[[Any, torch.device, Path, Callable[[dict], None]], None]
+    config: Callable[[], Any]  # the full-size configuration; its .smoke() is the toy one
+    estimate_s: int            # expected wall time on one H100, a guess until measured (see the report)
+    render: Callable[[dict], list[str]]
+
+
+def _cell(text: str) -> str:
+    """Free text inside a markdown table cell: a bare | would start a new column."""
+    return text.replace("|", "\\|")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def unroll_note(name: str, cell: dict, cells: dict) -> str:
+    if "chose" in cell:
+        return f"chose **{cell['chose']}** ({cell['reason']}; choosing took {cell['choose_s']:.2f} s)"
+    seconds = cell.get("seconds")
+    if name.startswith("segments") and seconds:
+        k = int(name.removeprefix("segments").split("-")[0])
+        single = cells.get(name.split("-", 1)[1], {}).get("seconds")
+        return f"{seconds / k:.4f} s per segment" + (
+            f"; {k} single runs would take {k * single / seconds:.2f}x as long" if single else "")
+    return cell.get("error") or cell.get("note", "")
+
+
+def render_unroll(results: dict) -> list[str]:
+    lines = [f"segments: {results['segments']}. bf16: {results['bf16']}.", "",
+             "| case | method | s / iteration | peak MiB | reference / this | note |", "|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        ref_s = case["cells"].get("reference", {}).get("seconds")
+        for name, cell in case["cells"].items():
+            seconds = cell.get("seconds")
+            shown = _num(seconds, ".4f") if cell["status"] == "ok" else cell["status"]
+            ratio = f"{ref_s / seconds:.2f}x" if ref_s and seconds else ""
+            lines.append(f"| {case['case']} | {name} | {shown} | {_num(cell.get('peak_mib'), '.0f')} | {ratio} | "
+                         f"{_cell(unroll_note(name, cell, case['cells']))} |")
+    lines.append("")
+    for case in results["cases"]:
+        lines.append(f"- {case['case']}: {case['description']}")
+        for name, check in case.get("checks", {}).items():
+            lines.append(f"  - {name}: " + ", ".join(f"{k} {v:.6g}" for k, v in check.items()))
+    return lines
+
+
+def render_experts(results: dict) -> list[str]:
+    lines = [f"{results['dataset']}, {results['train_images']} training / {results['test_images']} test images"
+             + (f" ({results['note']})" if results.get("note") else "") + ".", "",
+             "| P | experts x epochs timed | seconds | s per expert-epoch | 50-epoch experts / hour | vs P=1 | "
+             "test acc % | estimate_seconds said |", "|---|---|---|---|---|---|---|---|"]
+    base = next((r["s_per_expert_epoch"] for r in results["rows"] if r["parallel"] == 1 and r["status"] == "ok"), None)
+    for r in results["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['status']} | | | | | |")
+            continue
+        speedup = f"{base / r['s_per_expert_epoch']:.2f}x" if base else ""
+        lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['seconds']:.1f} | "
+                     f"{r['s_per_expert_epoch']:.3f} | {r['paper_experts_per_hour']:.1f} | {speedup} | "
+                     f"{r['test_acc']:.1f} | {r['estimate_s']:.1f} s |")
+    return lines
+
+
+def render_fmnist_experts(results: dict) -> list[str]:
+    lines = [f"{results['dataset']} experts in `{results['folder']}`" + (f" ({results['note']})" if results.get("note")
+                                                                       else "") + "; "
+             f"{results['found']} were there before this run."]
+    lines += [f"- trained up to {g['experts']} experts: {g['seconds']:.0f} s" for g in results["groups"]]
+    if "experts" in results:
+        acc = results["final_test_acc"]
+        lines.append(f"- {results['experts']} experts x {results['epochs']} epochs; final test accuracy "
+                     f"{statistics.mean(acc):.1f} % (min {min(acc):.1f}, max {max(acc):.1f})")
+    if results.get("stopped"):
+        lines.append(f"- stopped: {results['stopped']}")
+    return lines
+
+
+def render_fmnist_distill(results: dict) -> list[str]:
+    lines = [f"{results['dataset']} IPC {results['ipc']}" + (f" ({results['note']})" if results.get("note") else "")
+             + f": {results['experts']} experts of {results['expert_epochs_trained']} epochs."]
+    p = results["preset"]
+    lines.append(f"- preset: syn_steps {p['syn_steps']}, expert_epochs {p['expert_epochs']}, max_start_epoch "
+                 f"{p['max_start_epoch']}, batch_syn {p['batch_syn'] or 'all'}, lr_img {p['lr_img']:g}, lr_lr "
+                 f"{p['lr_lr']:g}, lr_teacher {p['lr_teacher']:g}, ConvNet-{p['width']}, backward {p['backward']}")
+    lines += [f"- changed: {k} {v}" for k, v in results["changes"].items()]
+    if "iterations" in results:
+        backward = results.get("backward") or {}
+        lines.append(f"- {results['iterations']} iterations (the paper runs 5000) at {results['s_per_iteration']:.3f} "
+                     f"s/iteration ({results['distill_s']:.0f} s); backward {backward.get('mode', '?')} "
+                     f"({backward.get('reason', '')}); matching loss {results['loss_first10']:.3f} (first 10) -> "
+                     f"{results['loss_last10']:.3f} (last 10); learned step size {results['syn_lr']:.4g}")
+    rows = [(name, results[key]) for name, key in (("distilled (MTT)", "distilled"), ("random real", "random_real"))
+            if key in results]
+    if rows:
+        lines += ["", "| set | test accuracy % (ConvNet, full protocol) | runs | seconds |", "|---|---|---|---|"]
+        lines += [f"| {name} | {r['mean']:.2f} +- {r['std']:.2f} | {', '.join(f'{x:.1f}' for x in r['runs'])} | "
+                  f"{r['seconds']:.0f} |" for name, r in rows]
+        lines += [f"| {m} (published) | {acc} | | |" for m, acc in results.get("published", {}).items()]
+    return lines
+
+
+RESULT_WORDS = {True: "pass", False: "**FAIL**", None: "skipped"}
+
+
+def render_cuda_tests(results: dict) -> list[str]:
+    lines = [results["note"], ""] if results.get("note") else []
+    lines += ["| check | result | seconds | message |", "|---|---|---|---|"]
+    lines += [f"| {c['name']} | {RESULT_WORDS[c['passed']]} | {c['seconds']:.1f} | {_cell(c['message'])} |"
+              for c in results["checks"]]
+    return lines
+
+
+PARTS: dict[str, Part] = {
+    "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
+                       180, render_unroll),
+    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 270,
+                        render_unroll),
+    "experts": Part(run_experts, ExpertsBenchConfig, 150, render_experts),
+    "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 270, render_fmnist_experts),
+    "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 240, render_fmnist_distill),
+    "fmnist-ipc10": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=10), 240, render_fmnist_distill),
+    "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 60, render_cuda_tests),
+}
+
+
+def device_name(device: torch.device) -> str:
+    return reference().device_name(device)
+
+
+def git_commit() -> str:
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode:
+        return "unknown (no git checkout here: match the source hash instead)"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head.stdout.strip()[:12] + (" + uncommitted changes" if dirty and dirty.stdout.strip() else "")
+
+
+def source_hash() -> str:
+    """A hash of mtt/ and bench/ sources, to tell which code ran where the copy has no .git."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("mtt/**/*.py"), *ROOT.glob("bench/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def run_meta(device: torch.device) -> dict[str, Any]:
+    return {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "source_hash": source_hash(), "cpu_threads": torch.get_num_threads(),
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+class Recorder:
+    """A part's JSON (rewritten after every measurement) and the report rebuilt with it."""
+
+    def __init__(self, out: Path, name: str, config: Any, device: torch.device, smoke: bool) -> None:
+        self.out, self.started = out, time.perf_counter()
+        self.data = {"part": name, "status": "running", "error": None, "seconds": 0.0, "smoke": smoke,
+                     "estimate_h100_s": PARTS[name].estimate_s, "meta": run_meta(device), "config": asdict(config),
+                     "results": {}}
+        self.write()
+
+    def __call__(self, results: dict) -> None:
+        self.data["results"] = results
+        self.write()
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.data["status"], self.data["error"] = status, error
+        self.write()
+
+    def write(self) -> None:
+        self.data["seconds"] = time.perf_counter() - self.started
+        atomic_write_json(self.out / f"{self.data['part']}.json", self.data)
+        write_report(self.out)
+
+
+def device_command(parts: str) -> str:
+    return (f"PYTHONPATH=. timeout -s INT -k 30 {DEVICE_TIMEOUT_S} python3 bench/gpu_suite.py --out {DEVICE_OUT} "
+            f"--part {parts}; cp {DEVICE_OUT}/*.json {DEVICE_OUT}/report.md \"$OUT\"/")
+
+
+def how_to_run() -> list[str]:
+    total = sum(p.estimate_s for p in PARTS.values()) / 60
+    return ["## How to run", "",
+            "Once, on the machine that calls the device: `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist "
+            "data/` (the four IDX .gz files; data/ is git-ignored). Then these device commands back to back, each "
+            "with carry `[\"data/fashion-mnist\"]` (each part stays well under the 10-minute limit; the `timeout` "
+            f"stops a part that overruns at {DEVICE_TIMEOUT_S} s, recording it as interrupted, and the copy into "
+            f"$OUT still runs). `{DEVICE_OUT}` stays on the machine only while it is warm: run fmnist-experts, "
+            "fmnist-ipc1 and fmnist-ipc10 in one session (or fmnist-experts again first). "
+            f"Estimated total on one H100: ~{total:.0f} min plus ~15 s start-up per command.", "", "```bash",
+            *(device_command(name) for name in PARTS), "```", "",
+            "Locally (CPU, toy sizes, ~1-2 min): "
+            "`PYTHONPATH=. python bench/gpu_suite.py --smoke --out /tmp/gpu_smoke`."]
+
+
+def write_report(out: Path) -> None:
+    """report.md from every part's JSON in `out`, in the suite's order."""
+    found = {name: json.loads(path.read_text()) for name in PARTS if (path := out / f"{name}.json").is_file()}
+    lines = ["# mtt GPU suite report", "",
+             f"Written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} by "
+             "`bench/gpu_suite.py`. Each part states the device, torch version, commit and date it ran with.", "",
+             "| part | status | wall s | H100 estimate s | device | torch | commit (source hash) | date |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, data in found.items():
+        m = data["meta"]
+        status = data["status"] + (" (smoke)" if data["smoke"] else "")
+        lines.append(f"| {name} | {status} | {data['seconds']:.0f} | {data['estimate_h100_s']} | {m['device']} | "
+                     f"{m['torch']} | {m['commit']} ({m['source_hash']}) | {m['date']} |")
+    lines += [""] + how_to_run()
+    for name, data in found.items():
+        lines += ["", f"## {name}", "", f"Status: **{data['status']}** after {data['seconds']:.0f} s"
+                  + (" (stopped before it finished)" if data["status"] == "running" else "") + "."]
+        if data["error"]:
+            lines += ["", "```", data["error"].rstrip(), "```"]
+        if data["results"]:
+            try:
+                lines += [""] + PARTS[name].render(data["results"])
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:  # a part stopped half-way
+                lines += ["", f"(results incomplete: {first_line(err)}; see {name}.json)"]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def selected_parts(parser: argparse.ArgumentParser, values: list[str] | None) -> list[str]:
+    names = [n.strip() for v in values or ["all"] for n in v.split(",") if n.strip()]
+    names = [p for n in names for p in (PARTS if n == "all" else [n])]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}: choose from all, {', '.join(PARTS)}")
+    return list(dict.fromkeys(names))
+
+
+def run_part(name: str, out: Path, device: torch.device, smoke: bool) -> str:
+    """Run one part, recording it; returns its final status ("ok", "failed"), raises on interruption."""
+    config = PARTS[name].config()
+    config = config.smoke() if smoke else config
+    say(f"{name}: started (H100 estimate ~{PARTS[name].estimate_s} s)")
+    record = Recorder(out, name, config, device, smoke)
+    try:
+        PARTS[name].run(config, device, out, record)
+    except KeyboardInterrupt as err:  # SIGINT/SIGTERM (and mtt's Interrupted): record, then stop the suite
+        record.finish("interrupted", str(err) or "interrupted by a signal")
+        raise
+    except Exception as err:
+        record.finish("failed", first_line(err) + "\n\n" + traceback.format_exc(limit=-6))
+        say(f"{name}: FAILED: {first_line(err)}")
+        return "failed"
+    record.finish("ok")
+    say(f"{name}: done in {record.data['seconds']:.0f} s")
+    return "ok"
+
+
+def raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="folder for NAME.json, report.md and the parts' runs")
+    parser.add_argument("--part", action="append", metavar="NAME",
+                        help=f"repeatable or comma-separated: all (default), {', '.join(PARTS)}")
+    parser.add_argument("--smoke", action="store_true", help="every part at toy size on the CPU")
+    args = parser.parse_args(argv)
+    names = selected_parts(parser, args.part)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu") if args.smoke else resolve_device("auto")
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # a killed command still records its part
+    statuses = {}
+    try:
+        for name in names:
+            statuses[name] = run_part(name, args.out, device, args.smoke)
+    except KeyboardInterrupt:
+        say(f"interrupted; report in {args.out / 'report.md'}")
+        return 130
+    failed = [n for n, s in statuses.items() if s != "ok"]
+    say(f"report in {args.out / 'report.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""bench/gpu_suite.py: its smoke mode runs every part on the CPU and reports each; a failing part stays contained."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_suite.py"
+PARTS = ("unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10", "cuda-tests")
+PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_h100_s", "meta", "config", "results"}
+META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
+# What each part's results must hold for the report to be of use.
+RESULT_KEYS = {"unroll-c10": {"cases", "segments", "bf16"}, "unroll-c100": {"cases", "segments", "bf16"},
+               "experts": {"dataset", "rows"}, "fmnist-experts": {"folder", "experts", "epochs", "final_test_acc"},
+               "fmnist-ipc1": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
+               "fmnist-ipc10": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
+               "cuda-tests": {"checks"}}
+
+
+def suite(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def part_json(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    return out, suite("--smoke", "--out", str(out))
+
+
+def test_smoke_run_records_every_part_and_reports_it(smoke):
+    out, run = smoke
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    for name in PARTS:
+        data = part_json(out, name)
+        assert PART_KEYS <= set(data) and META_KEYS <= set(data["meta"]), name
+        assert data["status"] == "ok" and data["smoke"] and data["error"] is None, (name, data["error"])
+        assert RESULT_KEYS[name] <= set(data["results"]), name
+        assert f"## {name}" in report and f"| {name} | ok (smoke) |" in report
+    assert report.count("python3 bench/gpu_suite.py --out runs/gpu_suite --part") == len(PARTS)
+
+
+def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
+    out, _ = smoke
+    for case in part_json(out, "unroll-c100")["results"]["cases"]:
+        cells = case["cells"]
+        assert {"reference", "full", "checkpointed", "auto"} <= set(cells)
+        for method in ("reference", "full", "checkpointed"):
+            assert cells[method]["status"] == "ok" and cells[method]["seconds"] > 0, (method, cells[method])
+        assert cells["auto"]["chose"] in ("full", "checkpointed")
+        assert max(case["checks"]["reference_vs_full_rel_err"].values()) < 1e-3
+    assert [c["case"] for c in part_json(out, "unroll-c10")["results"]["cases"]] == [
+        "cifar10 IPC 1", "cifar10 IPC 10", "cifar10 IPC 50"]
+
+
+def test_smoke_cuda_tests_pass_on_the_cpu(smoke):
+    out, _ = smoke
+    checks = part_json(out, "cuda-tests")["results"]["checks"]
+    assert len(checks) >= 8
+    failed = [(c["name"], c["message"]) for c in checks if c["passed"] is False]
+    assert not failed, failed
+
+
+def test_a_failing_part_is_recorded_and_the_next_part_still_runs(tmp_path):
+    # fmnist-ipc1 needs the experts that fmnist-experts writes; in an empty --out it must fail alone.
+    run = suite("--smoke", "--out", str(tmp_path), "--part", "fmnist-ipc1,unroll-c10")
+    assert run.returncode == 1
+    failed, after = part_json(tmp_path, "fmnist-ipc1"), part_json(tmp_path, "unroll-c10")
+    assert failed["status"] == "failed" and "fmnist-experts" in failed["error"]
+    assert after["status"] == "ok"
+    report = (tmp_path / "report.md").read_text()
+    assert "| fmnist-ipc1 | failed (smoke) |" in report and "| unroll-c10 | ok (smoke) |" in report
+    assert "FAILED" in run.stderr
+
+
+def test_unknown_part_is_refused_before_anything_runs(tmp_path):
+    run = suite("--smoke", "--out", str(tmp_path / "out"), "--part", "unroll-c10,nope")
+    assert run.returncode == 2
+    assert "nope" in run.stderr and "fmnist-ipc10" in run.stderr  # names the valid parts
+    assert not (tmp_path / "out").exists()
