@@ -281,12 +281,14 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
 
 def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
                     plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
-                    repeats: int = 2, free_bytes: int | None = None) -> BackwardChoice:
+                    repeats: int = 3, free_bytes: int | None = None) -> BackwardChoice:
     """The faster exact backward mode on this segment, among those whose memory fits.
 
-    Each candidate runs once to warm up (allocator, kernel choice) and then `repeats` times;
-    the median decides. `free_bytes` defaults to what `free_memory` reports now. Nothing here
-    draws random numbers, so choosing leaves a run's randomness as it was.
+    Each candidate runs once to warm up (allocator, kernel choice), then the candidates take
+    turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
+    growing its pools) hits them alike; the medians decide. `free_bytes` defaults to what
+    `free_memory` reports now. Nothing here draws random numbers, so choosing leaves a run's
+    randomness as it was.
     """
     device = images.device
     targets = labels if label_logits is None else label_logits.detach()
@@ -296,29 +298,30 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         return BackwardChoice("checkpointed", {}, graph, free,
                               f"full would hold ~{graph / 2**30:.2f} GiB, more than {FULL_MEMORY_SHARE:.0%} of the "
                               f"{free / 2**30:.2f} GiB free")
-    seconds = {}
-    for mode in EXACT_MODES:
-        try:
-            seconds[mode] = _median_seconds(lambda: unroll(student, theta_start, theta_target, images, syn_lr, plans,
-                                                           labels, label_logits, mode), repeats, device)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return BackwardChoice("checkpointed", seconds, graph, free, "full ran out of memory")
+
+    def run(mode: str) -> None:
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode)
+
+    times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES}
+    try:
+        for turn in range(repeats + 1):
+            for mode in EXACT_MODES:
+                seconds = _seconds(lambda: run(mode), device)
+                if turn:  # turn 0 is the warm-up
+                    times[mode].append(seconds)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
+    seconds = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(seconds, key=seconds.get)
     return BackwardChoice(mode, seconds, graph, free, f"{mode} was faster")
 
 
-def _median_seconds(run, repeats: int, device: torch.device) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def _seconds(run, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
+    return time.perf_counter() - started
