@@ -14,6 +14,7 @@ seed+k, so it follows the same batches whatever P, rank or world size it trains 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import time
@@ -318,11 +319,8 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     torchrun divide by the number of ranks. A guide, not a promise: the first steps may run
     slower or faster than the steady state.
     """
-    import math
-
     if probe_batches < 1:
         raise ValueError(f"probe_batches must be >= 1, got {probe_batches}")
-    parse_strategy(config.dsa)
     device = resolve_device(device)
     probe, _ = init_expert(dataset, config, 0)
     parallel = max(1, min(config.parallel, config.num_experts))

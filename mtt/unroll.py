@@ -24,6 +24,21 @@ from one generator, so they see the very same randomness and the backward walk r
 is faster depends on the device and the problem's size (on a CPU `full` wins at IPC 1 and
 `checkpointed` at IPC 10, whose large graph costs more than the recomputation), and `full`
 is only a candidate where its graph fits in memory.
+
+Options of the successors (all off by default; each a small function called from one place):
+
+- TESLA (Cui et al., ICML 2023), backward mode `tesla`: APPROXIMATE. The checkpointed walk
+  without the Hessian term: the adjoint stays lambda_N at every step, so
+      dX = -alpha * sum_i (dg_i/dX)^T lambda_N,   dalpha = -sum_i g_i . lambda_N,
+  i.e. later steps' dependence on X through theta is dropped. Constant memory and cheaper
+  than `checkpointed` (one VJP w.r.t. X per step, no Hessian-vector product w.r.t. theta).
+  Never exact, so it is not in EXACT_MODES, `auto` never picks it, and `unroll` runs it only
+  with allow_approximate=True.
+- ATT (Liu et al., ECCV 2024), match="closest": the matching loss is taken at the student step
+  i* in 1..N closest to the target (a detached argmin of the normalised distance, per segment)
+  and the gradient flows from that step only; match="final" (default) is MTT's step N.
+- PAD (Li et al., 2024), param_mask: the matching loss (numerator and denominator) counts only
+  the parameters the mask keeps; `shallow_layer_mask` masks out the first layers.
 """
 from __future__ import annotations
 
@@ -40,9 +55,12 @@ from torch.func import functional_call, vmap
 
 from mtt.augment import DSAParams, apply_params, sample_params
 
-BackwardMode = Literal["full", "checkpointed"]
+BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
+APPROXIMATE_MODES = ("tesla",)  # not exact: never chosen by `auto`, run only with allow_approximate=True
 BACKWARD_MODES = ("auto", *EXACT_MODES)
+MatchMode = Literal["final", "closest"]
+MATCH_MODES = ("final", "closest")
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -69,8 +87,7 @@ class Student:
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         if theta.shape[-1:] != (self.num_params,) or theta.dim() > 2:
             raise ValueError(f"theta has shape {tuple(theta.shape)}, the network has {self.num_params} parameters")
-        device_type = theta.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(theta.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
         return logits.to(theta.dtype)  # fp32 out of bf16 autocast; float64 stays float64
 
@@ -121,6 +138,8 @@ class UnrollResult:
     grad_lr: Tensor                  # dL/dalpha (0-d)
     grad_label_logits: Tensor | None # dL/d(label logits), when soft labels are on
     final_params: Tensor             # theta_N, detached (for plots of the student's path)
+    matched_step: int | list[int] | None = None  # the step the loss was taken at (N unless match="closest");
+                                                 # a list, one per segment, for K segments
 
 
 def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor, plan: StepPlan) -> Tensor:
@@ -138,39 +157,130 @@ def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor,
 
 def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
            plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
-           mode: BackwardMode = "checkpointed") -> UnrollResult:
+           mode: BackwardMode = "checkpointed", match: MatchMode = "final", param_mask: Tensor | None = None,
+           allow_approximate: bool = False) -> UnrollResult:
     """Matching loss and its gradients; images/syn_lr/label_logits are leaves.
 
     One expert segment: theta_start/theta_target [P]. K segments at once: [K, P] each, with plans
     from plan_steps(..., segments=K); the loss is the mean of the K segments' losses.
+
+    mode: "full" or "checkpointed" (exact), or "tesla" (APPROXIMATE: no Hessian term; needs
+    allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
+    segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
+    (PAD); None counts all.
     """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
-    if mode not in EXACT_MODES:
+    if mode in APPROXIMATE_MODES and not allow_approximate:
+        raise ValueError(f"backward mode {mode!r} is APPROXIMATE (it drops the Hessian term, so its gradient is not "
+                         f"the exact one): pass allow_approximate=True to use it, or use one of {EXACT_MODES}")
+    if mode not in EXACT_MODES + APPROXIMATE_MODES:
         raise ValueError(f"unknown backward mode {mode!r}: use one of {EXACT_MODES} (resolve 'auto' with "
-                         "choose_backward)")
+                         f"choose_backward) or, approximate, one of {APPROXIMATE_MODES}")
+    if match not in MATCH_MODES:
+        raise ValueError(f"unknown match {match!r}: use one of {MATCH_MODES}")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
     if theta_start.shape != theta_target.shape or plans and plans[0].indices.dim() != theta_start.dim():
         raise ValueError(f"theta_start {tuple(theta_start.shape)}, theta_target {tuple(theta_target.shape)} and plans "
                          f"for {plans[0].indices.dim() if plans else '?'}-d indices do not describe the same segments")
-    start_distance = (theta_start - theta_target).pow(2).sum(-1)  # [K] for K segments
-    run = _unroll_full if mode == "full" else _unroll_checkpointed
-    return run(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits)
+    weight = _loss_weight(param_mask, theta_start)
+    start_distance = _distance(theta_start, theta_target, weight)  # [K] for K segments
+    run = {"full": _unroll_full, "checkpointed": _unroll_checkpointed, "tesla": _unroll_tesla}[mode]
+    return run(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
+               match, weight)
 
 
-def _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits):
+# ----------------------------------------------------------------------------- the matching loss (PAD, ATT)
+
+def _loss_weight(param_mask: Tensor | None, theta: Tensor) -> Tensor | None:
+    """PAD: the mask as 0/1 floats of theta's dtype (None: every parameter counts)."""
+    if param_mask is None:
+        return None
+    if param_mask.dtype != torch.bool or param_mask.shape != theta.shape[-1:]:
+        raise ValueError(f"param_mask must be a bool tensor of shape ({theta.shape[-1]},), got {param_mask.dtype} "
+                         f"{tuple(param_mask.shape)}")
+    if not param_mask.any():
+        raise ValueError("param_mask keeps no parameter: the matching loss would be 0/0")
+    return param_mask.to(device=theta.device, dtype=theta.dtype)
+
+
+def _distance(theta: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+    """||theta - target||^2 over the last dim, counting only the kept parameters (PAD) when weight is given."""
+    squares = (theta - target).pow(2)
+    return (squares if weight is None else squares * weight).sum(-1)
+
+
+def shallow_layer_mask(model: Student | nn.Module, fraction: float) -> Tensor:
+    """PAD's parameter selection: a bool [P] mask (in .parameters() order) that is False on the first
+    parameter tensors, whole tensors, until at least `fraction` of the parameter count is masked out.
+
+    PAD (Li et al., 2024, "Prioritize Alignment in Dataset Distillation", arXiv 2408.03360) says it
+    "use[s] only deep layers of the agent model to perform the distillation to avoid excessively
+    introducing low-level information", dropping a share of the shallow layers' parameters from the
+    trajectory-matching loss, a share that grows with IPC (DESIGN.md). Our reading, not checked against
+    the paper's full text or code: the share counts parameters and is rounded up to whole tensors
+    (a layer's weight and bias are separate tensors, so a bias can stay in while its weight is out).
+    """
+    numels = model.numels if isinstance(model, Student) else [p.numel() for p in model.parameters()]
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    total = sum(numels)
+    mask = torch.ones(total, dtype=torch.bool)
+    covered = 0
+    for numel in numels:
+        if covered >= fraction * total:
+            break
+        mask[covered:covered + numel] = False
+        covered += numel
+    if not mask.any():
+        raise ValueError(f"fraction {fraction} masks out every parameter tensor: nothing left to match")
+    return mask
+
+
+def _matched_steps(path: list[Tensor], theta_target: Tensor, weight: Tensor | None, match: MatchMode) -> list[int]:
+    """ATT: per segment, the step whose parameters the loss is taken at. "final": N; "closest": the
+    argmin over i in 1..N of ||theta_i - target||^2 (the normalisation is the same for every step),
+    detached; ties go to the earliest step."""
+    steps, segments = len(path) - 1, 1 if path[0].dim() == 1 else len(path[0])
+    if match == "final" or steps == 0:
+        return [steps] * segments
+    distances = torch.stack([_distance(theta.detach(), theta_target, weight) for theta in path[1:]])  # [N(, K)]
+    return (1 + distances.argmin(0)).reshape(-1).tolist()
+
+
+def _at_steps(path: list[Tensor], steps: list[int]) -> Tensor:
+    """theta at each segment's matched step: path[s] for one segment, row k of path[s_k] for K of them."""
+    if path[0].dim() == 1:
+        return path[steps[0]]
+    if all(s == len(path) - 1 for s in steps):
+        return path[-1]
+    return torch.stack([path[s][k] for k, s in enumerate(steps)])
+
+
+def _reported(steps: list[int], theta: Tensor) -> int | list[int]:
+    return steps[0] if theta.dim() == 1 else steps
+
+
+# ----------------------------------------------------------------------------- the backward modes
+
+def _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
+                 match, weight):
     images = images.detach().requires_grad_()
     syn_lr = syn_lr.detach().requires_grad_()
     targets = labels if label_logits is None else label_logits.detach().requires_grad_()
     theta = theta_start.requires_grad_()
+    path = [theta]  # references only: the graph keeps these alive anyway
     for plan in plans:
         grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta, create_graph=True)[0]
         theta = theta - syn_lr * grad
-    loss = ((theta - theta_target).pow(2).sum(-1) / start_distance).mean()
+        path.append(theta)
+    steps = _matched_steps(path, theta_target, weight, match)
+    loss = (_distance(_at_steps(path, steps), theta_target, weight) / start_distance).mean()
     leaves = [images, syn_lr] + ([targets] if label_logits is not None else [])
-    grads = torch.autograd.grad(loss, leaves)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # unused: ATT matched at step 0 (no plans)
+    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
     return UnrollResult(loss.item(), grads[0], grads[1], grads[2] if label_logits is not None else None,
-                        theta.detach())
+                        theta.detach(), _reported(steps, theta))
 
 
 def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
@@ -195,7 +305,35 @@ def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: 
 
 
 def _unroll_checkpointed(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                         label_logits):
+                         label_logits, match, weight):
+    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                         label_logits, match, weight, hessian=True)
+
+
+def _unroll_tesla(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
+                  match, weight):
+    """APPROXIMATE (TESLA): the adjoint walk without the Hessian term, see the module's docstring."""
+    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                         label_logits, match, weight, hessian=False)
+
+
+def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: Tensor, weight: Tensor | None,
+                   steps: list[int]) -> dict[int, Tensor]:
+    """dL/dtheta_s that the matching loss feeds in at each matched step s (for K segments, the rows
+    of the segments matched at s; the other rows zero)."""
+    segments = 1 if theta_matched.dim() == 1 else len(theta_matched)
+    diff = theta_matched - theta_target
+    seed = 2 * (diff if weight is None else diff * weight) / (start_distance.unsqueeze(-1) * segments)
+    if theta_matched.dim() == 1 or len(set(steps)) == 1:
+        return {steps[0]: seed}
+    return {s: seed * torch.tensor([t == s for t in steps], dtype=seed.dtype, device=seed.device).unsqueeze(-1)
+            for s in set(steps)}
+
+
+def _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
+                  match, weight, hessian: bool):
+    """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE: the adjoint is not
+    updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step)."""
     images = images.detach()
     alpha = syn_lr.detach()
     soft = label_logits is not None
@@ -203,32 +341,37 @@ def _unroll_checkpointed(student, theta_start, theta_target, start_distance, ima
 
     thetas = _forward_path(student, theta_start, images, targets, alpha, plans)
     theta_final = thetas[-1]
-    loss = ((theta_final - theta_target).pow(2).sum(-1) / start_distance).mean()
+    steps = _matched_steps(thetas, theta_target, weight, match)
+    theta_matched = _at_steps(thetas, steps)
+    loss = (_distance(theta_matched, theta_target, weight) / start_distance).mean()
 
-    # Backward: adjoint walk, one step's graph at a time.
-    segments = 1 if theta_final.dim() == 1 else len(theta_final)
-    adjoint = 2 * (theta_final - theta_target) / (start_distance.unsqueeze(-1) * segments)
+    # Backward: adjoint walk, one step's graph at a time, from the last matched step down.
+    arriving = _loss_adjoints(theta_matched, theta_target, start_distance, weight, steps)
+    adjoint = None
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
     grad_logits = torch.zeros_like(targets) if soft else None
-    for i in reversed(range(len(plans))):
+    for i in reversed(range(max(steps))):
+        if i + 1 in arriving:
+            adjoint = arriving[i + 1] if adjoint is None else adjoint + arriving[i + 1]
         theta = thetas[i].requires_grad_()
         x = images.requires_grad_()
         t = targets.requires_grad_() if soft else targets
         grad = torch.autograd.grad(_step_loss(student, theta, x, t, plans[i]), theta, create_graph=True)[0]
         grad_dot_adjoint = (grad * adjoint).sum()
-        inputs = [theta, x] + ([t] if soft else [])
+        inputs = [x] + ([t] if soft else []) + ([theta] if hessian else [])  # tesla: no VJP w.r.t. theta
         vjps = torch.autograd.grad(grad_dot_adjoint, inputs)
         grad_lr -= grad_dot_adjoint.detach()
-        grad_images -= alpha * vjps[1]
+        grad_images -= alpha * vjps[0]
         if soft:
-            grad_logits -= alpha * vjps[2]
-        adjoint = adjoint - alpha * vjps[0]
+            grad_logits -= alpha * vjps[1]
+        if hessian:
+            adjoint = adjoint - alpha * vjps[-1]  # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
         theta.requires_grad_(False)
         images.requires_grad_(False)
         if soft:
             targets.requires_grad_(False)
-    return UnrollResult(loss.item(), grad_images, grad_lr, grad_logits, theta_final)
+    return UnrollResult(loss.item(), grad_images, grad_lr, grad_logits, theta_final, _reported(steps, theta_final))
 
 
 # ----------------------------------------------------------------------------- auto: measure, then choose

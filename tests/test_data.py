@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtt.data import SPECS, ZCA, DatasetNotFoundError, load_dataset, read_idx
+from mtt.data import ZCA, DatasetNotFoundError, load_dataset, read_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 

@@ -1,7 +1,5 @@
 """The distillation loop on digits with real (tiny) experts: outputs, resume, guards, presets, CLI."""
-import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
