@@ -10,7 +10,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from mtt.distill import DistillConfig
 
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
@@ -138,7 +141,7 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
 @command
 def add_distill(subparsers: argparse._SubParsersAction) -> None:
     from mtt.tracking import TRACKERS
-    from mtt.unroll import BACKWARD_MODES, PRECISIONS
+    from mtt.unroll import APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS
 
     p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
                               formatter_class=_Formatter,
@@ -172,9 +175,15 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="ZCA-whitened space (default: the preset's)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="learn label logits")
     p.add_argument("--init", choices=["real", "noise"], default=None, help="initial images (default: real)")
-    p.add_argument("--backward", choices=BACKWARD_MODES, default=None,
+    p.add_argument("--backward", choices=BACKWARD_MODES + APPROXIMATE_MODES, default=None,
                    help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
-                        "the two that fits in memory, measured on the first iteration (default)")
+                        "the two that fits in memory, measured on the first iteration (default); tesla: TESLA's "
+                        "constant-memory backward, approximate (drops the Hessian term)")
+    p.add_argument("--match", choices=MATCH_MODES, default=None,
+                   help="final: match the student's last step (MTT, default); closest: its step closest to the "
+                        "target (ATT)")
+    p.add_argument("--pad-fraction", type=_float_above(0.0, inclusive=True), default=None,
+                   help="PAD: share of the shallow layers' parameters the matching loss ignores (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: the student network under bf16 autocast, fp32 state (default: fp32)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
@@ -194,12 +203,12 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 
 NETWORK_FLAGS = ("model", "width", "depth")
-CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img", "lr_lr",
-                "lr_teacher", "zca", "soft_labels", "init", "backward", "precision", "eval_every", "eval_repeats", "eval_epochs",
-                "checkpoint_every", "snapshot_every")
+CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img",
+                "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "match", "pad_fraction", "precision",
+                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every")
 
 
-def distill_config(args: argparse.Namespace):
+def distill_config(args: argparse.Namespace) -> DistillConfig:
     """The preset named by --preset for --dataset/--ipc, with every flag given applied over it."""
     from mtt.distill import DistillConfig, preset
 

@@ -36,7 +36,8 @@ from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_
                     remove_stale_temporaries)
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
-from mtt.unroll import BACKWARD_MODES, PRECISIONS, BackwardChoice, Student, choose_backward, plan_steps, unroll
+from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS, BackwardChoice, Student,
+                        choose_backward, plan_steps, shallow_layer_mask, unroll)
 
 
 class DistillationDiverged(ValueError):
@@ -66,7 +67,10 @@ class DistillConfig:
     init: str = "real"           # "real": random real images of each class; "noise": N(0, 1)
     dsa: str = DEFAULT_STRATEGY
     iterations: int = 5000
-    backward: str = "auto"       # "full" or "checkpointed" (both exact), or "auto": the faster that fits, measured
+    backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured;
+                                 # "tesla": TESLA's constant-memory backward, APPROXIMATE (no Hessian term)
+    match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
+    pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
     precision: str = "fp32"      # "bf16": the student network under bf16 autocast (GPU speed; fp32 state)
     seed: int = 0
     device: str = "auto"
@@ -89,8 +93,12 @@ class DistillConfig:
             raise ValueError(f"batch_syn must be >= 1 or None (the whole set), got {self.batch_syn}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
+        if self.backward not in BACKWARD_MODES + APPROXIMATE_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES + APPROXIMATE_MODES}, got {self.backward!r}")
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
+        if not 0 <= self.pad_fraction < 1:
+            raise ValueError(f"pad_fraction must be in [0, 1), got {self.pad_fraction!r}")
         if self.init not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
@@ -450,8 +458,10 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
                                                  plans, labels, state.label_logits))  # one choice for all ranks
         mode = choice.mode
+    mask = shallow_layer_mask(student, config.pad_fraction).to(procs.device) if config.pad_fraction else None
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
-                    label_logits=state.label_logits, mode=mode)
+                    label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
+                    allow_approximate=mode in APPROXIMATE_MODES)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
     if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world

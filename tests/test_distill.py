@@ -277,3 +277,20 @@ def test_bf16_gradient_stays_close_to_fp32_on_a_real_iteration(fashion_expert, m
     assert bf16.loss == pytest.approx(fp32.loss, rel=1e-2)
     assert bf16.grad_lr.item() == pytest.approx(fp32.grad_lr.item(), rel=0.02)
     assert not torch.equal(fp32.grad_images, bf16.grad_images)  # bf16 really ran
+
+
+@pytest.mark.parametrize("option", [dict(backward="tesla"), dict(match="closest"), dict(pad_fraction=0.3),
+                                    dict(match="closest", pad_fraction=0.3, segments=2)])
+def test_successor_options_run_in_the_loop(digits, experts, tmp_path, option):
+    synthetic = distill(small_config(iterations=3, **option), digits, ExpertBuffers.open(experts), tmp_path,
+                        progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert len(history["loss"]) == 3 and all(0 < loss < 10 for loss in history["loss"])
+    assert torch.isfinite(synthetic.images).all() and synthetic.config | option == synthetic.config
+
+
+def test_successor_options_are_checked():
+    with pytest.raises(ValueError, match="match must be one of"):
+        small_config(match="nearest").validate()
+    with pytest.raises(ValueError, match=r"pad_fraction must be in \[0, 1\)"):
+        small_config(pad_fraction=1.0).validate()
