@@ -442,3 +442,17 @@ def test_push_offline_and_empty_folder(folder, tmp_path_factory, monkeypatch, no
     assert (folder / "index.json").exists()  # the folder was checked and indexed before giving up
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors shards"):
         push_buffers(tmp_path_factory.mktemp("empty"), REPO)
+
+
+def test_original_layout_from_the_hub_cache(tmp_path_factory, monkeypatch, no_network):
+    """hf:// addresses reach original-MTT buffers too: the root of their layout, in the Hub cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.mktemp("hub")
+    repo = cache / "models--someone--mtt-buffers"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    write_legacy(repo / "snapshots" / commit / "original")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    buffers = open_buffers(f"hf://{REPO}/original@main", dataset="digits", zca=False)
+    assert len(buffers) == 3 and buffers.meta.convnet_size() == (16, 3)
