@@ -69,7 +69,7 @@ def distill_args(experts, out, *extra):
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
-    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "tesla"],
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
      "--backward"),
     (["distill", "--dataset", "digits", "--ipc", 3, "--buffers", "b", "--out", "o"], "--preset none"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", "cifar10"],

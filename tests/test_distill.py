@@ -154,7 +154,7 @@ def test_bad_config_values():
     with pytest.raises(ValueError, match="syn_steps must be >= 1"):
         small_config(syn_steps=0).validate()
     with pytest.raises(ValueError, match="backward"):
-        small_config(backward="tesla").validate()
+        small_config(backward="exact").validate()
 
 
 def test_auto_backward_chooses_once_records_it_and_resumes_with_it(digits, experts, tmp_path):
