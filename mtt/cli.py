@@ -402,15 +402,21 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mtt.interrupt import Interrupted
-
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m mtt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(subparsers)
-    args = parser.parse_args(argv)
-    try:
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mtt.interrupt import Interrupted
+
+    command = "the command"
+    try:  # from the start: Ctrl-C while torch is still importing is no traceback either
+        args = build_parser().parse_args(argv)
+        command = args.command
         result = args.run(args)
     except (ValueError, OSError) as err:
         # Bad input and known failure modes end with one readable line, not a stack trace.
@@ -420,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:
-        print(f"interrupted: {args.command} stopped; it had nothing to save", file=sys.stderr)
+        print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)
         return Interrupted.exit_code
     if args.json:
         print(json.dumps(result))
