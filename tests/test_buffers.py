@@ -4,6 +4,7 @@ import os
 import pickle
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -399,15 +400,20 @@ def test_download_unreachable_fails_fast(tmp_path, monkeypatch, no_network):
     assert time.perf_counter() - start < 10
 
 
-def test_download_uses_the_cache_offline(folder, tmp_path_factory, monkeypatch, no_network):
-    """A snapshot already in the cache (huggingface_hub's layout) is used without any network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cache = tmp_path_factory.mktemp("hub")
+def cached_snapshot(cache) -> Path:
+    """An empty snapshot of REPO at main in a Hub cache (huggingface_hub's layout), offline from now on."""
     repo = cache / "models--someone--mtt-buffers"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
-    sub = repo / "snapshots" / commit / "digits" / "ConvNet"
+    return repo / "snapshots" / commit
+
+
+def test_download_uses_the_cache_offline(folder, tmp_path_factory, monkeypatch, no_network):
+    """A snapshot already in the cache (huggingface_hub's layout) is used without any network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.mktemp("hub")
+    sub = cached_snapshot(cache) / "digits" / "ConvNet"
     sub.mkdir(parents=True)
     for shard in ("a.safetensors", "b.safetensors"):
         (sub / shard).write_bytes((folder / shard).read_bytes())
@@ -448,11 +454,7 @@ def test_original_layout_from_the_hub_cache(tmp_path_factory, monkeypatch, no_ne
     """hf:// addresses reach original-MTT buffers too: the root of their layout, in the Hub cache."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path_factory.mktemp("hub")
-    repo = cache / "models--someone--mtt-buffers"
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    write_legacy(repo / "snapshots" / commit / "original")
+    write_legacy(cached_snapshot(cache) / "original")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     buffers = open_buffers(f"hf://{REPO}/original@main", dataset="digits", zca=False)
     assert len(buffers) == 3 and buffers.meta.convnet_size() == (16, 3)
