@@ -72,7 +72,7 @@ from torch import Tensor
 from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers, finished_experts
 from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
-from mtt.device import resolve_device
+from mtt.device import resolve_device, seconds, synchronize
 from mtt.distill import DistillConfig, distill, load_snapshots, network_from_buffers, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_group
@@ -99,11 +99,6 @@ def reference() -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up while they are created
     spec.loader.exec_module(module)
     return module
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def release(device: torch.device) -> None:
@@ -187,11 +182,7 @@ def measure(make_run: Callable[[], Callable[[], Any]], device: torch.device, rep
         peak = (torch.cuda.max_memory_allocated(device) - base) / MiB if device.type == "cuda" else None
         times = []
         for _ in range(max(1, min(repeats, int(budget_s // max(first, 1e-9))))):
-            synchronize(device)
-            started = time.perf_counter()
-            run()
-            synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
-            times.append(time.perf_counter() - started)
+            times.append(seconds(run, device))
     except torch.OutOfMemoryError as err:
         row = {"status": "OOM", "error": first_line(err)}
     except Exception as err:  # a cell that cannot run (e.g. an engine feature missing) must not end the part

@@ -23,7 +23,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
-from mtt.device import resolve_device
+from mtt.device import resolve_device, seconds
 from mtt.io import atomic_write_json
 from mtt.networks import get_network
 from mtt.unroll import BACKWARD_MODES, EXACT_MODES, StepPlan, Student, choose_backward, plan_steps, unroll
@@ -195,21 +194,6 @@ def check_same_gradients(ours: tuple[Tensor, Tensor], reference: tuple[Tensor, T
 
 # -----------------------------------------------------------------------------
 # timing
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def seconds(run: Callable[[], object], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    run()
-    synchronize(device)  # kernels are asynchronous on GPUs: wait for them before reading the clock
-    return time.perf_counter() - start
-
 
 def bench_config(config: Config, repeats: int, device: torch.device) -> dict:
     problem = make_problem(config, device)

@@ -1,6 +1,9 @@
 """One rule for picking a device, used everywhere a `device` argument is taken."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 
 DeviceLike = str | torch.device
@@ -32,3 +35,20 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     if requested.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} was requested but MPS is not available here; use 'auto' or 'cpu'")
     return requested
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of run(); GPU kernels are asynchronous, so the device is waited for before each clock read."""
+    synchronize(device)
+    started = time.perf_counter()
+    run()
+    synchronize(device)
+    return time.perf_counter() - started

@@ -11,7 +11,6 @@ momenta, the generator, the iteration, the history), so a killed run resumes exa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -349,7 +348,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
 def _loop(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers, folder: RunFolder,
           procs: Ranks, callbacks: list[Callback], evaluator: Evaluator | None, progress: bool) -> None:
     """Iterate up to config.iterations, then evaluate the final images and save everything."""
-    save = functools.partial(folder.save, state, config)
+    mask = shallow_layer_mask(student, config.pad_fraction).to(procs.device) if config.pad_fraction else None
     bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
     with graceful_stop() as stop:
         while state.iteration < config.iterations:
@@ -362,7 +361,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                     if state.iteration % config.snapshot_every == 0:
                         folder.save_snapshot(state)
                     started = time.perf_counter()
-                    update = _iteration(state, config, student, buffers, procs, save)
+                    update = _iteration(state, config, student, buffers, procs, folder, mask)
             except KeyboardInterrupt:
                 state.generator.set_state(rng)
                 _interrupted(state, config, folder)
@@ -370,7 +369,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             if update.choice is not None and procs.is_main:
                 bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
             if state.iteration % config.checkpoint_every == 0:
-                save()
+                folder.save(state, config)
             bar.update()
             bar.set_postfix(loss=f"{update.loss:.4f}", syn_lr=f"{state.syn_lr.item():.2e}")
             for callback in callbacks:
@@ -388,7 +387,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 _interrupted(state, config, folder)
             evals.append(evaluation)
         folder.save_snapshot(state)
-        save()
+        folder.save(state, config)
 
 
 def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder, device: torch.device,
@@ -436,21 +435,22 @@ class Update:
 
 
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
-               procs: Ranks, save: Callable[[], None]) -> Update:
+               procs: Ranks, folder: RunFolder, mask: Tensor | None) -> Update:
     g = state.generator
     experts = torch.randint(len(buffers), (config.segments,), generator=g).tolist()
     starts = torch.randint(config.max_start_epoch, (config.segments,), generator=g).tolist()
-    theta_start, theta_target = (torch.stack([buffers.snapshot(e, s + offset) for e, s in zip(experts, starts)])
+    plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
+                       config.dsa, g, procs.device, config.segments)
+    # Every rank drew the same K segments; it reads and unrolls its own share of them.
+    share = config.segments // procs.world
+    mine = slice(procs.rank * share, (procs.rank + 1) * share)
+    if procs.world > 1:
+        plans = [p.select(mine) for p in plans]
+    theta_start, theta_target = (torch.stack([buffers.snapshot(e, s + offset)
+                                              for e, s in zip(experts[mine], starts[mine])]).to(procs.device)
                                  for offset in (0, config.expert_epochs))
     if config.segments == 1:  # one segment: plain [P] vectors, no vmap
         theta_start, theta_target = theta_start[0], theta_target[0]
-    plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
-                       config.dsa, g, procs.device, config.segments)
-    if procs.world > 1:  # every rank drew the same K segments; it unrolls its own share of them
-        share = config.segments // procs.world
-        mine = slice(procs.rank * share, (procs.rank + 1) * share)
-        theta_start, theta_target, plans = theta_start[mine], theta_target[mine], [p.select(mine) for p in plans]
-    theta_start, theta_target = theta_start.to(procs.device), theta_target.to(procs.device)
     labels = None if config.soft_labels else state.labels
     mode = config.backward if config.backward != "auto" else state.backward
     choice = None
@@ -458,7 +458,6 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
                                                  plans, labels, state.label_logits))  # one choice for all ranks
         mode = choice.mode
-    mask = shallow_layer_mask(student, config.pad_fraction).to(procs.device) if config.pad_fraction else None
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                     label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
                     allow_approximate=mode in APPROXIMATE_MODES)
@@ -471,14 +470,14 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         loss = summed[-1].item()
     where = f"(experts {experts}, start epochs {starts})"
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
-        _diverged(state, config, save, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
+        _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
     # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors.
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
     momenta = {name: 0.5 * state.momenta[name] + grads[name] for name in state.momenta}
     updated = {name: v.detach() - rates[name] * momenta[name] for name, v in state.variables().items()}
     if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
-        _diverged(state, config, save, f"this update would make the learned step size "
+        _diverged(state, config, folder, f"this update would make the learned step size "
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
     return Update(loss, updated, momenta, mode, choice)
 
@@ -499,11 +498,12 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
     state.iteration += 1
 
 
-def _diverged(state: DistillState, config: DistillConfig, save: Callable[[], None], what: str) -> None:
-    save()  # the state before this iteration's update: the last good one
+def _diverged(state: DistillState, config: DistillConfig, folder: RunFolder, what: str) -> None:
+    folder.save(state, config)  # the state before this iteration's update: the last good one
     raise DistillationDiverged(
-        f"distillation diverged at iteration {state.iteration}: {what}. The last good state is saved. To go on "
-        f"from it, run the same command with --resume and a smaller --lr-img (now {config.lr_img:g}) or --lr-lr "
+        f"distillation diverged at iteration {state.iteration}: {what}. The last good state is saved in "
+        f"{folder.checkpoint}. To go on from it, run the same command with --resume and a smaller --lr-img "
+        f"(now {config.lr_img:g}) or --lr-lr "
         f"(now {config.lr_lr:g}), or fewer --syn-steps (now {config.syn_steps}); these may change on resume. "
         f"Or start afresh in another --out with a smaller --lr-teacher (now {config.lr_teacher:g}).")
 

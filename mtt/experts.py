@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strategy, sample_params
 from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
 from mtt.data import Dataset
-from mtt.device import DeviceLike, resolve_device
+from mtt.device import DeviceLike, resolve_device, seconds
 from mtt.distributed import ranks
 from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import atomic_write_json, ensure_writable_dir, remove_stale_temporaries
@@ -335,18 +335,9 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     test_x, test_y = dataset.test_images[:test_batch].to(device), dataset.test_labels[:test_batch].to(device)
     shape = (dataset.channels, dataset.im_size)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def timed(fn, repeats: int) -> float:
         fn()  # warm-up: allocations, kernel selection
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - start) / repeats
+        return seconds(lambda: [fn() for _ in range(repeats)], device) / repeats
 
     def train_step() -> None:
         idx = torch.stack([torch.randint(n, (batch,), generator=g) for g in gens]).to(device)

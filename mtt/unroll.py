@@ -43,7 +43,6 @@ Options of the successors (all off by default; each a small function called from
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -54,6 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtt.augment import DSAParams, apply_params, sample_params
+from mtt.device import seconds
 
 BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
@@ -449,22 +449,13 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     try:
         for turn in range(repeats + 1):
             for mode in EXACT_MODES:
-                seconds = _seconds(lambda: run(mode), device)
+                took = seconds(lambda: run(mode), device)
                 if turn:  # turn 0 is the warm-up
-                    times[mode].append(seconds)
+                    times[mode].append(took)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
-    seconds = {mode: statistics.median(t) for mode, t in times.items()}
-    mode = min(seconds, key=seconds.get)
-    return BackwardChoice(mode, seconds, graph, free, f"{mode} was faster")
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    mode = min(medians, key=medians.get)
+    return BackwardChoice(mode, medians, graph, free, f"{mode} was faster")
 
-
-def _seconds(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # kernels are asynchronous: wait for them before reading the clock
-    return time.perf_counter() - started

@@ -101,6 +101,10 @@ def test_a_diverged_run_continues_with_the_advice_it_gives(digits, experts, tmp_
     buffers = ExpertBuffers.open(experts)
     with pytest.raises(DistillationDiverged, match=r"--resume and a smaller --lr-img .* or --lr-lr \(now 1000\)") as err:
         distill(small_config(lr_lr=1e3, iterations=20), digits, buffers, tmp_path, progress=False)
+    assert f"saved in {tmp_path / 'checkpoint.safetensors'}" in str(err.value)
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:  # the last good state
+        syn_lr, images = f.get_tensor("var.syn_lr"), f.get_tensor("var.images")
+    assert syn_lr > 0 and torch.isfinite(images).all()
     stopped_at = int(str(err.value).split("iteration ")[1].split(":")[0])
     synthetic = distill(small_config(lr_lr=1e-5, iterations=stopped_at + 3), digits, buffers, tmp_path, resume=True,
                         progress=False)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-import mtt.experts
+import mtt.device
 from mtt.data import load_dataset
 from mtt.experts import ExpertConfig, estimate_seconds
 
@@ -32,7 +32,7 @@ def test_positive_finite_and_grows_with_epochs(digits):
 def test_extrapolates_groups_epochs_and_steps(digits, monkeypatch, parallel):
     # A clock that advances 1 s per reading makes the extrapolation exact.
     ticks = itertools.count()
-    monkeypatch.setattr(mtt.experts, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    monkeypatch.setattr(mtt.device, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
     config = replace(TINY, parallel=parallel, epochs=5)
     seconds = estimate_seconds(digits, config, device="cpu", probe_batches=4)
     n, n_test = len(digits.train_images), len(digits.test_images)
