@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,8 @@ from mtt.evaluate import (EvalConfig, EvalResult, baseline_images, check_models,
                           evaluate_synthetic, herding, lr_at, accuracy, matching_test_images, train_and_test,
                           train_network, with_original_zca)
 from mtt.networks import get_network
-from mtt.paper import MTT_CROSS_ARCH_CIFAR10_IPC10, comparison_table, plot_cross_arch, published
+from mtt.paper import (MTT_CROSS_ARCH_CIFAR10_IPC10, SUCCESSORS, comparison_table, load_method_results,
+                       plot_cross_arch, published, successors_table)
 from mtt.synthetic import SyntheticSet
 
 QUICK = EvalConfig(epochs=2, lr=0.01, repeats=1)
@@ -288,6 +290,85 @@ def test_comparison_table():
     assert "KIP" not in text  # a Fashion-MNIST-only method
     assert published("DSA", "fashion-mnist", 50) == 88.7 and published("random", "fashion-mnist", 1) is None
     assert MTT_CROSS_ARCH_CIFAR10_IPC10 == {"ConvNet": 64.3, "ResNet18": 46.4, "VGG11": 50.3, "AlexNet": 34.2}
+
+
+def test_published_successors_match_design():
+    """DESIGN.md, "Published results" and "After MTT": ConvNet, IPC 1 / 10 / 50."""
+    design = {"MTT": ((46.3, 65.3, 71.6), (24.3, 40.1, 47.7)), "TESLA": ((48.5, 66.4, 72.6), (24.8, 41.7, 47.9)),
+              "FTD": ((46.8, 66.6, 73.8), (25.2, 43.4, 50.7)), "DATM": ((46.9, 66.8, 76.1), (27.9, 47.2, 55.0)),
+              "ATT": ((48.3, 67.7, 74.5), (26.1, 44.2, 51.2)), "PAD": ((47.2, 67.4, 77.0), (28.4, 47.8, 55.9))}
+    assert tuple(design) == SUCCESSORS
+    for method, (cifar10, cifar100) in design.items():
+        assert [published(method, "cifar10", ipc) for ipc in (1, 10, 50)] == list(cifar10)
+        assert [published(method, "cifar100", ipc) for ipc in (1, 10, 50)] == list(cifar100)
+        assert published(method.lower(), "cifar100", 50) == cifar100[2]  # our recipe names (--method pad)
+    md, _ = comparison_table({"MTT": 47.0}, "cifar10", 1)
+    assert "| ATT | – | – | 48.3 | – |" in md and "| PAD | – | – | 47.2 | – |" in md
+
+
+def test_successors_table_published_only():
+    md, text = successors_table()
+    lines = md.splitlines()
+    assert lines[2] == ("| method | cifar10 IPC 1 paper | cifar10 IPC 10 paper | cifar10 IPC 50 paper "
+                        "| cifar100 IPC 1 paper | cifar100 IPC 10 paper | cifar100 IPC 50 paper |")
+    assert [line.split(" | ")[0] for line in lines[4:]] == [f"| {m}" for m in SUCCESSORS]
+    assert "| ATT | 48.3 | 67.7 | 74.5 | 26.1 | 44.2 | 51.2 |" in md
+    assert "| PAD | 47.2 | 67.4 | 77.0 | 28.4 | 47.8 | 55.9 |" in md
+    assert "ours" not in lines[2]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 6 * 2 * 3 and {r["ours"] for r in rows} == {""}
+    assert rows[0] == {"method": "MTT", "dataset": "cifar10", "ipc": "1", "paper": "46.3", "ours": "",
+                       "ours std": "", "ours - paper": ""}
+
+
+def test_successors_table_with_our_results(tmp_path):
+    path = tmp_path / "methods" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps([
+        {"method": "datm", "dataset": "digits", "ipc": 1, "mean": 93.1, "std": 0.8, "seconds": 120.0},
+        {"method": "mtt", "dataset": "digits", "ipc": 1, "mean": 92.6, "std": 0.84, "seconds": 60.0},
+        {"method": "pad", "dataset": "cifar10", "ipc": 10, "mean": 66.0, "std": 0.5, "seconds": 9000.0},
+        {"method": "att", "dataset": "digits", "ipc": 10, "mean": 97.0, "std": None},
+    ]))
+    results = load_method_results(path)
+    assert results == {("datm", "digits", 1): (93.1, 0.8), ("mtt", "digits", 1): (92.6, 0.84),
+                       ("pad", "cifar10", 10): (66.0, 0.5), ("att", "digits", 10): (97.0, None)}
+    md, text = successors_table(results)
+    header = md.splitlines()[2].split(" | ")
+    # digits has no published number: ours columns only, after the published datasets
+    assert header[-3:] == ["cifar100 IPC 50 ours", "digits IPC 1 ours", "digits IPC 10 ours |"]
+    assert "digits IPC 1 paper" not in md
+    assert "| PAD | 47.2 | owed | 67.4 | 66.0 +- 0.5 | 77.0 | owed |" in md
+    assert md.splitlines()[4].endswith("| 92.6 +- 0.8 | owed |")  # MTT
+    assert md.splitlines()[8].endswith("| owed | 97.0 |")  # ATT, no std
+    rows = {(r["method"], r["dataset"], r["ipc"]): r for r in csv.DictReader(io.StringIO(text))}
+    assert rows["PAD", "cifar10", "10"] == {"method": "PAD", "dataset": "cifar10", "ipc": "10", "paper": "67.4",
+                                            "ours": "66.0", "ours std": "0.5", "ours - paper": "-1.4"}
+    assert rows["DATM", "digits", "1"]["ours"] == "93.1" and ("TESLA", "digits", "1") not in rows
+    # other methods of ours come after the successors; datasets can be picked
+    md, _ = successors_table({("random", "cifar10", 1): EvalResult(15.0, 1.0, [])}, datasets=("cifar10",))
+    assert md.splitlines()[-1] == "| random real | 14.4 | 15.0 +- 1.0 | 26.0 | owed | 43.4 | owed |"
+    assert "cifar100" not in md
+
+
+def test_load_method_results_missing_and_malformed(tmp_path):
+    assert load_method_results(tmp_path / "nothing yet.json") == {}
+    path = tmp_path / "results.json"
+    good = {"method": "datm", "dataset": "digits", "ipc": 1, "mean": 93.1, "std": 0.8}
+    cases = {"{not json": "not valid JSON",
+             json.dumps({"datm": good}): "expected a JSON list",
+             json.dumps([good, "datm"]): "record 1 is not an object",
+             json.dumps([{k: v for k, v in good.items() if k != "mean"}]): "record 0 has no 'mean'",
+             json.dumps([good | {"ipc": "1"}]): "record 0: 'ipc' must be a positive integer, got '1'",
+             json.dumps([good | {"mean": None}]): "'mean' must be a finite number, got None",
+             json.dumps([good | {"std": "0.8"}]): "'std' must be a finite number or null",
+             json.dumps([good | {"method": ""}]): "'method' must be a non-empty string",
+             json.dumps([good, good | {"mean": 90.0}]): "records 0 and 1 are both ('datm', 'digits', 1)"}
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            load_method_results(path)
+        assert str(path) in str(error.value)
 
 
 def test_cross_arch_chart_is_written(tmp_path):
