@@ -7,6 +7,7 @@ Each command is a pair: `add_<command>(subparsers)` declares its flags and sets
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,14 @@ POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
 
 
+def _fraction(text: str) -> float:
+    """A number in [0, 1): a momentum or a decay."""
+    value = NON_NEGATIVE_RATE(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (experts: expert k uses seed + k)")
@@ -105,6 +114,15 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=NON_NEGATIVE_RATE, default=0.0, help="SGD weight decay")
     p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
     p.add_argument("--parallel", type=POSITIVE, default=1, help="experts trained at once on one device (vmap)")
+    p.add_argument("--sam-rho", type=NON_NEGATIVE_RATE, default=0.0,
+                   help="FTD: adaptive SAM/GSAM radius (FTD: 0.01); 0: plain SGD")
+    p.add_argument("--gsam-alpha", type=NON_NEGATIVE_RATE, default=0.0,
+                   help="FTD: GSAM's surrogate-gap weight, with --sam-rho (FTD: 0.3 on CIFAR-10); 0: plain SAM")
+    p.add_argument("--easy-to-hard", type=NON_NEGATIVE_RATE, default=0.0, metavar="FRACTION",
+                   help="PAD: share of each class's easiest images (by EL2N) trained on in epoch 0, growing "
+                        "linearly to all (PAD: 0.75); 0: off")
+    p.add_argument("--easy-to-hard-epochs", type=POSITIVE, default=20, metavar="E",
+                   help="PAD: epoch from which every image is used (PAD's add_end_epoch)")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
@@ -112,7 +130,6 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_experts(args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
     import os
 
     from mtt.data import load_dataset
@@ -124,7 +141,9 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
         args.json = False  # under torchrun only rank 0 reports
     config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                          dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth)
+                          dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth,
+                          sam_rho=args.sam_rho, gsam_alpha=args.gsam_alpha, easy_to_hard=args.easy_to_hard,
+                          easy_to_hard_epochs=args.easy_to_hard_epochs)
     ensure_writable_dir(args.out)  # before loading data and training, not after
     dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
     if args.train_per_class:
@@ -141,6 +160,8 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
 @command
 def add_distill(subparsers: argparse._SubParsersAction) -> None:
     from mtt.tracking import TRACKERS
+    from mtt.distill import INITS, LABEL_INITS
+    from mtt.recipes import METHODS
     from mtt.unroll import APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS
 
     p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
@@ -157,6 +178,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="paper",
                    help="'paper': the preset for --dataset/--ipc (the paper's table, ours for digits/fashion-mnist); "
                         "'none': library defaults; or another preset as DATASET:IPC")
+    p.add_argument("--method", choices=METHODS, default="mtt",
+                   help="recipe over the preset: mtt, or a successor's options with its published hyper-parameters "
+                        "(tesla, ftd, datm, att, pad; see mtt/recipes.py); flags given still override it")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     p.add_argument("--model", default=None, help="student network; default: the experts'")
     p.add_argument("--width", type=POSITIVE, default=None, help="ConvNet width; default: the experts'")
@@ -174,7 +198,27 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--zca", action=argparse.BooleanOptionalAction, default=None,
                    help="ZCA-whitened space (default: the preset's)")
     p.add_argument("--soft-labels", action=argparse.BooleanOptionalAction, default=None, help="learn label logits")
-    p.add_argument("--init", choices=["real", "noise"], default=None, help="initial images (default: real)")
+    p.add_argument("--lr-labels", type=RATE, default=None, help="learning rate of the learned label logits (lr_y)")
+    p.add_argument("--label-momentum", type=_fraction, default=None,
+                   help="SGD momentum of the learned label logits (default 0.5; DATM: 0.9)")
+    p.add_argument("--label-init", choices=LABEL_INITS, default=None,
+                   help="learned soft labels start onehot (0.9 on the class, default) or from the experts' mean "
+                        "logits over those that classify each image correctly (DATM)")
+    p.add_argument("--teacher-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="TESLA: train the student on the target checkpoint's softmax, recomputed each iteration")
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="initial images: real (random real, default), noise, correct (real images the experts "
+                        "classify correctly, DATM)")
+    p.add_argument("--min-start-epoch", type=NON_NEGATIVE, default=None,
+                   help="start epochs drawn from [this, upper) (default: 0)")
+    p.add_argument("--current-max-start-epoch", type=POSITIVE, default=None,
+                   help="DATM: upper grows from this to --max-start-epoch by --expansion-end (default: off)")
+    p.add_argument("--expansion-end", type=POSITIVE, default=None,
+                   help="DATM: the iteration by which the start window is fully open (default: 1000)")
+    p.add_argument("--loss-threshold", type=RATE, default=None,
+                   help="DATM: skip the update of an iteration whose matching loss exceeds this (default: off)")
+    p.add_argument("--ema-decay", type=_fraction, default=None,
+                   help="FTD: evaluate and save an EMA of the images with this decay (default: 0, off)")
     p.add_argument("--backward", choices=BACKWARD_MODES + APPROXIMATE_MODES, default=None,
                    help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
                         "the two that fits in memory, measured on the first iteration (default); tesla: TESLA's "
@@ -205,37 +249,41 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 NETWORK_FLAGS = ("model", "width", "depth")
 CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img",
                 "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "match", "pad_fraction", "precision",
-                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every")
+                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every", "lr_labels",
+                "label_momentum", "label_init", "teacher_labels", "min_start_epoch", "current_max_start_epoch",
+                "expansion_end", "loss_threshold", "ema_decay")
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
     """The preset named by --preset for --dataset/--ipc, with every flag given applied over it."""
     from mtt.distill import DistillConfig, preset
+    from mtt.recipes import apply_recipe
 
     overrides = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS if getattr(args, name) is not None}
     overrides |= {"seed": args.seed, "device": args.device}
     if args.preset == "paper":
-        config = preset(args.dataset, args.ipc, **overrides)
+        config = preset(args.dataset, args.ipc, args.method, **overrides)
     elif args.preset == "none":
         config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **overrides)
+        config = dataclasses.replace(apply_recipe(config, args.method), **overrides)
     else:
         dataset_name, _, ipc = args.preset.partition(":")
         if not ipc.isdigit():
             raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {args.preset!r}")
-        config = preset(dataset_name, int(ipc), **overrides)
+        config = preset(dataset_name, int(ipc), args.method, **overrides)
         config.dataset, config.ipc = args.dataset, args.ipc
     config.validate()
     return config
 
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
-    import dataclasses
     import os
     import time
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
     from mtt.distill import distill, network_from_buffers
+    from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
 
@@ -252,6 +300,8 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         distill(config, dataset, buffers, args.out, resume=args.resume, progress=False)
         return {}
     _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"})
+    if config.method in EXPERT_NOTES:
+        print(f"note ({config.method}): {EXPERT_NOTES[config.method]}", file=sys.stderr)
     log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
     started = time.perf_counter()
     try:

@@ -33,7 +33,9 @@ from mtt.distributed import Ranks, ranks
 from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
                     remove_stale_temporaries)
+from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
 from mtt.networks import get_network
+from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS, BackwardChoice, Student,
                         choose_backward, plan_steps, shallow_layer_mask, unroll)
@@ -63,7 +65,8 @@ class DistillConfig:
     lr_teacher: float = 0.01     # the step size alpha starts here
     soft_labels: bool = False    # learn label logits (TESLA/DATM); off in the paper presets
     lr_labels: float = 10.0
-    init: str = "real"           # "real": random real images of each class; "noise": N(0, 1)
+    init: str = "real"           # "real": random real images of each class; "noise": N(0, 1);
+                                 # "correct": real images the experts classify correctly (DATM)
     dsa: str = DEFAULT_STRATEGY
     iterations: int = 5000
     backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured;
@@ -71,6 +74,16 @@ class DistillConfig:
     match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
     pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
     precision: str = "fp32"      # "bf16": the student network under bf16 autocast (GPU speed; fp32 state)
+    # The successors' options (mtt/recipes.py switches them on by --method); all off in plain MTT.
+    method: str = "mtt"          # the recipe these settings started from (recorded; the fields below act)
+    min_start_epoch: int = 0     # DATM: start epochs are drawn from [min_start_epoch, upper), where upper is
+    current_max_start_epoch: int | None = None  # max_start_epoch, or (DATM) grows from this value ...
+    expansion_end: int = 1000    # ... linearly to max_start_epoch by this iteration
+    loss_threshold: float | None = None  # DATM: an iteration whose matching loss exceeds this changes nothing
+    label_init: str = "onehot"   # learned soft labels start "onehot" (0.9 on the class) or "experts" (DATM)
+    label_momentum: float = 0.5  # SGD momentum of the learned label logits (DATM: 0.9)
+    teacher_labels: bool = False  # TESLA: soft targets = the target checkpoint's logits, recomputed, not learned
+    ema_decay: float = 0.0       # FTD: keep an EMA of the images, which is what is evaluated and saved; 0 = off
     seed: int = 0
     device: str = "auto"
     eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0)
@@ -98,14 +111,44 @@ class DistillConfig:
             raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
         if not 0 <= self.pad_fraction < 1:
             raise ValueError(f"pad_fraction must be in [0, 1), got {self.pad_fraction!r}")
-        if self.init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        self._validate_successors()
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
             raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
         for name in ("zca", "soft_labels"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         parse_strategy(self.dsa)
+
+    def _validate_successors(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0 <= self.min_start_epoch < self.max_start_epoch:
+            raise ValueError(f"min_start_epoch must be in [0, max_start_epoch={self.max_start_epoch}), "
+                             f"got {self.min_start_epoch}")
+        if self.current_max_start_epoch is not None and not (
+                self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch):
+            raise ValueError(f"current_max_start_epoch must be in (min_start_epoch={self.min_start_epoch}, "
+                             f"max_start_epoch={self.max_start_epoch}], got {self.current_max_start_epoch}")
+        if self.expansion_end < 1:
+            raise ValueError(f"expansion_end must be >= 1, got {self.expansion_end}")
+        if self.loss_threshold is not None and not self.loss_threshold > 0:
+            raise ValueError(f"loss_threshold must be > 0 or None (off), got {self.loss_threshold!r}")
+        if self.label_init not in LABEL_INITS:
+            raise ValueError(f"label_init must be one of {LABEL_INITS}, got {self.label_init!r}")
+        if self.label_init != "onehot" and not self.soft_labels:
+            raise ValueError(f"label_init={self.label_init!r} initialises learned soft labels: add --soft-labels")
+        if self.teacher_labels and self.soft_labels:
+            raise ValueError("teacher_labels (TESLA: fixed targets from the expert) and soft_labels (learned "
+                             "targets) exclude each other: choose one")
+        for name in ("label_momentum", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+
+INITS = ("real", "noise", "correct")
+LABEL_INITS = ("onehot", "experts")
 
 
 # (dataset, ipc) -> settings. Paper: the authors' table (DESIGN.md); "full" batch = None.
@@ -139,8 +182,9 @@ _OURS = {
 PRESETS: dict[tuple[str, int], dict[str, Any]] = {**_PAPER, **_OURS}
 
 
-def preset(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
-    """The preset for (dataset, ipc) — the paper's where it has one — with overrides applied."""
+def preset(dataset: str, ipc: int, method: str = "mtt", **overrides: Any) -> DistillConfig:
+    """The preset for (dataset, ipc) — the paper's where it has one — with `method`'s recipe
+    (mtt.recipes: mtt, tesla, ftd, datm, att, pad) and then the overrides applied."""
     if not isinstance(dataset, str) or isinstance(ipc, bool) or not isinstance(ipc, int):
         raise TypeError(f"preset(dataset, ipc) takes a dataset name and an int, got {dataset!r}, {ipc!r}")
     if (dataset, ipc) not in PRESETS:
@@ -148,8 +192,9 @@ def preset(dataset: str, ipc: int, **overrides: Any) -> DistillConfig:
         raise ValueError(f"no preset for {dataset} at IPC {ipc}. Use --preset none (library defaults; "
                          f"DistillConfig(...) in Python) and set the hyper-parameters, or borrow one with "
                          f"--preset DATASET:IPC, one of {known}")
-    config = DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)])
-    return dataclasses.replace(config, **overrides)
+    # The recipe's derived values (DATM's window, FTD's decay) follow the overridden preset; overrides still win.
+    config = dataclasses.replace(DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)]), **overrides)
+    return dataclasses.replace(apply_recipe(config, method), **overrides)
 
 
 def network_from_buffers(config: DistillConfig, buffers: ExpertBuffers, keep: Iterable[str] = ()) -> DistillConfig:
@@ -176,6 +221,8 @@ class DistillState:
     iteration: int = 0
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
     backward: str | None = None      # the exact mode in use (what `auto` chose), once known
+    ema_images: Tensor | None = None      # FTD: the EMA of the images, when ema_decay > 0
+    teacher_logits: Tensor | None = None  # TESLA: the last iteration's teacher labels (for evaluation)
 
     def variables(self) -> dict[str, Tensor]:
         found = {"images": self.images, "syn_lr": self.syn_lr}
@@ -183,22 +230,40 @@ class DistillState:
             found["label_logits"] = self.label_logits
         return found
 
+    def result(self) -> tuple[Tensor, Tensor]:
+        """What is evaluated and saved: the images (their EMA under FTD) and the targets (class indices, or
+        label logits when they are learned or read off the teacher)."""
+        images = self.images if self.ema_images is None else self.ema_images
+        targets = next(t for t in (self.label_logits, self.teacher_logits, self.labels) if t is not None)
+        return images.detach(), targets.detach()
 
-def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device) -> DistillState:
+
+def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device, student: Student | None = None,
+                  buffers: ExpertBuffers | None = None) -> DistillState:
+    """The state at iteration 0. init="correct" and label_init="experts" (DATM) read the experts: give
+    `student` (the network they were trained as) and `buffers`."""
+    if (config.init == "correct" or config.label_init == "experts") and (student is None or buffers is None):
+        raise ValueError("init='correct' and label_init='experts' read the experts: pass student and buffers")
     generator = torch.Generator().manual_seed(config.seed)
-    labels = torch.arange(dataset.num_classes).repeat_interleave(config.ipc)
+    labels = torch.arange(dataset.num_classes, device=device).repeat_interleave(config.ipc)
     if config.init == "real":
         images = torch.cat([dataset.sample_real(c, config.ipc, generator) for c in range(dataset.num_classes)])
+    elif config.init == "correct":
+        images = correctly_classified_images(dataset, config.ipc, student, buffers, generator, device)
     else:
         images = torch.randn(len(labels), dataset.channels, *dataset.im_size, generator=generator)
+    images = images.to(device)
     label_logits = None
-    if config.soft_labels:
+    if config.soft_labels and config.label_init == "experts":
+        label_logits = experts_label_logits(student, buffers, images, labels)
+    elif config.soft_labels:
         # Start from confident one-hot targets: softmax gives the true class 0.9.
         k = dataset.num_classes
         label_logits = F.one_hot(labels, k).float() * math.log(0.9 * (k - 1) / 0.1)
-    state = DistillState(images.to(device), labels.to(device), torch.tensor(config.lr_teacher, device=device),
-                         None if label_logits is None else label_logits.to(device), {}, generator)
+    state = DistillState(images, labels, torch.tensor(config.lr_teacher, device=device), label_logits, {}, generator)
     state.momenta = {name: torch.zeros_like(v) for name, v in state.variables().items()}
+    if config.ema_decay:
+        state.ema_images = images.clone()
     return state
 
 
@@ -212,6 +277,8 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors = {f"var.{k}": v for k, v in state.variables().items()}
     tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
+    tensors |= {name: t for name, t in (("ema_images", state.ema_images), ("teacher_logits", state.teacher_logits))
+                if t is not None}
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or ""}
     atomic_save_safetensors(tensors, path, metadata)
@@ -220,9 +287,9 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
 # What must stay as it was when a run is resumed: the shape and meaning of the learned state.
 # Everything else (learning rates, unroll length, evaluation, ...) may change; the change is
 # recorded in history["changes"].
-FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels")
+FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels", "teacher_labels")
 _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
-          "soft_labels": "--soft-labels", "dataset": "--dataset"}
+          "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels"}
 
 
 def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
@@ -252,7 +319,10 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     momenta = {k.removeprefix("momentum."): v.to(device) for k, v in tensors.items() if k.startswith("momentum.")}
     state = DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
                          variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
-                         json.loads(metadata["history"]), metadata.get("backward") or None)
+                         json.loads(metadata["history"]), metadata.get("backward") or None,
+                         *(tensors[k].to(device) if k in tensors else None for k in ("ema_images", "teacher_logits")))
+    if config.ema_decay and state.ema_images is None:  # EMA switched on at resume: it starts from here
+        state.ema_images = state.images.clone()
     changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
     if changed:
         state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
@@ -301,8 +371,8 @@ class RunFolder:
     def save_snapshot(self, state: DistillState) -> None:
         if self.writes:
             tensors = {"images": state.images, "syn_lr": state.syn_lr}
-            if state.label_logits is not None:
-                tensors["label_logits"] = state.label_logits
+            tensors |= {name: t for name, t in (("label_logits", state.label_logits), ("ema_images", state.ema_images),
+                                                ("teacher_logits", state.teacher_logits)) if t is not None}
             atomic_save_safetensors(tensors, self.path / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
 
     def save_json(self, name: str, obj: Any) -> None:
@@ -335,12 +405,13 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             evaluator = _default_evaluator(config, dataset, progress)
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
-        state = _start_or_resume(config, dataset, folder, procs.device, resume)
+        state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
         folder.save_json("config.json", dataclasses.asdict(config))
         _loop(state, config, student, buffers, folder, procs, callbacks, evaluator, progress)
-    synthetic = SyntheticSet(state.images.detach().cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset,
-                             config.model, None if state.label_logits is None else state.label_logits.detach().cpu(),
-                             dataset.zca, dataclasses.asdict(config))
+    images, targets = state.result()
+    synthetic = SyntheticSet(images.cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset, config.model,
+                             None if targets.dtype == torch.long else targets.cpu(), dataset.zca,
+                             dataclasses.asdict(config))
     folder.save_synthetic(synthetic)
     return synthetic
 
@@ -391,7 +462,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
 
 
 def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder, device: torch.device,
-                     resume: bool) -> DistillState:
+                     resume: bool, student: Student, buffers: ExpertBuffers) -> DistillState:
     if folder.checkpoint.exists():
         if not resume:
             raise ValueError(f"{folder.path} already holds a run (checkpoint.safetensors): add --resume (resume=True) "
@@ -399,7 +470,7 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
         return load_checkpoint(folder.checkpoint, config, device, folder.experts)
     if resume and folder.writes:
         print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
-    return initial_state(config, dataset, device)
+    return initial_state(config, dataset, device, student, buffers)
 
 
 def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) -> None:
@@ -432,13 +503,16 @@ class Update:
     momenta: dict[str, Tensor]
     backward: str                        # the exact mode this iteration used
     choice: BackwardChoice | None = None  # when `auto` chose it in this iteration
+    skipped: bool = False                # DATM: the loss exceeded loss_threshold, nothing was updated
+    ema_images: Tensor | None = None
+    teacher_logits: Tensor | None = None
 
 
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
                procs: Ranks, folder: RunFolder, mask: Tensor | None) -> Update:
     g = state.generator
     experts = torch.randint(len(buffers), (config.segments,), generator=g).tolist()
-    starts = torch.randint(config.max_start_epoch, (config.segments,), generator=g).tolist()
+    starts = torch.randint(*start_epoch_range(config, state.iteration), (config.segments,), generator=g).tolist()
     plans = plan_steps(len(state.images), config.syn_steps, config.batch_syn, tuple(state.images.shape[1:]),
                        config.dsa, g, procs.device, config.segments)
     # Every rank drew the same K segments; it reads and unrolls its own share of them.
@@ -452,6 +526,9 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if config.segments == 1:  # one segment: plain [P] vectors, no vmap
         theta_start, theta_target = theta_start[0], theta_target[0]
     labels = None if config.soft_labels else state.labels
+    teacher = teacher_logits(student, theta_target, state.images) if config.teacher_labels else None
+    if teacher is not None:
+        labels = teacher
     mode = config.backward if config.backward != "auto" else state.backward
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
@@ -472,14 +549,37 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
         _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
-    # torch.optim.SGD(momentum=0.5) written out, so its buffers are plain checkpointable tensors.
+    teacher = None if teacher is None else teacher.mean(0) if teacher.dim() == 3 else teacher
+    if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
+        return Update(loss, state.variables(), state.momenta, mode, choice, skipped=True,
+                      ema_images=state.ema_images, teacher_logits=teacher)
+    # torch.optim.SGD(momentum=...) written out, so its buffers are plain checkpointable tensors.
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
-    momenta = {name: 0.5 * state.momenta[name] + grads[name] for name in state.momenta}
+    momentum = {"images": 0.5, "syn_lr": 0.5, "label_logits": config.label_momentum}
+    momenta = {name: momentum[name] * state.momenta[name] + grads[name] for name in state.momenta}
     updated = {name: v.detach() - rates[name] * momenta[name] for name, v in state.variables().items()}
     if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
         _diverged(state, config, folder, f"this update would make the learned step size "
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
-    return Update(loss, updated, momenta, mode, choice)
+    ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
+    return Update(loss, updated, momenta, mode, choice, ema_images=ema, teacher_logits=teacher)
+
+
+def start_epoch_range(config: DistillConfig, iteration: int) -> tuple[int, int]:
+    """[low, high) of this iteration's start epochs: [0, max_start_epoch) in MTT. DATM's sequential
+    generation: [min_start_epoch, upper) with upper growing linearly from current_max_start_epoch at
+    iteration 0 to max_start_epoch at iteration expansion_end (its formula, int() included)."""
+    upper = config.max_start_epoch
+    if config.current_max_start_epoch is not None:
+        grown = config.current_max_start_epoch + int(
+            (config.max_start_epoch - config.current_max_start_epoch) * iteration / config.expansion_end)
+        upper = min(grown, config.max_start_epoch)
+    return config.min_start_epoch, upper
+
+
+def ema_update(average: Tensor, images: Tensor, decay: float) -> Tensor:
+    """FTD: the EMA of the images after an update, decay * average + (1 - decay) * images."""
+    return decay * average + (1 - decay) * images
 
 
 def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | None, seconds: float) -> None:
@@ -492,6 +592,9 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
     state.history["loss"].append(update.loss)
     state.history["syn_lr"].append(state.syn_lr.item())
     state.history["seconds"].append(seconds)
+    if update.skipped:
+        state.history.setdefault("skipped", []).append(state.iteration)
+    state.ema_images, state.teacher_logits = update.ema_images, update.teacher_logits
     state.backward = update.backward
     if update.choice is not None:
         state.history["backward"] = {"iteration": state.iteration, **dataclasses.asdict(update.choice)}
@@ -522,8 +625,8 @@ def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool) 
                              progress=progress)
 
     def run(state: DistillState) -> dict[str, Any]:
-        targets = state.labels if state.label_logits is None else state.label_logits
-        result = evaluate(state.images.detach(), targets.detach(), dataset.test_images, dataset.test_labels,
+        images, targets = state.result()
+        result = evaluate(images, targets, dataset.test_images, dataset.test_labels,
                           dataclasses.replace(eval_config, lr=state.syn_lr.item()), device=config.device)
         return {"mean": result.mean, "std": result.std, "runs": result.runs}
 

@@ -10,22 +10,32 @@ and is the reference. Vectorised (P>1) stacks P networks with torch.func.stack_m
 and takes each SGD step for all of them at once with vmap(grad(functional_call)). Expert k
 draws its initialisation, data order and DSA parameters from its own stream seeded by
 seed+k, so it follows the same batches whatever P, rank or world size it trains under.
+
+Two options for MTT's successors, both off by default:
+- FTD's flat experts (sam_rho, gsam_alpha): each step goes along GSAM's direction, from a
+  second gradient at sharpness-perturbed weights (gsam_direction).
+- PAD's easy-to-hard data (easy_to_hard, easy_to_hard_epochs): images are ranked by EL2N
+  (el2n_scores, cached in the output folder) and each epoch uses only the easiest share of
+  every class, a share that grows linearly to the whole set (admitted_images).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import Tensor
 from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
@@ -34,9 +44,10 @@ from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strateg
 from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds
-from mtt.distributed import ranks
+from mtt.distributed import Ranks, ranks
 from mtt.interrupt import Interrupted, graceful_stop
-from mtt.io import atomic_write_json, ensure_writable_dir, remove_stale_temporaries
+from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
+                    remove_stale_temporaries)
 from mtt.networks import get_network
 
 
@@ -56,17 +67,27 @@ class ExpertConfig:
     seed: int = 0  # expert k uses seed + k
     width: int = 128
     depth: int = 3
+    sam_rho: float = 0.0  # FTD: > 0 trains with adaptive SAM of this radius (FTD: 0.01); 0 = plain SGD
+    gsam_alpha: float = 0.0  # FTD: GSAM's surrogate-gap weight (FTD: 0.3 on CIFAR-10); 0 = plain SAM
+    easy_to_hard: float = 0.0  # PAD: share of each class's easiest images used in epoch 0 (PAD: 0.75); 0 = off
+    easy_to_hard_epochs: int = 20  # PAD's add_end_epoch: the share grows linearly to 1 at this epoch
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "epochs", "batch_size", "parallel", "width", "depth"):
+        for name in ("num_experts", "epochs", "batch_size", "parallel", "width", "depth", "easy_to_hard_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0 (the paper's experts use 0.01), got {self.lr!r}")
-        for name in ("momentum", "weight_decay"):
+        for name in ("momentum", "weight_decay", "sam_rho", "gsam_alpha"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.gsam_alpha and not self.sam_rho:
+            raise ValueError(f"gsam_alpha={self.gsam_alpha} weighs GSAM's correction of SAM, which is off: set "
+                             "sam_rho (--sam-rho) too, e.g. 0.01 as FTD does")
+        if not 0 <= self.easy_to_hard <= 1:
+            raise ValueError(f"easy_to_hard must be a fraction in [0, 1] (0 = off; PAD uses 0.75), "
+                             f"got {self.easy_to_hard!r}")
         parse_strategy(self.dsa)  # a bad strategy fails before any training
 
 
@@ -108,6 +129,65 @@ def augment(x: Tensor, params: Sequence[DSAParams]) -> Tensor:
     return out
 
 
+# ----------------------------------------------------------------------------- sharpness-aware direction (FTD)
+
+Params = dict[str, Tensor]  # parameter name -> tensor with a leading expert dim [K, ...]
+
+# GSAM's perturb_eps, used in both the perturbation and the decomposition (juntang-zhuang/GSAM, gsam/gsam.py).
+GSAM_EPS = 1e-12
+
+
+def _per_expert(value: Tensor, like: Tensor) -> Tensor:
+    """A per-expert scalar [K] shaped to broadcast against `like` [K, ...]."""
+    return value.view(-1, *[1] * (like.dim() - 1))
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    """<a, b> of each expert over all its parameters: [K]."""
+    return sum((a[name] * b[name]).flatten(1).sum(1) for name in a)
+
+
+def _norm(a: Params) -> Tensor:
+    return _dot(a, a).sqrt()
+
+
+def gsam_direction(weights: Params, grads: Params, grads_at: Callable[[Params], Params], rho: float,
+                   alpha: float) -> Params:
+    """GSAM's update direction (Zhuang et al., ICLR 2022) with adaptive=True, as FTD trains its experts.
+
+    `grads` is the gradient g at `weights` w, grads_at(w') the gradient on the same batch at
+    other weights. As GSAM.perturb_weights and GSAM.gradient_decompose in
+    juntang-zhuang/GSAM (gsam/gsam.py, the `gsam` package that FTD's and PAD's buffer scripts
+    import), eps = 1e-12 (perturb_eps), norms over all of an expert's parameters:
+      e = rho * w^2 * g / (|| |w| * g || + eps)           (adaptive: the norm weighs g by |w|)
+      g_p = grad L(w + e)
+      cosine = <g, g_p> / (||g|| ||g_p|| + eps)          (plain norms here)
+      vertical = g - cosine * ||g|| * g_p / (||g_p|| + eps)
+      direction = g_p - alpha * vertical                  (alpha = 0: plain adaptive SAM)
+    The caller's SGD step then uses the direction at w, with its weight decay and momentum.
+    """
+    scale = rho / (_norm({name: w.abs() * grads[name] for name, w in weights.items()}) + GSAM_EPS)
+    g_p = grads_at({name: w + grads[name] * _per_expert(scale, w) * w.square() for name, w in weights.items()})
+    g_norm, g_p_norm = _norm(grads), _norm(g_p)
+    cosine = _dot(grads, g_p) / (g_norm * g_p_norm + GSAM_EPS)
+    ratio = cosine * g_norm / (g_p_norm + GSAM_EPS)
+    return {name: g_p[name] - alpha * (g - _per_expert(ratio, g) * g_p[name]) for name, g in grads.items()}
+
+
+@contextmanager
+def running_stats_frozen(net: nn.Module) -> Iterator[None]:
+    """BatchNorm keeps its running statistics through the perturbed pass (GSAM's disable_running_stats)."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
+
 # ----------------------------------------------------------------------------- trainers
 
 class SequentialExperts:
@@ -117,21 +197,40 @@ class SequentialExperts:
         self.net = net
         self.opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                    weight_decay=config.weight_decay)
+        self.sam_rho, self.gsam_alpha = config.sam_rho, config.gsam_alpha
 
     def step(self, x: Tensor, y: Tensor) -> None:
-        """One SGD step on x [1, B, C, H, W], y [1, B]."""
+        """One SGD step on x [1, B, C, H, W], y [1, B]; along GSAM's direction when sam_rho is set."""
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         F.cross_entropy(self.net(x[0]), y[0]).backward()
+        if self.sam_rho:
+            self._gsam_grads(x[0], y[0])
         self.opt.step()
 
+    def _gsam_grads(self, x: Tensor, y: Tensor) -> None:
+        """Replace every .grad by GSAM's direction (a leading expert dim of 1 for gsam_direction)."""
+        params = dict(self.net.named_parameters())
+
+        def grads_at(weights: Params) -> Params:
+            leaves = {name: w[0].detach().requires_grad_() for name, w in weights.items()}
+            with torch.enable_grad(), running_stats_frozen(self.net):
+                loss = F.cross_entropy(functional_call(self.net, leaves, (x,)), y)
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+            return {name: g.unsqueeze(0) for name, g in zip(leaves, grads)}
+
+        with torch.no_grad():
+            direction = gsam_direction({name: p.detach().unsqueeze(0) for name, p in params.items()},
+                                       {name: p.grad.unsqueeze(0) for name, p in params.items()},
+                                       grads_at, self.sam_rho, self.gsam_alpha)
+        for name, p in params.items():
+            p.grad = direction[name][0]
+
     @torch.no_grad()
-    def accuracy(self, images: Tensor, labels: Tensor, batch_size: int) -> Tensor:
-        """Test accuracy in [0, 1], shaped [1]."""
+    def logits(self, images: Tensor) -> Tensor:
+        """Eval-mode logits [1, N, classes]."""
         self.net.eval()
-        correct = sum((self.net(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum()
-                      for i in range(0, len(images), batch_size))
-        return (correct / len(images)).view(1).float()
+        return self.net(images).unsqueeze(0)
 
     def flat(self) -> Tensor:
         """Parameters as [1, num_params]."""
@@ -151,6 +250,7 @@ class VectorisedExperts:
         self.params = {k: v.detach() for k, v in params.items()}
         self.buffers = buffers
         self.lr, self.momentum, self.weight_decay = config.lr, config.momentum, config.weight_decay
+        self.sam_rho, self.gsam_alpha = config.sam_rho, config.gsam_alpha
         self.momentum_buffers: dict[str, Tensor] = {}
         base = copy.deepcopy(nets[0]).to("meta")  # only its structure is used, by functional_call
 
@@ -167,6 +267,9 @@ class VectorisedExperts:
     def step(self, x: Tensor, y: Tensor) -> None:
         """One SGD step for every expert p on its own batch x[p] [B, C, H, W], y[p] [B]."""
         grads = self._grads(self.params, self.buffers, x, y)
+        if self.sam_rho:
+            grads = gsam_direction(self.params, grads, lambda weights: self._grads(weights, self.buffers, x, y),
+                                   self.sam_rho, self.gsam_alpha)
         for name, p in self.params.items():
             d = grads[name]
             if self.weight_decay:
@@ -177,15 +280,16 @@ class VectorisedExperts:
             p.add_(d, alpha=-self.lr)
 
     @torch.no_grad()
-    def accuracy(self, images: Tensor, labels: Tensor, batch_size: int) -> Tensor:
-        """Test accuracy in [0, 1] of every expert, shaped [P]."""
-        correct = sum((self._logits(self.params, self.buffers, images[i:i + batch_size]).argmax(-1)
-                       == labels[i:i + batch_size]).sum(-1) for i in range(0, len(images), batch_size))
-        return (correct / len(images)).float()
+    def logits(self, images: Tensor) -> Tensor:
+        """Every expert's logits [P, N, classes] on the same images."""
+        return self._logits(self.params, self.buffers, images)
 
     def flat(self) -> Tensor:
         """Parameters as [P, num_params], in named_parameters order like flatten_params."""
         return torch.cat([p.reshape(p.shape[0], -1) for p in self.params.values()], 1)
+
+
+Trainer = SequentialExperts | VectorisedExperts
 
 
 def has_batchnorm(net: nn.Module) -> bool:
@@ -193,28 +297,153 @@ def has_batchnorm(net: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-# ----------------------------------------------------------------------------- one group of experts
-
-def train_group(dataset: Dataset, config: ExpertConfig, expert_ids: Sequence[int], device: torch.device,
-                bar: tqdm | None = None) -> tuple[Tensor, Tensor]:
-    """Train the given experts together; returns trajectories [K, epochs+1, P] and test acc [K, epochs] (CPU)."""
+def start_group(dataset: Dataset, config: ExpertConfig, expert_ids: Sequence[int],
+                device: torch.device) -> tuple[Trainer, list[torch.Generator]]:
+    """The trainer of the given experts at their initialisation, and each one's generator."""
     nets, gens = zip(*(init_expert(dataset, config, k) for k in expert_ids))
     nets = [net.to(device) for net in nets]
     trainer = VectorisedExperts(nets, config) if len(nets) > 1 else SequentialExperts(nets[0], config)
+    return trainer, list(gens)
+
+
+def accuracy(trainer: Trainer, images: Tensor, labels: Tensor, batch_size: int) -> Tensor:
+    """Test accuracy in [0, 1] of every expert of the trainer, shaped [P]."""
+    correct = sum((trainer.logits(images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum(-1)
+                  for i in range(0, len(images), batch_size))
+    return (correct / len(images)).float()
+
+
+def train_epoch(trainer: Trainer, gens: Sequence[torch.Generator], images: Tensor, labels: Tensor,
+                config: ExpertConfig, admitted: Tensor | None = None) -> None:
+    """One epoch of every expert: expert k visits the `admitted` images (default: all) in its own order.
+
+    Each batch gets its own DSA draw from the expert's generator. The order is a permutation
+    of positions in `admitted`, so with every image admitted it is the plain run's order.
+    """
+    n = len(images) if admitted is None else len(admitted)
+    order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [K, n]
+    order = (order if admitted is None else admitted[order]).to(images.device)
+    shape = (images.shape[1], tuple(images.shape[2:]))
+    for start in range(0, n, config.batch_size):
+        idx = order[:, start:start + config.batch_size]
+        params = [sample_params(config.dsa, idx.shape[1], *shape, g) for g in gens]
+        trainer.step(augment(images[idx], params), labels[idx])
+
+
+# ----------------------------------------------------------------------------- easy-to-hard data (PAD)
+
+EL2N_NETWORKS, EL2N_EPOCHS = 4, 10
+SCORER_SEED = 1_000_000  # scoring network j uses seed + SCORER_SEED + j: a stream no expert uses
+SCORES_FILE = Path("curriculum") / "el2n.safetensors"  # in a subfolder: *.safetensors beside it are shards
+
+
+def el2n(logits: Tensor, labels: Tensor) -> Tensor:
+    """EL2N of each sample, || softmax(logits) - onehot(label) ||_2: [..., N] from logits [..., N, classes]."""
+    return (logits.float().softmax(-1) - F.one_hot(labels, logits.shape[-1])).norm(dim=-1)
+
+
+def el2n_scores(dataset: Dataset, config: ExpertConfig, device: DeviceLike = "auto",
+                networks: int = EL2N_NETWORKS, epochs: int = EL2N_EPOCHS) -> Tensor:
+    """Each training image's difficulty, EL2N (Paul et al., NeurIPS 2021), as a float32 tensor [N] on the CPU.
+
+    `networks` networks are trained exactly like the experts (same config) for `epochs` epochs
+    on the whole training set, from their own seeds (seed + SCORER_SEED + j), all at once
+    with vmap (one at a time with BatchNorm); each image's EL2N on the un-augmented image,
+    in eval mode, is averaged over them. Low = easy. Deterministic for a seed on one device.
+    Paul et al. score at epoch 20 of 200, averaged over 10 runs; a few short runs keep this
+    cheap next to the experts themselves (4 x 10 epochs against 100 x 50).
+    """
+    for name, value in (("networks", networks), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    device = resolve_device(device)
+    scorer = replace(config, epochs=epochs, seed=config.seed + SCORER_SEED)
+    group = 1 if has_batchnorm(init_expert(dataset, scorer, 0)[0]) else networks
+    train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
+    total = torch.zeros(len(train_x), dtype=torch.float64)
+    for first in range(0, networks, group):
+        trainer, gens = start_group(dataset, scorer, range(first, min(first + group, networks)), device)
+        for _ in range(epochs):
+            train_epoch(trainer, gens, train_x, train_y, scorer)
+        batch = 2 * scorer.batch_size
+        total += torch.cat([el2n(trainer.logits(train_x[i:i + batch]), train_y[i:i + batch]).sum(0).cpu()
+                            for i in range(0, len(train_x), batch)]).double()
+    return (total / networks).float()
+
+
+def admitted_images(scores: Tensor, labels: Tensor, config: ExpertConfig, epoch: int) -> Tensor | None:
+    """Indices (ascending) of the training images used in `epoch` (0-based); None = all of them.
+
+    PAD's buffer_CL.py (NUS-HPC-AI-Lab/PAD): in epoch e every class keeps its
+    int(p * n_class) lowest-scored images, p = min(1, init_ratio + (1 - init_ratio) * e /
+    add_end_epoch) (utils_cl_scheduler.linear_cl_scheduler_acse), with init_ratio =
+    easy_to_hard and add_end_epoch = easy_to_hard_epochs. Simplified: PAD's later stages that
+    drop the easiest 10% / 20% again from epochs 40 / 60 (rm_epoch_first/second) are left out.
+    """
+    if not config.easy_to_hard:
+        return None
+    share = min(1.0, config.easy_to_hard + (1 - config.easy_to_hard) * epoch / config.easy_to_hard_epochs)
+    if share >= 1:
+        return None
+    kept = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().squeeze(1)
+        easiest_first = members[scores[members].argsort(stable=True)]
+        kept.append(easiest_first[:int(share * len(members))])
+    return torch.cat(kept).sort().values
+
+
+def _scores_key(dataset: Dataset, config: ExpertConfig) -> dict[str, Any]:
+    """What the EL2N scores depend on: a cached file is reused only where all of it agrees."""
+    keep = ("model", "width", "depth", "lr", "batch_size", "momentum", "weight_decay", "dsa", "seed", "sam_rho",
+            "gsam_alpha")
+    return {"dataset": dataset.name, "zca": dataset.zca is not None, "train_images": len(dataset.train_images),
+            **{k: getattr(config, k) for k in keep}, "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS}
+
+
+def curriculum_scores(dataset: Dataset, config: ExpertConfig, out_dir: Path, procs: Ranks) -> Tensor:
+    """The EL2N scores of out_dir's cache, computed and cached by rank 0 first if there are none yet.
+
+    A resumed run reuses them, so its new experts see the same curriculum as the finished ones.
+    """
+    path, key = out_dir / SCORES_FILE, _scores_key(dataset, config)
+    if procs.is_main and not path.exists():
+        scores = el2n_scores(dataset, config, procs.device)
+        atomic_save_safetensors({"el2n": scores, "labels": dataset.train_labels}, path,
+                                metadata={"el2n": json.dumps(key)})
+    procs.barrier()
+    cached = load_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        stored = json.loads((f.metadata() or {}).get("el2n", "{}"))
+    diff = {k: (stored.get(k), v) for k, v in key.items() if stored.get(k) != v}
+    if diff or not torch.equal(cached["labels"], dataset.train_labels):
+        detail = ", ".join(f"{k}: {old!r} there vs {new!r} now" for k, (old, new) in diff.items()) or "other labels"
+        raise ValueError(f"{path} holds EL2N scores of other training ({detail}): delete it to score again, or use "
+                         "another --out")
+    return cached["el2n"]
+
+
+# ----------------------------------------------------------------------------- one group of experts
+
+def train_group(dataset: Dataset, config: ExpertConfig, expert_ids: Sequence[int], device: torch.device,
+                bar: tqdm | None = None, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Train the given experts together; returns trajectories [K, epochs+1, P] and test acc [K, epochs] (CPU).
+
+    With easy_to_hard set, `scores` (EL2N, [N]) rank the images; computed here if not given.
+    """
+    if config.easy_to_hard and scores is None:
+        scores = el2n_scores(dataset, config, device)
+    trainer, gens = start_group(dataset, config, expert_ids, device)
     train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
     test_x, test_y = dataset.test_images.to(device), dataset.test_labels.to(device)
-    n, shape = len(train_x), (dataset.channels, dataset.im_size)
     snapshots, accuracies = [trainer.flat().cpu()], []
-    for _ in range(config.epochs):
-        order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # [K, N]
-        for start in range(0, n, config.batch_size):
-            idx = order[:, start:start + config.batch_size]
-            params = [sample_params(config.dsa, idx.shape[1], *shape, g) for g in gens]
-            trainer.step(augment(train_x[idx], params), train_y[idx])
-        accuracies.append(trainer.accuracy(test_x, test_y, 2 * config.batch_size).cpu())
+    for epoch in range(config.epochs):
+        admitted = None if scores is None else admitted_images(scores, dataset.train_labels, config, epoch)
+        train_epoch(trainer, gens, train_x, train_y, config, admitted)
+        accuracies.append(accuracy(trainer, test_x, test_y, 2 * config.batch_size).cpu())
         snapshots.append(trainer.flat().cpu())
         if bar is not None:
-            bar.update(len(nets))
+            bar.update(len(gens))
             bar.set_postfix(test_acc=f"{accuracies[-1].mean().item():.3f}")
     return torch.stack(snapshots, 1), torch.stack(accuracies, 1)
 
@@ -242,8 +471,11 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
         if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
             ensure_writable_dir(out_dir)
             remove_stale_temporaries(out_dir)
+            scoring = {"el2n": {"file": str(SCORES_FILE), "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS,
+                                "seed": config.seed + SCORER_SEED}} if config.easy_to_hard else {}
             atomic_write_json(out_dir / "config.json", {"dataset": dataset.name, "zca": dataset.zca is not None,
-                                                        "train_images": len(dataset.train_images), **asdict(config)})
+                                                        "train_images": len(dataset.train_images), **asdict(config),
+                                                        **scoring})
         probe, _ = init_expert(dataset, config, 0)
         meta = BufferMeta.for_network(probe, dataset=dataset.name, model=config.model, channels=dataset.channels,
                                       im_size=dataset.im_size, num_classes=dataset.num_classes,
@@ -253,6 +485,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             _check_compatible(out_dir, meta)
         todo = [k for k in ids if k not in done]
         procs.barrier()  # every rank has read the folder before any rank adds to it
+        scores = curriculum_scores(dataset, config, out_dir, procs) if config.easy_to_hard and todo else None
         mine = [k for k in todo if k % world == rank]
         parallel = config.parallel
         if parallel > 1 and has_batchnorm(probe):
@@ -268,7 +501,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                 group = mine[i:i + parallel]
                 try:
                     with stop.abandonable():  # Ctrl-C drops the group in training; finished shards stay
-                        trajectories, test_acc = train_group(dataset, config, group, device, bar)
+                        trajectories, test_acc = train_group(dataset, config, group, device, bar, scores)
                 except KeyboardInterrupt:
                     _interrupted(out_dir, len(done) + len(final), len(ids), world)
                 # One shard per group as soon as it is done: a crash loses at most this group.
@@ -314,8 +547,10 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     """Rough wall time (seconds) that train_experts(dataset, config) would take on one device.
 
     Times `probe_batches` SGD steps (after one warm-up step) of one group of `parallel`
-    experts, with DSA, and one test batch, then extrapolates to ceil(num_experts / parallel)
-    groups x epochs x ceil(n_train / batch_size) steps plus each epoch's test pass. Under
+    experts, with DSA (and GSAM's second pass if on), and one test batch, then extrapolates
+    to ceil(num_experts / parallel) groups x epochs x ceil(images / batch_size) steps plus
+    each epoch's test pass, where images is what the easy-to-hard curriculum admits that
+    epoch (all, without it), plus the EL2N scoring networks' epochs, timed as a group's. Under
     torchrun divide by the number of ranks. A guide, not a promise: the first steps may run
     slower or faster than the steady state.
     """
@@ -326,9 +561,7 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     parallel = max(1, min(config.parallel, config.num_experts))
     if parallel > 1 and has_batchnorm(probe):
         parallel = 1  # as train_experts does
-    nets, gens = zip(*(init_expert(dataset, config, k) for k in range(parallel)))
-    nets = [net.to(device) for net in nets]
-    trainer = VectorisedExperts(nets, config) if len(nets) > 1 else SequentialExperts(nets[0], config)
+    trainer, gens = start_group(dataset, config, range(parallel), device)
     n, n_test = len(dataset.train_images), len(dataset.test_images)
     batch, test_batch = min(config.batch_size, n), min(2 * config.batch_size, n_test)
     train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -344,7 +577,13 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
         params = [sample_params(config.dsa, batch, *shape, g) for g in gens]
         trainer.step(augment(train_x[idx], params), train_y[idx])
 
+    def images_in(epoch: int) -> int:  # how many are admitted depends on the share only, not on the scores
+        admitted = admitted_images(torch.zeros(n), dataset.train_labels, config, epoch)
+        return n if admitted is None else len(admitted)
+
     step_seconds = timed(train_step, probe_batches)
-    test_seconds = timed(lambda: trainer.accuracy(test_x, test_y, test_batch), 1)
-    epoch_seconds = math.ceil(n / config.batch_size) * step_seconds + math.ceil(n_test / test_batch) * test_seconds
-    return math.ceil(config.num_experts / parallel) * config.epochs * epoch_seconds
+    test_seconds = timed(lambda: accuracy(trainer, test_x, test_y, test_batch), 1)
+    steps = sum(math.ceil(images_in(e) / config.batch_size) for e in range(config.epochs))
+    group_seconds = steps * step_seconds + config.epochs * math.ceil(n_test / test_batch) * test_seconds
+    scoring_seconds = EL2N_EPOCHS * math.ceil(n / config.batch_size) * step_seconds if config.easy_to_hard else 0.0
+    return math.ceil(config.num_experts / parallel) * group_seconds + scoring_seconds

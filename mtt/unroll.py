@@ -146,7 +146,10 @@ def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor,
     """The step's cross-entropy; with K segments the sum of theirs, so that d/dtheta[k] is segment k's gradient."""
     x = apply_params(images[plan.indices.flatten()], plan.augment).view(*plan.indices.shape, *images.shape[1:])
     logits = student(theta, x)
-    y = targets[plan.indices]
+    if targets.dim() == 3:  # fixed soft targets, one set per segment (TESLA's teacher labels): [K, N, C]
+        y = targets[torch.arange(len(targets), device=targets.device).unsqueeze(1), plan.indices]
+    else:
+        y = targets[plan.indices]
     if targets.dtype != torch.long:
         y = y.softmax(-1)  # soft labels: targets are logits
     if plan.indices.dim() == 1:
@@ -163,6 +166,10 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
 
     One expert segment: theta_start/theta_target [P]. K segments at once: [K, P] each, with plans
     from plan_steps(..., segments=K); the loss is the mean of the K segments' losses.
+
+    labels: class indices [N], or fixed soft targets given as logits (softmax taken), [N, C] or one
+    set per segment [K, N, C] (TESLA's teacher labels); no gradient flows to them. label_logits:
+    learned soft labels [N, C], whose gradient is returned.
 
     mode: "full" or "checkpointed" (exact), or "tesla" (APPROXIMATE: no Hessian term; needs
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each

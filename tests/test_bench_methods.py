@@ -1,0 +1,25 @@
+"""bench/methods.py --smoke: every recipe distils and is evaluated, and the results file is what the notebook reads."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mtt.paper import load_method_results
+from mtt.recipes import METHODS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_methods_bench_smoke(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "methods.py"), "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["method"] for r in records) == sorted([*METHODS, "random real"])
+    assert all(0 <= r["mean"] <= 100 and r["seconds"] > 0 for r in records)
+    assert "FAILED" not in done.stdout
+    results = load_method_results(tmp_path / "results.json")
+    assert ("datm", "digits", 1) in results
+    ftd = json.loads((tmp_path / "smoke" / "ftd" / "config.json").read_text())
+    assert ftd["method"] == "ftd" and ftd["ema_decay"] >= 0
