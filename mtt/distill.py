@@ -525,10 +525,10 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
                                  for offset in (0, config.expert_epochs))
     if config.segments == 1:  # one segment: plain [P] vectors, no vmap
         theta_start, theta_target = theta_start[0], theta_target[0]
-    labels = None if config.soft_labels else state.labels
-    teacher = teacher_logits(student, theta_target, state.images) if config.teacher_labels else None
-    if teacher is not None:
-        labels = teacher
+    if config.teacher_labels:  # TESLA: fixed soft targets, the logits of this iteration's target checkpoint(s)
+        labels = teacher_logits(student, theta_target, state.images)
+    else:
+        labels = None if config.soft_labels else state.labels
     mode = config.backward if config.backward != "auto" else state.backward
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
@@ -549,7 +549,8 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
         _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
-    teacher = None if teacher is None else teacher.mean(0) if teacher.dim() == 3 else teacher
+    # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean).
+    teacher = None if not config.teacher_labels else labels.mean(0) if labels.dim() == 3 else labels
     if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
         return Update(loss, state.variables(), state.momenta, mode, choice, skipped=True,
                       ema_images=state.ema_images, teacher_logits=teacher)
