@@ -43,6 +43,8 @@ from mtt.io import atomic_write_json  # noqa: E402
 from mtt.recipes import METHODS  # noqa: E402
 
 RANDOM = "random real"
+# Rows that take one idea of a recipe apart: (recipe, fields over it).
+VARIANTS = {"tesla-hard-labels": ("tesla", {"teacher_labels": False})}  # TESLA's backward without its labels
 
 
 @dataclass
@@ -91,8 +93,9 @@ def run_method(config: BenchConfig, method: str, out: Path) -> dict[str, Any]:
         result = evaluate_baseline(dataset, config.ipc, "random", ["ConvNet"], eval_config(config, width), "cpu")
         distill_seconds, extra = 0.0, {}
     else:
-        settings = preset(config.dataset, config.ipc, method, device="cpu", eval_repeats=0,
-                          **{"width": config.experts.get("width", 128)} | config.distill)
+        recipe, fields = VARIANTS.get(method, (method, {}))
+        settings = preset(config.dataset, config.ipc, recipe, device="cpu", eval_repeats=0,
+                          **{"width": config.experts.get("width", 128)} | config.distill | fields)
         settings.validate()
         synthetic = distill(settings, dataset, buffers, out, resume=(out / "checkpoint.safetensors").exists(),
                             progress=False)
@@ -132,7 +135,7 @@ def run_config(name: str, config: BenchConfig, methods: list[str], out: Path, jo
 
 def collect(out: Path, names: list[str]) -> list[dict[str, Any]]:
     records = [json.loads(p.read_text()) for name in names for p in sorted((out / name).glob("*/result.json"))]
-    order = [RANDOM, *METHODS]
+    order = [RANDOM, *METHODS, *VARIANTS]
     return sorted(records, key=lambda r: (r["dataset"], r["ipc"], order.index(r["method"])))
 
 
@@ -174,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/methods")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
-    parser.add_argument("--methods", nargs="+", choices=[*METHODS, "random"], default=[*METHODS, "random"])
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS, "random"],
+                        default=[*METHODS, *VARIANTS, "random"])
     parser.add_argument("--jobs", type=int, default=2, help="recipes run at once, each single-threaded")
     parser.add_argument("--chart", default=str(ROOT / "docs" / "methods.png"))
     parser.add_argument("--smoke", action="store_true", help="every recipe at toy size (a minute on a CPU)")
