@@ -439,6 +439,8 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             _apply(state, update, evaluation, time.perf_counter() - started)
             if update.choice is not None and procs.is_main:
                 bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
+            if config.teacher_labels and state.iteration == 1 and procs.is_main:
+                _check_teacher(state.teacher_logits, bar)
             if state.iteration % config.checkpoint_every == 0:
                 folder.save(state, config)
             bar.update()
@@ -610,6 +612,20 @@ def _diverged(state: DistillState, config: DistillConfig, folder: RunFolder, wha
         f"(now {config.lr_img:g}) or --lr-lr "
         f"(now {config.lr_lr:g}), or fewer --syn-steps (now {config.syn_steps}); these may change on resume. "
         f"Or start afresh in another --out with a smaller --lr-teacher (now {config.lr_teacher:g}).")
+
+
+UNINFORMATIVE_TEACHER = 0.3  # mean top softmax probability below which TESLA's labels teach next to nothing
+
+
+def _check_teacher(teacher_logits: Tensor, bar: tqdm) -> None:
+    """Warn when TESLA's teacher labels are close to uniform (measured: digits experts at epochs 2-6 give a
+    top probability of 0.13-0.20, and a set evaluated with such labels stays at chance)."""
+    confidence = teacher_logits.softmax(-1).max(-1).values.mean().item()
+    if confidence < UNINFORMATIVE_TEACHER:
+        bar.write(f"warning: the teacher labels are nearly uniform (mean top probability {confidence:.2f}): the "
+                  f"target checkpoints barely classify the images, so a set trained on these labels learns little. "
+                  f"Use later start epochs (--min-start-epoch) or better-trained experts, or --no-teacher-labels",
+                  file=sys.stderr)
 
 
 def _describe_choice(choice: BackwardChoice) -> str:

@@ -17,6 +17,7 @@ def bench_module():
     # bench/ is not a package: load the script as a module by its path.
     spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -287,3 +287,15 @@ def test_cli_rejects_bad_successor_flags(experts, tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and result.stderr.count("error:") == 1 and flag in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_nearly_uniform_teacher_labels_are_warned_about(capsys):
+    from tqdm import tqdm
+
+    from mtt.distill import _check_teacher
+
+    bar = tqdm(disable=True)
+    _check_teacher(torch.zeros(10, 10) + 0.01 * torch.randn(10, 10), bar)  # top probability ~0.1
+    assert "teacher labels are nearly uniform (mean top probability 0.1" in capsys.readouterr().err
+    _check_teacher(5 * torch.eye(10), bar)  # top probability 0.94
+    assert capsys.readouterr().err == ""
