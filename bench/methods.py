@@ -163,7 +163,7 @@ def chart(records: list[dict[str, Any]], path: Path) -> None:
         rows = [r for r in records if (r["dataset"], r["ipc"]) == (dataset, ipc)]
         colors = ["0.7" if r["method"] == RANDOM else "C1" if r["method"] == "mtt" else "C0" for r in rows]
         ax.bar(range(len(rows)), [r["mean"] for r in rows], yerr=[r["std"] for r in rows], color=colors, capsize=3)
-        ax.set_xticks(range(len(rows)), [r["method"].replace(" ", "\n") for r in rows], fontsize=8)
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], fontsize=8, rotation=35, ha="right")
         low = min(r["mean"] - r["std"] for r in rows)
         ax.set_ylim(max(0, low - 5), min(100, max(r["mean"] + r["std"] for r in rows) + 3))
         ax.set_title(f"{dataset}, IPC {ipc}", fontsize=10)
