@@ -208,6 +208,9 @@ def network_from_buffers(config: DistillConfig, buffers: ExpertBuffers, keep: It
 
 # ----------------------------------------------------------------------------- state
 
+DERIVED = ("ema_images", "teacher_logits")
+
+
 @dataclass
 class DistillState:
     """Everything that changes during distillation; what a checkpoint holds."""
@@ -229,6 +232,11 @@ class DistillState:
         if self.label_logits is not None:
             found["label_logits"] = self.label_logits
         return found
+
+    def derived(self) -> dict[str, Tensor]:
+        """The state computed from the variables, not learned (FTD's EMA, TESLA's teacher labels), where present:
+        checkpointed and snapshotted under these names (DERIVED)."""
+        return {name: getattr(self, name) for name in DERIVED if getattr(self, name) is not None}
 
     def result(self) -> tuple[Tensor, Tensor]:
         """What is evaluated and saved: the images (their EMA under FTD) and the targets (class indices, or
@@ -277,8 +285,7 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors = {f"var.{k}": v for k, v in state.variables().items()}
     tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
-    tensors |= {name: t for name, t in (("ema_images", state.ema_images), ("teacher_logits", state.teacher_logits))
-                if t is not None}
+    tensors |= state.derived()
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or ""}
     atomic_save_safetensors(tensors, path, metadata)
@@ -320,7 +327,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     state = DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
                          variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
                          json.loads(metadata["history"]), metadata.get("backward") or None,
-                         *(tensors[k].to(device) if k in tensors else None for k in ("ema_images", "teacher_logits")))
+                         **{k: tensors[k].to(device) for k in DERIVED if k in tensors})
     if config.ema_decay and state.ema_images is None:  # EMA switched on at resume: it starts from here
         state.ema_images = state.images.clone()
     changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
@@ -370,9 +377,7 @@ class RunFolder:
 
     def save_snapshot(self, state: DistillState) -> None:
         if self.writes:
-            tensors = {"images": state.images, "syn_lr": state.syn_lr}
-            tensors |= {name: t for name, t in (("label_logits", state.label_logits), ("ema_images", state.ema_images),
-                                                ("teacher_logits", state.teacher_logits)) if t is not None}
+            tensors = state.variables() | state.derived()
             atomic_save_safetensors(tensors, self.path / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
 
     def save_json(self, name: str, obj: Any) -> None:
