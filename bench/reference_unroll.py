@@ -1,6 +1,7 @@
 """Seconds per MTT iteration: the original code's inner loop, re-implemented, vs our unroll in every backward mode.
 
-    python bench/reference_unroll.py [--configs all|NAME,...] [--repeats 5] [--device auto] [--json OUT.json] [--smoke]
+    python bench/reference_unroll.py [--configs all|NAME,...] [--repeats 5] [--device auto] [--json OUT.json]
+                                     [--cpu-allocator keep|default] [--smoke]
 
 The reference is the inner loop of GeorgeCazenavette/mtt-distillation (distill.py with
 reparam_module.ReparamModule) written again here: the network's parameters replaced by views
@@ -14,8 +15,10 @@ random network, target = theta_start + small noise): first a check that the refe
 gradients (images, syn_lr) match ours `full`, then one warm-up run of each method, then
 --repeats rounds timing every method once per round (interleaved, so that a machine that
 slows down or speeds up part-way hits every method alike); the median is reported, with
-ratio = reference time / ours (above 1: ours is faster). --smoke shrinks every config to
-8x8 images, width 8, 3 steps and 1 repeat, to check the script in seconds.
+ratio = reference time / ours (above 1: ours is faster). On the CPU both sides run under the
+allocator setting that mtt applies (`keep`: freed memory is reused, mtt.device.keep_freed_cpu_memory)
+or both under glibc's default (`--cpu-allocator default`, as the original code runs). --smoke
+shrinks every config to 8x8 images, width 8, 3 steps and 1 repeat, to check the script in seconds.
 """
 from __future__ import annotations
 
@@ -258,9 +261,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up (median reported)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--cpu-allocator", choices=("keep", "default"), default="keep",
+                        help="keep: reuse freed memory, as mtt does (both sides); default: glibc's own behaviour")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and 1 repeat: checks the script runs")
     args = parser.parse_args()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, keep_cpu_memory=args.cpu_allocator == "keep")
     configs = select(args.configs)
     repeats = 1 if args.smoke else args.repeats
     rows = []
@@ -269,8 +274,9 @@ def main() -> None:
         print(f"{config.name}: " + ", ".join(f"{k} {v:.4f} s" for k, v in rows[-1]["seconds"].items()),
               file=sys.stderr, flush=True)
     meta = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "repeats": repeats, "smoke": args.smoke}
-    print(f"\ndevice {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, median of {repeats}"
+            "repeats": repeats, "smoke": args.smoke, "cpu_allocator": args.cpu_allocator}
+    print(f"\ndevice {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
+          f"CPU allocator {args.cpu_allocator}, median of {repeats}"
           f"{' (smoke sizes)' if args.smoke else ''}; ratio = reference / ours, above 1 = ours faster\n")
     print(table(rows))
     if args.json:

@@ -1,6 +1,8 @@
 """One rule for picking a device, used everywhere a `device` argument is taken."""
 from __future__ import annotations
 
+import ctypes
+import sys
 import time
 from typing import Callable
 
@@ -9,12 +11,20 @@ import torch
 DeviceLike = str | torch.device
 
 
-def resolve_device(device: DeviceLike = "auto") -> torch.device:
+def resolve_device(device: DeviceLike = "auto", keep_cpu_memory: bool = True) -> torch.device:
     """Turn "auto" into cuda, else mps, else cpu; pass anything else through torch.device.
 
     An explicit device that this machine lacks ("cuda" on a CPU box) is refused here with a
-    clear message instead of failing later inside the first kernel launch.
+    clear message instead of failing later inside the first kernel launch. When the result is the
+    CPU, freed memory is kept for reuse (`keep_freed_cpu_memory`) unless keep_cpu_memory=False.
     """
+    resolved = _resolve(device)
+    if resolved.type == "cpu" and keep_cpu_memory:
+        keep_freed_cpu_memory()
+    return resolved
+
+
+def _resolve(device: DeviceLike) -> torch.device:
     if isinstance(device, torch.device):
         requested = device
     elif device == "auto":
@@ -35,6 +45,30 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
     if requested.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {device!r} was requested but MPS is not available here; use 'auto' or 'cpu'")
     return requested
+
+
+# glibc's malloc serves every block above its mmap threshold (at most 32 MB) with a fresh mmap and
+# unmaps it when freed, and returns the top of the heap to the OS past its trim threshold. An unrolled
+# step on the CPU allocates and frees tensors of tens to hundreds of MB, so each step paid page faults
+# (and the kernel's zeroing) on all of that memory again: 1.7-2x slower (BENCHMARKS.md, "the CPU
+# allocator"). Raising both thresholds makes freed memory stay in the heap and be reused, which is what
+# PyTorch's caching allocator does on a GPU. The cost: the process keeps its peak memory until it exits.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, glibc's malloc.h
+_MALLOPT_SETTINGS = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28))
+_kept = False
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of giving it back to the OS at once (for the whole
+    process, for good). Returns whether it is in effect: False off Linux/glibc, where nothing is changed."""
+    global _kept
+    if not _kept and sys.platform.startswith("linux"):
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):  # not glibc (e.g. musl): leave its allocator alone
+            return False
+        _kept = all(mallopt(param, value) == 1 for param, value in _MALLOPT_SETTINGS)
+    return _kept
 
 
 def synchronize(device: torch.device) -> None:

@@ -413,12 +413,13 @@ def free_memory(device: torch.device) -> int | None:
 def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_lr: Tensor, plans: list[StepPlan],
                      targets: Tensor) -> int:
     """Memory the `full` mode's graph holds at its peak: the tensors one step saves for the double
-    backward, counted with saved-tensor hooks, times the number of steps."""
-    saved = 0
+    backward, counted with saved-tensor hooks (each storage once: several nodes save the same
+    activation, and views share their base's memory), times the number of steps."""
+    storages: dict[int, int] = {}
 
     def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     theta = theta_start.detach().requires_grad_()
@@ -426,7 +427,7 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         grad = torch.autograd.grad(_step_loss(student, theta, x, targets, plans[0]), theta, create_graph=True)[0]
         _ = theta - syn_lr.detach().requires_grad_() * grad
-    return saved * len(plans)
+    return sum(storages.values()) * len(plans)
 
 
 def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
