@@ -40,8 +40,10 @@ def faults_of_three_steps(mode: str) -> int:
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's (Linux); elsewhere nothing is changed")
 def test_cpu_keeps_freed_memory_for_reuse():
     default, kept = faults_of_three_steps("default"), faults_of_three_steps("keep")
-    assert default > 10_000  # glibc's default: the steps' big activations are mapped and faulted in anew
-    assert kept * 5 < default, (kept, default)
+    # glibc's default: the steps' big activations are mapped and faulted in anew (19k-58k faults measured);
+    # kept: 0 in 8 of 8 runs at one thread, up to 3.2k at two
+    assert default > 10_000
+    assert kept * 4 < default, (kept, default)
 
 
 def test_auto_and_explicit_devices():
