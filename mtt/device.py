@@ -51,8 +51,9 @@ def _resolve(device: DeviceLike) -> torch.device:
 # unmaps it when freed, and returns the top of the heap to the OS past its trim threshold. An unrolled
 # step on the CPU allocates and frees tensors of tens to hundreds of MB, so each step paid page faults
 # (and the kernel's zeroing) on all of that memory again: up to 2.1x slower (BENCHMARKS.md, "The CPU
-# allocator decides these timings"). Raising both thresholds makes freed memory stay in the heap and be reused, which is what
-# PyTorch's caching allocator does on a GPU. The cost: the process keeps its peak memory until it exits.
+# allocator decides these timings"). Raising both thresholds makes freed memory stay in the heap and be
+# reused, which is what PyTorch's caching allocator does on a GPU. The cost: the process keeps its peak
+# memory until it exits.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters, glibc's malloc.h
 _MALLOPT_SETTINGS = ((_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28))
 _kept = False
