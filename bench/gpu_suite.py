@@ -5,8 +5,8 @@
 Parts (default: all, in this order; `--part` takes names in the order to run them):
   unroll-c10     s/iteration and peak memory of one MTT iteration at the paper's CIFAR-10 IPC 1/10/50
                  shapes: the original's loop (bench/reference_unroll.py), our `full`, `checkpointed`,
-                 `auto`, and segments=8 and precision bf16 where this checkout's engine has them (random
-                 tensors, no dataset needed)
+                 `auto`, segments=8, and the fast paths bf16, channels_last and both (random tensors,
+                 no dataset needed)
   unroll-c100    the same at CIFAR-100 IPC 10 and 50 (the reference is expected to run out of memory at 50)
   experts        experts per hour on full Fashion-MNIST, sequential (P=1) vs vectorised P=10, 50
   fmnist-experts ConvNet-128 experts on full Fashion-MNIST into DIR/experts_fashion-mnist (resumes;
@@ -14,8 +14,8 @@ Parts (default: all, in this order; `--part` takes names in the order to run the
   fmnist-ipc1    distillation with the fashion-mnist IPC 1 preset from those experts (iterations sized
   fmnist-ipc10   to a time budget), then the full protocol (5 ConvNet-128 x 1000 epochs) vs random real
   cuda-tests     the checks that need CUDA (gradient equality of the backward modes, with segments too;
-                 bf16 vs fp32; choose_backward; distillation; bit-identical resume; experts P=1 vs P=2),
-                 as plain functions (no pytest on the GPU machine)
+                 bf16 vs fp32; channels_last vs NCHW; choose_backward; distillation; bit-identical resume;
+                 experts P=1 vs P=2), as plain functions (no pytest on the GPU machine)
 Each part writes DIR/NAME.json (status "running" while it works, updated after every measurement)
 and rewrites DIR/report.md from every part's JSON present, so a run stopped at a time limit still
 leaves what it measured. A part that raises is recorded as failed and the next part runs; SIGINT
@@ -251,21 +251,15 @@ def unroll_case(dataset: str, ipc: int, config: UnrollConfig, device: torch.devi
     return UnrollCase(f"{dataset} IPC {ipc}", problem, config.width, steps, settings.batch_syn, settings.dsa)
 
 
-def segments_missing() -> str | None:
-    """Why the segments cells are skipped, or None when the engine has `segments`."""
-    if "segments" not in DistillConfig.__dataclass_fields__:
-        return "skipped: this checkout's DistillConfig has no `segments`"
-    return None
-
-
-BF16 = "precision='bf16': the student network under bf16 autocast, fp32 state"
-
-
-def precision_missing() -> str | None:
-    """Why the bf16 cells are skipped, or None when the engine has precision="bf16"."""
-    if "precision" not in DistillConfig.__dataclass_fields__:
-        return "skipped: this checkout's DistillConfig has no `precision` (bf16 autocast)"
-    return None
+# The GPU fast paths, each timed beside plain fp32 NCHW in both exact modes (cells "{name}-{mode}") and
+# kept only where faster with the gradient close to fp32's (DESIGN.md: cosine >= 0.99).
+FAST_PATHS: dict[str, dict[str, Any]] = {
+    "bf16": {"precision": "bf16"},
+    "channels_last": {"channels_last": True},
+    "bf16-channels_last": {"precision": "bf16", "channels_last": True},
+}
+FAST_PATHS_NOTE = ("bf16: the student network under bf16 autocast, fp32 state; channels_last: its convolutions in "
+                   "NHWC layout")
 
 
 def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
@@ -280,10 +274,10 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
         net = ref.ReparamModule(copy.deepcopy(p.net))  # the wrapper deregisters its module's parameters
         return lambda: ref.reference_gradients(net, p)
 
-    def bf16(mode: str) -> Callable[[], Callable[[], Any]]:
+    def fast_path(mode: str, options: dict[str, Any]) -> Callable[[], Callable[[], Any]]:
         def make() -> Callable[[], Any]:
-            low = Student(p.net, precision="bf16")
-            return lambda: ref.our_gradients(low, p, mode)
+            other = Student(p.net, **options)
+            return lambda: ref.our_gradients(other, p, mode)
         return make
 
     def segments(mode: str) -> Callable[[], Callable[[], Any]]:
@@ -301,10 +295,8 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
         return make
 
     cells = [("reference", reference_loop), ("full", ours("full")), ("checkpointed", ours("checkpointed"))]
-    if segments_missing() is None:
-        cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
-    if precision_missing() is None:
-        cells += [(f"bf16-{m}", bf16(m)) for m in EXACT_MODES]
+    cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
+    cells += [(f"{name}-{m}", fast_path(m, options)) for name, options in FAST_PATHS.items() for m in EXACT_MODES]
     return cells
 
 
@@ -329,8 +321,8 @@ def auto_cell(case: UnrollCase, student: Student, device: torch.device, cells: d
 
 
 def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
-    results: dict[str, Any] = {"cases": [], "segments": segments_missing() or f"segments={config.segments}",
-                               "bf16": precision_missing() or BF16}
+    results: dict[str, Any] = {"cases": [], "segments": f"segments={config.segments}",
+                               "fast_paths": FAST_PATHS_NOTE}
     for dataset, ipc in config.cases:
         case = unroll_case(dataset, ipc, config, device)
         student = Student(case.problem.net)
@@ -350,16 +342,17 @@ def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Ca
 
 
 def gradient_checks(outputs: dict[str, Any]) -> dict[str, Any]:
-    """Reference vs ours (same computation, float32), and bf16 vs fp32 gradients (same mode and plans)."""
+    """Reference vs ours (same computation, float32), and each fast path vs fp32 NCHW (same mode and plans)."""
     checks = {}
     if outputs.get("reference") is not None and outputs.get("full") is not None:
         checks["reference_vs_full_rel_err"] = {name: relative_error(a, b) for name, a, b in
                                                zip(("images", "syn_lr"), outputs["full"], outputs["reference"])}
-    for mode in EXACT_MODES:
-        low, fp32 = outputs.get(f"bf16-{mode}"), outputs.get(mode)
-        if low is not None and fp32 is not None:
-            checks[f"bf16-{mode}_vs_fp32"] = {"cosine_images": cosine(low[0], fp32[0]),
-                                              "syn_lr_rel_err": relative_error(low[1], fp32[1])}
+    for name in FAST_PATHS:
+        for mode in EXACT_MODES:
+            fast, fp32 = outputs.get(f"{name}-{mode}"), outputs.get(mode)
+            if fast is not None and fp32 is not None:
+                checks[f"{name}-{mode}_vs_fp32"] = {"cosine_images": cosine(fast[0], fp32[0]),
+                                                    "syn_lr_rel_err": relative_error(fast[1], fp32[1])}
     return checks
 
 
@@ -580,7 +573,7 @@ class CheckContext:
         return DistillConfig(**(settings | overrides))
 
 
-Check = Callable[[CheckContext], tuple[bool | None, str]]  # passed (None: skipped), message
+Check = Callable[[CheckContext], tuple[bool, str]]  # passed, message
 
 
 def _modes_agree(ctx: CheckContext, dtype: torch.dtype, tol: float) -> tuple[bool, str]:
@@ -613,9 +606,7 @@ def check_reference_equals_full_float64(ctx: CheckContext) -> tuple[bool, str]:
         f"syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
 
 
-def check_segments_modes_agree_float64(ctx: CheckContext) -> tuple[bool | None, str]:
-    if (why := segments_missing()) is not None:
-        return None, why
+def check_segments_modes_agree_float64(ctx: CheckContext) -> tuple[bool, str]:
     p, k = ctx.problem(torch.float64), 3
     plans = plan_steps(len(p.images), ctx.config.steps, 3, tuple(p.images.shape[1:]), DEFAULT_STRATEGY,
                        torch.Generator().manual_seed(2), ctx.device, segments=k)
@@ -632,15 +623,25 @@ def check_segments_modes_agree_float64(ctx: CheckContext) -> tuple[bool | None, 
         f"syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
 
 
-def check_bf16_close_to_fp32(ctx: CheckContext) -> tuple[bool | None, str]:
-    if (why := precision_missing()) is not None:
-        return None, why
+def check_bf16_close_to_fp32(ctx: CheckContext) -> tuple[bool, str]:
     ref, p = reference(), ctx.problem(torch.float32)
     cosines = {mode: cosine(ref.our_gradients(Student(p.net, precision="bf16"), p, mode)[0],
                             ref.our_gradients(Student(p.net), p, mode)[0]) for mode in EXACT_MODES}
     return all(c >= 0.99 for c in cosines.values()), (
         "cosine of dL/dimages, bf16 vs fp32: " + ", ".join(f"{m} {c:.5f}" for m, c in cosines.items())
         + " (kept only at >= 0.99, DESIGN.md)")
+
+
+def check_channels_last_equals_nchw_float64(ctx: CheckContext) -> tuple[bool, str]:
+    ref, p = reference(), ctx.problem(torch.float64)
+    errors = {}
+    for mode in EXACT_MODES:
+        nhwc, nchw = (ref.our_gradients(Student(p.net, channels_last=layout), p, mode) for layout in (True, False))
+        errors[mode] = max(relative_error(a, b) for a, b in zip(nhwc, nchw))
+    tol = ctx.config.float64_tol
+    return all(e <= tol for e in errors.values()), (
+        "max |channels_last - NCHW| / max |NCHW| over dL/dimages and dL/dsyn_lr: "
+        + ", ".join(f"{m} {e:.1e}" for m, e in errors.items()) + f" (tolerance {tol:g})")
 
 
 def check_choose_backward(ctx: CheckContext) -> tuple[bool, str]:
@@ -712,8 +713,8 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
 
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
-    check_segments_modes_agree_float64, check_bf16_close_to_fp32, check_choose_backward, check_distill_auto,
-    check_resume_bit_identical, check_experts_vectorised_equal_sequential)
+    check_segments_modes_agree_float64, check_bf16_close_to_fp32, check_channels_last_equals_nchw_float64,
+    check_choose_backward, check_distill_auto, check_resume_bit_identical, check_experts_vectorised_equal_sequential)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
@@ -767,11 +768,14 @@ def unroll_note(name: str, cell: dict, cells: dict) -> str:
         single = cells.get(name.split("-", 1)[1], {}).get("seconds")
         return f"{seconds / k:.4f} s per segment" + (
             f"; {k} single runs would take {k * single / seconds:.2f}x as long" if single else "")
+    fast_path, _, mode = name.rpartition("-")
+    if fast_path in FAST_PATHS and seconds and (plain := cells.get(mode, {}).get("seconds")):
+        return f"{plain / seconds:.2f}x as fast as fp32 NCHW {mode}"
     return cell.get("error") or cell.get("note", "")
 
 
 def render_unroll(results: dict) -> list[str]:
-    lines = [f"segments: {results['segments']}. bf16: {results['bf16']}.", "",
+    lines = [f"segments: {results['segments']}. Fast paths: {results['fast_paths']}.", "",
              "| case | method | s / iteration | peak MiB | reference / this | note |", "|---|---|---|---|---|---|"]
     for case in results["cases"]:
         ref_s = case["cells"].get("reference", {}).get("seconds")
@@ -844,7 +848,7 @@ def render_fmnist_distill(results: dict) -> list[str]:
     return lines
 
 
-RESULT_WORDS = {True: "pass", False: "**FAIL**", None: "skipped"}
+RESULT_WORDS = {True: "pass", False: "**FAIL**"}
 
 
 def render_cuda_tests(results: dict) -> list[str]:
@@ -857,8 +861,8 @@ def render_cuda_tests(results: dict) -> list[str]:
 
 PARTS: dict[str, Part] = {
     "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
-                       180, render_unroll),
-    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 270,
+                       240, render_unroll),
+    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 360,
                         render_unroll),
     "experts": Part(run_experts, ExpertsBenchConfig, 150, render_experts),
     "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 270, render_fmnist_experts),

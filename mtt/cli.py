@@ -230,6 +230,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="PAD: share of the shallow layers' parameters the matching loss ignores (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: the student network under bf16 autocast, fp32 state (default: fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="the student's convolutions in NHWC layout (GPU speed; with --segments 1 only)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
                    help="iterations between evaluations (0: only at the end)")
     p.add_argument("--eval-repeats", type=NON_NEGATIVE, default=None, help="networks per evaluation (0: none)")
@@ -249,9 +251,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 NETWORK_FLAGS = ("model", "width", "depth")
 CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img",
                 "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "match", "pad_fraction", "precision",
-                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every", "lr_labels",
-                "label_momentum", "label_init", "teacher_labels", "min_start_epoch", "current_max_start_epoch",
-                "expansion_end", "loss_threshold", "ema_decay")
+                "channels_last", "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every",
+                "lr_labels", "label_momentum", "label_init", "teacher_labels", "min_start_epoch",
+                "current_max_start_epoch", "expansion_end", "loss_threshold", "ema_decay")
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:

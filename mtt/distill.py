@@ -74,6 +74,7 @@ class DistillConfig:
     match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
     pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
     precision: str = "fp32"      # "bf16": the student network under bf16 autocast (GPU speed; fp32 state)
+    channels_last: bool = False  # the student's convolutions in NHWC layout (GPU speed; segments=1 only)
     # The successors' options (mtt/recipes.py switches them on by --method); all off in plain MTT.
     method: str = "mtt"          # the recipe these settings started from (recorded; the fields below act)
     min_start_epoch: int = 0     # DATM: start epochs are drawn from [min_start_epoch, upper), where upper is
@@ -116,9 +117,12 @@ class DistillConfig:
         self._validate_successors()
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
             raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
-        for name in ("zca", "soft_labels"):
+        for name in ("zca", "soft_labels", "channels_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.channels_last and self.segments > 1:
+            raise ValueError(f"channels_last works with segments=1 only (vmap has no channels_last), got segments="
+                             f"{self.segments}; drop one of the two")
         parse_strategy(self.dsa)
 
     def _validate_successors(self) -> None:
@@ -498,7 +502,7 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
                          f"longer experts")
     net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
     meta.check_network(net)
-    return Student(net.to(device), config.precision)
+    return Student(net.to(device), config.precision, config.channels_last)
 
 
 @dataclass

@@ -71,14 +71,17 @@ class Student:
     them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call).
 
     precision "bf16" runs the network under bf16 autocast (convolutions and matmuls in bf16,
-    theta, logits, the loss, the adjoint and every update in fp32).
+    theta, logits, the loss, the adjoint and every update in fp32). channels_last hands the
+    convolutions their inputs and weights in NHWC layout (what GPU tensor cores read natively);
+    one segment only, as vmap has no channels_last.
     """
 
-    def __init__(self, net: nn.Module, precision: str = "fp32"):
+    def __init__(self, net: nn.Module, precision: str = "fp32", channels_last: bool = False):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.net = net
         self.precision = precision
+        self.channels_last = channels_last
         self.names = [name for name, _ in net.named_parameters()]
         self.shapes = [p.shape for p in net.parameters()]
         self.numels = [p.numel() for p in net.parameters()]
@@ -87,12 +90,18 @@ class Student:
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         if theta.shape[-1:] != (self.num_params,) or theta.dim() > 2:
             raise ValueError(f"theta has shape {tuple(theta.shape)}, the network has {self.num_params} parameters")
+        if self.channels_last and theta.dim() == 2:
+            raise ValueError("channels_last works with one segment only (vmap has no channels_last): "
+                             "use segments=1 or drop channels_last")
         with torch.autocast(theta.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             logits = self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
         return logits.to(theta.dtype)  # fp32 out of bf16 autocast; float64 stays float64
 
     def _forward(self, theta: Tensor, x: Tensor) -> Tensor:
         views = [t.view(s) for t, s in zip(torch.split(theta, self.numels), self.shapes)]
+        if self.channels_last:  # every 4-d tensor a convolution reads: the images and the kernels
+            x = x.contiguous(memory_format=torch.channels_last)
+            views = [v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views]
         return functional_call(self.net, dict(zip(self.names, views)), (x,))
 
 

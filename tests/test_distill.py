@@ -159,6 +159,17 @@ def test_bad_config_values():
         small_config(syn_steps=0).validate()
     with pytest.raises(ValueError, match="backward"):
         small_config(backward="exact").validate()
+    with pytest.raises(ValueError, match="channels_last works with segments=1 only"):
+        small_config(channels_last=True, segments=2).validate()
+
+
+def test_channels_last_run_equals_the_nchw_run(digits, experts, tmp_path):
+    """The layout changes how convolutions read memory, not what they compute (float32: rounding only)."""
+    buffers = ExpertBuffers.open(experts)
+    nchw = distill(small_config(iterations=3), digits, buffers, tmp_path / "nchw", progress=False)
+    nhwc = distill(small_config(iterations=3, channels_last=True), digits, buffers, tmp_path / "nhwc", progress=False)
+    assert torch.allclose(nhwc.images, nchw.images, rtol=1e-4, atol=1e-5)
+    assert nhwc.syn_lr == pytest.approx(nchw.syn_lr, rel=1e-4)
 
 
 def test_auto_backward_chooses_once_records_it_and_resumes_with_it(digits, experts, tmp_path):

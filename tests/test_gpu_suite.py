@@ -13,7 +13,7 @@ PARTS = ("unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1"
 PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_h100_s", "meta", "config", "results"}
 META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
 # What each part's results must hold for the report to be of use.
-RESULT_KEYS = {"unroll-c10": {"cases", "segments", "bf16"}, "unroll-c100": {"cases", "segments", "bf16"},
+RESULT_KEYS = {"unroll-c10": {"cases", "segments", "fast_paths"}, "unroll-c100": {"cases", "segments", "fast_paths"},
                "experts": {"dataset", "rows"}, "fmnist-experts": {"folder", "experts", "epochs", "final_test_acc"},
                "fmnist-ipc1": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
                "fmnist-ipc10": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
@@ -58,6 +58,11 @@ def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
             assert cells[method]["status"] == "ok" and cells[method]["seconds"] > 0, (method, cells[method])
         assert cells["auto"]["chose"] in ("full", "checkpointed")
         assert max(case["checks"]["reference_vs_full_rel_err"].values()) < 1e-3
+        for fast_path in ("bf16", "channels_last", "bf16-channels_last"):
+            for mode in ("full", "checkpointed"):
+                assert cells[f"{fast_path}-{mode}"]["status"] == "ok"
+                assert f"{fast_path}-{mode}_vs_fp32" in case["checks"]
+        assert case["checks"]["channels_last-full_vs_fp32"]["cosine_images"] > 0.9999  # same arithmetic, NHWC
     assert [c["case"] for c in part_json(out, "unroll-c10")["results"]["cases"]] == [
         "cifar10 IPC 1", "cifar10 IPC 10", "cifar10 IPC 50"]
 

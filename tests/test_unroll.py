@@ -35,19 +35,23 @@ def reference_unroll(net, theta_start, theta_target, images, syn_lr, plans, labe
     return num / den
 
 
-@pytest.fixture
-def problem():
+def make_problem(channels: int = 1, **student_options):
     torch.manual_seed(0)
-    net = get_network("ConvNet", 1, CLASSES, (8, 8), width=8).double()
-    student = Student(net)
+    net = get_network("ConvNet", channels, CLASSES, (8, 8), width=8).double()
+    student = Student(net, **student_options)
     theta_start = torch.cat([p.detach().flatten() for p in net.parameters()])
     theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
-    images = torch.randn(IPC * CLASSES, 1, 8, 8, dtype=torch.float64)
+    images = torch.randn(IPC * CLASSES, channels, 8, 8, dtype=torch.float64)
     labels = torch.arange(CLASSES).repeat_interleave(IPC)
     syn_lr = torch.tensor(0.05, dtype=torch.float64)
     generator = torch.Generator().manual_seed(1)
-    plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, generator, torch.device("cpu"))
+    plans = plan_steps(len(images), STEPS, BATCH, (channels, 8, 8), DEFAULT_STRATEGY, generator, torch.device("cpu"))
     return net, student, theta_start, theta_target, images, labels, syn_lr, plans
+
+
+@pytest.fixture
+def problem():
+    return make_problem()
 
 
 def reference_grads(net, theta_start, theta_target, images, syn_lr, plans, **labels):
@@ -83,6 +87,25 @@ def test_gradients_match_plain_autograd_hard_labels(problem, mode):
     assert_close(result.grad_images, ref_images)
     assert_close(result.grad_lr, ref_lr)
     assert ref_images.abs().sum() > 0 and ref_lr.abs() > 0  # the check is not vacuous
+
+
+@pytest.mark.parametrize("mode", ["full", "checkpointed"])
+def test_channels_last_gradients_match_plain_autograd(mode):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = make_problem(3, channels_last=True)
+    layouts = []  # of every convolution's output: NHWC (channels_last) and so not NCHW-contiguous
+    for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_hook(lambda m, i, out: layouts.append(
+            (out.is_contiguous(memory_format=torch.channels_last), out.is_contiguous())))
+    ref_loss, (ref_images, ref_lr) = reference_grads(net, theta_start, theta_target, images, syn_lr, plans,
+                                                     labels=labels)
+    layouts.clear()  # the reference ran in NCHW; from here on, only ours
+    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode=mode)
+    assert abs(result.loss - ref_loss) <= 1e-9 * ref_loss
+    assert_close(result.grad_images, ref_images)
+    assert_close(result.grad_lr, ref_lr)
+    assert layouts and set(layouts) == {(True, False)}
+    with pytest.raises(ValueError, match="one segment only"):
+        student(theta_start.expand(2, -1), images.expand(2, *images.shape))
 
 
 @pytest.mark.parametrize("mode", ["full", "checkpointed"])
