@@ -72,6 +72,18 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _drop_stage(text: str) -> tuple[int, float]:
+    """AFTER:SHARE, e.g. 40:0.1: after epoch 40 every class leaves out its easiest 10 %."""
+    after, _, share = text.partition(":")
+    try:
+        stage = int(after), float(share)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected AFTER:SHARE such as 40:0.1, got {text!r}") from None
+    if stage[0] < 0 or not 0 <= stage[1] < 1:
+        raise argparse.ArgumentTypeError(f"AFTER must be >= 0 and SHARE in [0, 1), got {text!r}")
+    return stage
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (experts: expert k uses seed + k)")
@@ -123,6 +135,9 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
                         "linearly to all (PAD: 0.75); 0: off")
     p.add_argument("--easy-to-hard-epochs", type=POSITIVE, default=20, metavar="E",
                    help="PAD: epoch from which every image is used (PAD's add_end_epoch)")
+    p.add_argument("--drop-easy", type=_drop_stage, nargs="+", default=(), metavar="AFTER:SHARE",
+                   help="PAD's later stages: in the epochs after AFTER every class leaves out its easiest SHARE "
+                        "(PAD: 40:0.1 60:0.2); works with or without --easy-to-hard")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
@@ -143,7 +158,7 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                           dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth,
                           sam_rho=args.sam_rho, gsam_alpha=args.gsam_alpha, easy_to_hard=args.easy_to_hard,
-                          easy_to_hard_epochs=args.easy_to_hard_epochs)
+                          easy_to_hard_epochs=args.easy_to_hard_epochs, drop_easy=tuple(args.drop_easy))
     ensure_writable_dir(args.out)  # before loading data and training, not after
     dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
     if args.train_per_class:

@@ -14,9 +14,10 @@ seed+k, so it follows the same batches whatever P, rank or world size it trains 
 Two options for MTT's successors, both off by default:
 - FTD's flat experts (sam_rho, gsam_alpha): each step goes along GSAM's direction, from a
   second gradient at sharpness-perturbed weights (gsam_direction).
-- PAD's easy-to-hard data (easy_to_hard, easy_to_hard_epochs): images are ranked by EL2N
-  (el2n_scores, cached in the output folder) and each epoch uses only the easiest share of
-  every class, a share that grows linearly to the whole set (admitted_images).
+- PAD's easy-to-hard data (easy_to_hard, easy_to_hard_epochs, drop_easy): images are ranked
+  by EL2N (el2n_scores, cached in the output folder) and each epoch uses only the easiest share
+  of every class, a share that grows linearly to the whole set, and in later stages leaves out
+  the easiest images again (admitted_images).
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ class ExpertConfig:
     gsam_alpha: float = 0.0  # FTD: GSAM's surrogate-gap weight (FTD: 0.3 on CIFAR-10); 0 = plain SAM
     easy_to_hard: float = 0.0  # PAD: share of each class's easiest images used in epoch 0 (PAD: 0.75); 0 = off
     easy_to_hard_epochs: int = 20  # PAD's add_end_epoch: the share grows linearly to 1 at this epoch
+    # PAD's later stages, (after, share) pairs: in the epochs after `after` every class leaves out its
+    # easiest `share` (PAD: ((40, 0.1), (60, 0.2)), its rm_epoch_* and rm_easy_ratio_*); () = off
+    drop_easy: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "epochs", "batch_size", "parallel", "width", "depth", "easy_to_hard_epochs"):
@@ -88,7 +92,30 @@ class ExpertConfig:
         if not 0 <= self.easy_to_hard <= 1:
             raise ValueError(f"easy_to_hard must be a fraction in [0, 1] (0 = off; PAD uses 0.75), "
                              f"got {self.easy_to_hard!r}")
+        self.drop_easy = _drop_easy_stages(self.drop_easy)
         parse_strategy(self.dsa)  # a bad strategy fails before any training
+
+    @property
+    def curriculum(self) -> bool:
+        """Whether the images are ranked by difficulty (EL2N) and admitted epoch by epoch (PAD)."""
+        return bool(self.easy_to_hard or self.drop_easy)
+
+
+def _drop_easy_stages(stages: Any) -> tuple[tuple[int, float], ...]:
+    """drop_easy as a tuple of (after, share) tuples (JSON gives lists), or a ValueError saying what is wrong."""
+    def is_number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    try:
+        pairs = tuple((after, share) for after, share in stages)
+    except (TypeError, ValueError):
+        pairs = None
+    valid = pairs is not None and all(is_number(a) and a == int(a) >= 0 and is_number(s) and 0 <= s < 1
+                                      for a, s in pairs)
+    if not valid or [a for a, _ in pairs] != sorted({a for a, _ in pairs}):
+        raise ValueError(f"drop_easy must be (after epoch >= 0, share in [0, 1)) pairs in increasing epoch order, "
+                         f"e.g. ((40, 0.1), (60, 0.2)) as PAD; got {stages!r}")
+    return tuple((int(after), float(share)) for after, share in pairs)
 
 
 # ----------------------------------------------------------------------------- one expert's randomness
@@ -374,22 +401,27 @@ def el2n_scores(dataset: Dataset, config: ExpertConfig, device: DeviceLike = "au
 def admitted_images(scores: Tensor, labels: Tensor, config: ExpertConfig, epoch: int) -> Tensor | None:
     """Indices (ascending) of the training images used in `epoch` (0-based); None = all of them.
 
-    PAD's buffer_CL.py (NUS-HPC-AI-Lab/PAD): in epoch e every class keeps its
-    int(p * n_class) lowest-scored images, p = min(1, init_ratio + (1 - init_ratio) * e /
-    add_end_epoch) (utils_cl_scheduler.linear_cl_scheduler_acse), with init_ratio =
-    easy_to_hard and add_end_epoch = easy_to_hard_epochs. Simplified: PAD's later stages that
-    drop the easiest 10% / 20% again from epochs 40 / 60 (rm_epoch_first/second) are left out.
+    PAD's buffer_CL.py (NUS-HPC-AI-Lab/PAD), stage by stage: up to epoch add_end_epoch
+    (easy_to_hard_epochs) every class keeps its int(p * n_class) lowest-scored images, p =
+    min(1, init_ratio + (1 - init_ratio) * e / add_end_epoch) (utils_cl_scheduler.
+    linear_cl_scheduler_acse; init_ratio = easy_to_hard); after that, in the epochs after each
+    `after` of drop_easy, every class leaves out its int(share * n_class) lowest-scored images.
     """
-    if not config.easy_to_hard:
+    if not config.curriculum:
         return None
-    share = min(1.0, config.easy_to_hard + (1 - config.easy_to_hard) * epoch / config.easy_to_hard_epochs)
-    if share >= 1:
+    if config.easy_to_hard and epoch <= config.easy_to_hard_epochs:  # adding the harder images
+        share = min(1.0, config.easy_to_hard + (1 - config.easy_to_hard) * epoch / config.easy_to_hard_epochs)
+        kept_range = (0.0, share)  # of each class's images ranked easiest first
+    else:  # removing the easiest again, in PAD's later stages
+        dropped = next((share for after, share in reversed(config.drop_easy) if epoch > after), 0.0)
+        kept_range = (dropped, 1.0)
+    if kept_range == (0.0, 1.0):
         return None
     kept = []
     for c in labels.unique():
         members = (labels == c).nonzero().squeeze(1)
-        easiest_first = members[scores[members].argsort(stable=True)]
-        kept.append(easiest_first[:int(share * len(members))])
+        ranked = members[scores[members].argsort(stable=True)]
+        kept.append(ranked[int(kept_range[0] * len(ranked)):int(kept_range[1] * len(ranked))])
     return torch.cat(kept).sort().values
 
 
@@ -429,9 +461,9 @@ def train_group(dataset: Dataset, config: ExpertConfig, expert_ids: Sequence[int
                 bar: tqdm | None = None, scores: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Train the given experts together; returns trajectories [K, epochs+1, P] and test acc [K, epochs] (CPU).
 
-    With easy_to_hard set, `scores` (EL2N, [N]) rank the images; computed here if not given.
+    With the curriculum on, `scores` (EL2N, [N]) rank the images; computed here if not given.
     """
-    if config.easy_to_hard and scores is None:
+    if config.curriculum and scores is None:
         scores = el2n_scores(dataset, config, device)
     trainer, gens = start_group(dataset, config, expert_ids, device)
     train_x, train_y = dataset.train_images.to(device), dataset.train_labels.to(device)
@@ -472,7 +504,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             ensure_writable_dir(out_dir)
             remove_stale_temporaries(out_dir)
             scoring = {"el2n": {"file": str(SCORES_FILE), "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS,
-                                "seed": config.seed + SCORER_SEED}} if config.easy_to_hard else {}
+                                "seed": config.seed + SCORER_SEED}} if config.curriculum else {}
             atomic_write_json(out_dir / "config.json", {"dataset": dataset.name, "zca": dataset.zca is not None,
                                                         "train_images": len(dataset.train_images), **asdict(config),
                                                         **scoring})
@@ -485,7 +517,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             _check_compatible(out_dir, meta)
         todo = [k for k in ids if k not in done]
         procs.barrier()  # every rank has read the folder before any rank adds to it
-        scores = curriculum_scores(dataset, config, out_dir, procs) if config.easy_to_hard and todo else None
+        scores = curriculum_scores(dataset, config, out_dir, procs) if config.curriculum and todo else None
         mine = [k for k in todo if k % world == rank]
         parallel = config.parallel
         if parallel > 1 and has_batchnorm(probe):
@@ -549,7 +581,7 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     Times `probe_batches` SGD steps (after one warm-up step) of one group of `parallel`
     experts, with DSA (and GSAM's second pass if on), and one test batch, then extrapolates
     to ceil(num_experts / parallel) groups x epochs x ceil(images / batch_size) steps plus
-    each epoch's test pass, where images is what the easy-to-hard curriculum admits that
+    each epoch's test pass, where images is what PAD's curriculum admits that
     epoch (all, without it), plus the EL2N scoring networks' epochs, timed as a group's. Under
     torchrun divide by the number of ranks. A guide, not a promise: the first steps may run
     slower or faster than the steady state.
@@ -585,5 +617,5 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
     test_seconds = timed(lambda: accuracy(trainer, test_x, test_y, test_batch), 1)
     steps = sum(math.ceil(images_in(e) / config.batch_size) for e in range(config.epochs))
     group_seconds = steps * step_seconds + config.epochs * math.ceil(n_test / test_batch) * test_seconds
-    scoring_seconds = EL2N_EPOCHS * math.ceil(n / config.batch_size) * step_seconds if config.easy_to_hard else 0.0
+    scoring_seconds = EL2N_EPOCHS * math.ceil(n / config.batch_size) * step_seconds if config.curriculum else 0.0
     return math.ceil(config.num_experts / parallel) * group_seconds + scoring_seconds

@@ -17,7 +17,7 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
   MTT's presets otherwise.
 - pad (Li et al., 2024): DATM's recipe plus the mask of shallow-layer parameters in the loss,
   PAD's `loss_ratio` (0 at IPC 1, 0.5 at IPC 10 and 50). Its easy-to-hard experts are a setting
-  of `python -m mtt experts` (--easy-to-hard).
+  of `python -m mtt experts` (--easy-to-hard, --drop-easy).
 
 Where the authors give no values (digits, Fashion-MNIST, ...) ours are scaled to the preset: FTD's
 EMA averages over about a tenth of the run (decay 1 - 10 / iterations), DATM's window is
@@ -37,7 +37,8 @@ METHODS = ("mtt", "tesla", "ftd", "datm", "att", "pad")
 EXPERT_NOTES = {
     "ftd": "FTD's experts are trained with GSAM: python -m mtt experts ... --sam-rho 0.01 --gsam-alpha 0.3",
     "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70)",
-    "pad": "PAD's experts see the training data easy to hard: python -m mtt experts ... --easy-to-hard",
+    "pad": "PAD's experts see the training data easy to hard: python -m mtt experts ... --epochs 100 "
+           "--easy-to-hard 0.75 --easy-to-hard-epochs 20 --drop-easy 40:0.1 60:0.2",
 }
 
 _DATM_OPTIONS = dict(init="correct", soft_labels=True, label_init="experts", label_momentum=0.9)

@@ -424,11 +424,13 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
     """Memory the `full` mode's graph holds at its peak: the tensors one step saves for the double
     backward, counted with saved-tensor hooks (each storage once: several nodes save the same
     activation, and views share their base's memory), times the number of steps."""
-    storages: dict[int, int] = {}
+    # Held until counted: a storage freed meanwhile could hand its address to another one, which
+    # would then be counted in its place (seen with torch 2.11 on the CPU).
+    storages: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        storages[storage.data_ptr()] = storage
         return t
 
     theta = theta_start.detach().requires_grad_()
@@ -436,7 +438,7 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         grad = torch.autograd.grad(_step_loss(student, theta, x, targets, plans[0]), theta, create_graph=True)[0]
         _ = theta - syn_lr.detach().requires_grad_() * grad
-    return sum(storages.values()) * len(plans)
+    return sum(storage.nbytes() for storage in storages.values()) * len(plans)
 
 
 def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,

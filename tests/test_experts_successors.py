@@ -155,6 +155,40 @@ def test_admitted_images_follow_pads_linear_schedule():
     assert admitted_images(scores, labels, replace(config, easy_to_hard=0.0), 0) is None
 
 
+def pad_buffer_cl_indices(scores, labels, e, init_ratio, add_end, rm_first, rm_second, ratio_first, ratio_second):
+    """buffer_CL.py's if-chain written out per class (its sorted_diff_indices: each class, easiest first)."""
+    chosen = []
+    for c in labels.unique().tolist():
+        ranked = sorted((i for i in range(len(labels)) if labels[i] == c), key=lambda i: (scores[i].item(), i))
+        n = len(ranked)
+        if e <= add_end:
+            chosen += ranked[:int(min(1, init_ratio + (1 - init_ratio) * e / add_end) * n)]
+        elif add_end < e <= rm_first:
+            chosen += ranked
+        elif rm_first < e <= rm_second:
+            chosen += ranked[int(ratio_first * n):]
+        else:
+            chosen += ranked[int(ratio_second * n):]
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("init_ratio", [0.5, 0.0])
+def test_admitted_images_follow_pads_stages_with_the_easy_ones_removed_late(init_ratio):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(3, (60,), generator=g)
+    scores = torch.rand(60, generator=g).round(decimals=1)
+    config = replace(TINY, easy_to_hard=init_ratio, easy_to_hard_epochs=4, drop_easy=((6, 0.1), (8, 0.3)))
+    for epoch in range(12):
+        admitted = admitted_images(scores, labels, config, epoch)
+        if init_ratio:
+            expected = pad_buffer_cl_indices(scores, labels, epoch, init_ratio, 4, 6, 8, 0.1, 0.3)
+        else:  # removal stages only: every image until the first of them
+            expected = pad_buffer_cl_indices(scores, labels, epoch, 1.0, 4, 6, 8, 0.1, 0.3)
+        got = list(range(60)) if admitted is None else admitted.tolist()
+        assert got == expected, epoch
+    assert admitted_images(scores, labels, config, 7).numel() < 60  # the check is not vacuous
+
+
 def plain_loop(dataset, config, ids, admitted_at=lambda epoch: None) -> torch.Tensor:
     """The expert loop written out: each epoch a permutation of the admitted images from the expert's generator."""
     experts = [init_expert(dataset, config, k) for k in ids]
@@ -205,11 +239,12 @@ def test_el2n_scores_are_finite_deterministic_and_higher_on_mislabeled_images(di
 
 
 def test_train_experts_with_the_curriculum_caches_the_scores_and_resumes(digits, tmp_path):
-    config = replace(TINY, num_experts=2, parallel=2, easy_to_hard=0.5, easy_to_hard_epochs=2)
+    config = replace(TINY, num_experts=2, parallel=2, easy_to_hard=0.5, easy_to_hard_epochs=2, drop_easy=((2, 0.1),))
     train_experts(digits, config, tmp_path, device="cpu", progress=False)
     cache = tmp_path / SCORES_FILE
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["easy_to_hard"] == 0.5 and recorded["el2n"]["file"] == str(SCORES_FILE)
+    assert ExpertConfig(**{k: recorded[k] for k in ("easy_to_hard", "drop_easy")}).drop_easy == config.drop_easy
     scores = load_safetensors(cache)["el2n"]
     assert torch.equal(scores, el2n_scores(digits, config, "cpu"))  # the defaults train_experts uses
     mtime = cache.stat().st_mtime_ns
@@ -233,6 +268,9 @@ def test_train_experts_with_the_curriculum_caches_the_scores_and_resumes(digits,
     (["--gsam-alpha", "0.3"], "sam_rho"),
     (["--easy-to-hard", "1.5"], "easy_to_hard"),
     (["--easy-to-hard", "0.5", "--easy-to-hard-epochs", "0"], "--easy-to-hard-epochs"),
+    (["--drop-easy", "40"], "--drop-easy"),
+    (["--drop-easy", "40:1.0"], "--drop-easy"),
+    (["--drop-easy", "60:0.1", "40:0.2"], "drop_easy"),
 ])
 def test_bad_successor_flags_are_one_error_line(tmp_path, flags, names):
     result = subprocess.run([sys.executable, "-m", "mtt", "experts", "--dataset", "digits", "--out", "x",
