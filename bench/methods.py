@@ -15,7 +15,8 @@ OUT/results.md and the chart docs/methods.png. A rerun skips what is already mea
 `--smoke` runs every recipe at toy size in about a minute (tests/test_bench_methods.py).
 
 FTD's GSAM experts and PAD's easy-to-hard experts are expert-stage options: on the same experts
-these rows measure the distillation-stage ideas only (EMA; the loss mask on top of DATM).
+the ftd and pad rows measure the distillation-stage ideas only (EMA; the loss mask on top of
+DATM); the rows ftd-own-experts and pad-own-experts distil from experts trained with them.
 """
 from __future__ import annotations
 
@@ -43,8 +44,27 @@ from mtt.io import atomic_write_json  # noqa: E402
 from mtt.recipes import METHODS  # noqa: E402
 
 RANDOM = "random real"
-# Rows that take one idea of a recipe apart: (recipe, fields over it).
-VARIANTS = {"tesla-hard-labels": ("tesla", {"teacher_labels": False})}  # TESLA's backward without its labels
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row beside the recipes: one idea of a recipe taken apart, or a recipe with experts of its own."""
+
+    recipe: str
+    fields: dict[str, Any] = field(default_factory=dict)   # over the recipe's settings
+    experts: dict[str, Any] = field(default_factory=dict)  # over the configuration's experts; {}: the shared ones
+
+
+# FTD's GSAM (rho 0.01, alpha 0.3: its CIFAR-10 values). PAD trains GSAM experts too, easy to hard, with
+# its 100-epoch schedule (all images from epoch 20; the easiest 10 % / 20 % left out after 40 / 60)
+# scaled to these configurations' 10-epoch experts.
+GSAM = {"sam_rho": 0.01, "gsam_alpha": 0.3}
+PAD_CURRICULUM = {"easy_to_hard": 0.75, "easy_to_hard_epochs": 2, "drop_easy": ((4, 0.1), (6, 0.2))}
+VARIANTS = {
+    "tesla-hard-labels": Variant("tesla", {"teacher_labels": False}),  # TESLA's backward without its labels
+    "ftd-own-experts": Variant("ftd", experts=GSAM),
+    "pad-own-experts": Variant("pad", experts=GSAM | PAD_CURRICULUM),
+}
 
 
 @dataclass
@@ -84,25 +104,30 @@ def eval_config(config: BenchConfig, width: int) -> EvalConfig:
 
 
 def run_method(config: BenchConfig, method: str, out: Path) -> dict[str, Any]:
-    """Distil with `method`'s recipe from the shared experts, evaluate the result; the record for results.json."""
+    """Distil with `method`'s recipe from its experts, evaluate the result; the record for results.json."""
     dataset = load(config)
-    buffers = ExpertBuffers.open(out.parent / "experts")
+    variant = VARIANTS.get(method, Variant(method))
+    extra: dict[str, Any] = {}
+    if variant.experts:  # its own experts, trained here (in this job's process) the first time
+        started = time.perf_counter()
+        experts_for(config, out.parent / f"experts-{method}", variant.experts)
+        extra["experts_seconds"] = round(time.perf_counter() - started, 1)
+    buffers = ExpertBuffers.open(out.parent / (f"experts-{method}" if variant.experts else "experts"))
     started = time.perf_counter()
     if method == RANDOM:
         width = config.experts.get("width", 128)
         result = evaluate_baseline(dataset, config.ipc, "random", ["ConvNet"], eval_config(config, width), "cpu")
-        distill_seconds, extra = 0.0, {}
+        distill_seconds = 0.0
     else:
-        recipe, fields = VARIANTS.get(method, (method, {}))
-        settings = preset(config.dataset, config.ipc, recipe, device="cpu", eval_repeats=0,
-                          **{"width": config.experts.get("width", 128)} | config.distill | fields)
+        settings = preset(config.dataset, config.ipc, variant.recipe, device="cpu", eval_repeats=0,
+                          **{"width": config.experts.get("width", 128)} | config.distill | variant.fields)
         settings.validate()
         synthetic = distill(settings, dataset, buffers, out, resume=(out / "checkpoint.safetensors").exists(),
                             progress=False)
         distill_seconds = time.perf_counter() - started
         history = json.loads((out / "history.json").read_text())
-        extra = {"final_loss": history["loss"][-1], "syn_lr": synthetic.syn_lr,
-                 "skipped": len(history.get("skipped", [])), "backward": history.get("backward", {}).get("mode")}
+        extra |= {"final_loss": history["loss"][-1], "syn_lr": synthetic.syn_lr,
+                  "skipped": len(history.get("skipped", [])), "backward": history.get("backward", {}).get("mode")}
         result = evaluate_synthetic(synthetic, dataset, ["ConvNet"], eval_config(config, settings.width), "cpu")
     evaluation = result["ConvNet"]
     return {"method": method, "dataset": config.dataset, "ipc": config.ipc, "mean": evaluation.mean,
@@ -110,9 +135,9 @@ def run_method(config: BenchConfig, method: str, out: Path) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - started, 1), **extra}
 
 
-def experts_for(config: BenchConfig, folder: Path) -> None:
-    """Train the configuration's experts once (resumable: finished experts are kept)."""
-    settings = ExpertConfig(**config.experts)
+def experts_for(config: BenchConfig, folder: Path, options: dict[str, Any] | None = None) -> None:
+    """Train the configuration's experts (with a variant's options over them) once; finished experts are kept."""
+    settings = ExpertConfig(**config.experts | (options or {}))
     train_experts(load(config), settings, folder, device="cpu", progress=False)
 
 

@@ -34,3 +34,9 @@ def test_methods_bench_smoke(tmp_path):
     assert ("datm", "digits", 1) in results
     ftd = json.loads((tmp_path / "smoke" / "ftd" / "config.json").read_text())
     assert ftd["method"] == "ftd" and ftd["ema_decay"] >= 0
+    # The own-experts rows distil from experts trained with their paper's expert-stage options.
+    own = json.loads((tmp_path / "smoke" / "experts-pad-own-experts" / "config.json").read_text())
+    assert own["sam_rho"] == 0.01 and own["easy_to_hard"] == 0.75 and own["drop_easy"] == [[4, 0.1], [6, 0.2]]
+    pad = json.loads((tmp_path / "smoke" / "pad-own-experts" / "config.json").read_text())
+    assert pad["method"] == "pad"
+    assert json.loads((tmp_path / "smoke" / "experts" / "config.json").read_text())["sam_rho"] == 0
