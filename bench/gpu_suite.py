@@ -3,6 +3,9 @@
     PYTHONPATH=. python3 bench/gpu_suite.py --out DIR [--part NAME[,NAME...]]... [--smoke]
 
 Parts (default: all, in this order; `--part` takes names in the order to run them):
+  cuda-tests     the checks that need CUDA (gradient equality of the backward modes, with segments too;
+                 bf16 vs fp32; channels_last vs NCHW; choose_backward; distillation; bit-identical resume;
+                 experts P=1 vs P=2), as plain functions (no pytest on the GPU machine)
   unroll-c10     s/iteration and peak memory of one MTT iteration at the paper's CIFAR-10 IPC 1/10/50
                  shapes: the original's loop (bench/reference_unroll.py), our `full`, `checkpointed`,
                  `auto`, segments=8, and the fast paths bf16, channels_last and both (random tensors,
@@ -13,9 +16,6 @@ Parts (default: all, in this order; `--part` takes names in the order to run the
                  trains group by group while a time budget lasts)
   fmnist-ipc1    distillation with the fashion-mnist IPC 1 preset from those experts (iterations sized
   fmnist-ipc10   to a time budget), then the full protocol (5 ConvNet-128 x 1000 epochs) vs random real
-  cuda-tests     the checks that need CUDA (gradient equality of the backward modes, with segments too;
-                 bf16 vs fp32; channels_last vs NCHW; choose_backward; distillation; bit-identical resume;
-                 experts P=1 vs P=2), as plain functions (no pytest on the GPU machine)
 Each part writes DIR/NAME.json (status "running" while it works, updated after every measurement)
 and rewrites DIR/report.md from every part's JSON present, so a run stopped at a time limit still
 leaves what it measured. A part that raises is recorded as failed and the next part runs; SIGINT
@@ -859,7 +859,8 @@ def render_cuda_tests(results: dict) -> list[str]:
     return lines
 
 
-PARTS: dict[str, Part] = {
+PARTS: dict[str, Part] = {  # correctness first: a device session cut short still says whether the GPU agrees
+    "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 60, render_cuda_tests),
     "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
                        240, render_unroll),
     "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 360,
@@ -868,7 +869,6 @@ PARTS: dict[str, Part] = {
     "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 270, render_fmnist_experts),
     "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 240, render_fmnist_distill),
     "fmnist-ipc10": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=10), 240, render_fmnist_distill),
-    "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 60, render_cuda_tests),
 }
 
 

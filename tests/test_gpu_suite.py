@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
-PARTS = ("unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10", "cuda-tests")
+PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10")
 PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_h100_s", "meta", "config", "results"}
 META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
 # What each part's results must hold for the report to be of use.
