@@ -26,10 +26,11 @@ On the GPU machine (python3 with torch, torchvision, safetensors, huggingface_hu
 matplotlib, tqdm; nothing else needed), from the repository root. Fashion-MNIST is read from
 ./data/fashion-mnist (the four IDX .gz files), which is git-ignored, so copy it there first
 (`mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`) and carry it: the device tool's
-`carry: ["data/fashion-mnist"]`. One device command per part, each under the 10-minute limit;
-the report lists them (`device_command`). They write into runs/gpu_suite, which stays on the
-machine between commands while it is warm (the fmnist-ipc parts reuse fmnist-experts' experts),
-and copy the JSONs and the report into $OUT.
+`carry: ["data/fashion-mnist"]`. Five device commands, each a group of parts under the
+10-minute limit (DEVICE_GROUPS); the report lists them. They write into runs/gpu_suite on the
+machine, which is lost when the machine is handed back, so each fmnist-ipc part runs in one
+command after fmnist-experts (which resumes: instant when its experts are still there), and
+copy the JSONs and the report into $OUT.
 
 --smoke runs every part at toy size on the CPU (Fashion-MNIST cut to 20 images per class if its
 files are found, else digits) in a minute or two: tests/test_gpu_suite.py runs it.
@@ -481,7 +482,7 @@ def run_fmnist_distill(config: FmnistDistillConfig, device: torch.device, out: P
     folder = experts_folder(out, dataset)
     if not finished_experts(folder):
         raise FileNotFoundError(f"no experts in {folder}: run --part fmnist-experts first with the same --out "
-                                f"(on the GPU machine in the same warm session: {DEVICE_OUT} is not carried)")
+                                f"(on the GPU machine in the same command: {DEVICE_OUT} is not carried)")
     buffers = ExpertBuffers.open(folder)
     settings, changes = distill_config(config, dataset, buffers, device)
     run_dir = out / f"distill_{dataset.name}_ipc{config.ipc}"
@@ -935,17 +936,26 @@ def device_command(parts: str) -> str:
             f"--part {parts}; cp {DEVICE_OUT}/*.json {DEVICE_OUT}/report.md \"$OUT\"/")
 
 
+# The device commands, in order, each a group of parts estimated to end inside DEVICE_TIMEOUT_S.
+# fmnist-experts leads each fmnist-ipc group: it resumes, so it is instant while the machine is
+# still warm and trains the experts afresh if the machine was handed back in between (they are too
+# big to carry).
+DEVICE_GROUPS = ("cuda-tests,unroll-c10", "unroll-c100", "experts", "fmnist-experts,fmnist-ipc1",
+                 "fmnist-experts,fmnist-ipc10")
+
+
 def how_to_run() -> list[str]:
     total = sum(p.estimate_s for p in PARTS.values()) / 60
     return ["## How to run", "",
             "Once, on the machine that calls the device: `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist "
             "data/` (the four IDX .gz files; data/ is git-ignored). Then these device commands back to back, each "
-            "with carry `[\"data/fashion-mnist\"]` (each part stays well under the 10-minute limit; the `timeout` "
-            f"stops a part that overruns at {DEVICE_TIMEOUT_S} s, recording it as interrupted, and the copy into "
-            f"$OUT still runs). `{DEVICE_OUT}` stays on the machine only while it is warm: run fmnist-experts, "
-            "fmnist-ipc1 and fmnist-ipc10 in one session (or fmnist-experts again first). "
+            "with carry `[\"data/fashion-mnist\"]` (each group of parts is estimated to end inside the 10-minute "
+            f"limit; the `timeout` stops one that overruns at {DEVICE_TIMEOUT_S} s, recording the part as "
+            "interrupted, and the copy into $OUT still runs). The fmnist-ipc parts read the experts that "
+            f"fmnist-experts leaves in `{DEVICE_OUT}` on the machine, so each of their commands runs fmnist-experts "
+            "first (instant while the machine is warm). "
             f"Estimated total on one H100: ~{total:.0f} min plus ~15 s start-up per command.", "", "```bash",
-            *(device_command(name) for name in PARTS), "```", "",
+            *(device_command(group) for group in DEVICE_GROUPS), "```", "",
             "Locally (CPU, toy sizes, ~1-2 min): "
             "`PYTHONPATH=. python bench/gpu_suite.py --smoke --out /tmp/gpu_smoke`."]
 

@@ -1,4 +1,5 @@
 """bench/gpu_suite.py: its smoke mode runs every part on the CPU and reports each; a failing part stays contained."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +27,15 @@ def suite(*args: str) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
+def load_suite():
+    # bench/ is not a package: load the script as a module by its path.
+    spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
 def part_json(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())
 
@@ -46,7 +56,19 @@ def test_smoke_run_records_every_part_and_reports_it(smoke):
         assert data["status"] == "ok" and data["smoke"] and data["error"] is None, (name, data["error"])
         assert RESULT_KEYS[name] <= set(data["results"]), name
         assert f"## {name}" in report and f"| {name} | ok (smoke) |" in report
-    assert report.count("python3 bench/gpu_suite.py --out runs/gpu_suite --part") == len(PARTS)
+    suite_module = load_suite()
+    assert report.count("python3 bench/gpu_suite.py --out runs/gpu_suite --part") == len(suite_module.DEVICE_GROUPS)
+
+
+def test_device_commands_cover_every_part_and_each_fits_the_device_limit():
+    suite_module = load_suite()
+    groups = [group.split(",") for group in suite_module.DEVICE_GROUPS]
+    assert {part for group in groups for part in group} == set(PARTS)
+    for group in groups:
+        assert sum(suite_module.PARTS[part].estimate_s for part in group) < suite_module.DEVICE_TIMEOUT_S, group
+        # a distillation part reads the experts that fmnist-experts leaves on the machine: same command, before it
+        for i, part in enumerate(group):
+            assert not part.startswith("fmnist-ipc") or "fmnist-experts" in group[:i], group
 
 
 def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
