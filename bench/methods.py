@@ -107,12 +107,13 @@ def run_method(config: BenchConfig, method: str, out: Path) -> dict[str, Any]:
     """Distil with `method`'s recipe from its experts, evaluate the result; the record for results.json."""
     dataset = load(config)
     variant = VARIANTS.get(method, Variant(method))
+    experts = out.parent / (f"experts-{method}" if variant.experts else "experts")
     extra: dict[str, Any] = {}
     if variant.experts:  # its own experts, trained here (in this job's process) the first time
         started = time.perf_counter()
-        experts_for(config, out.parent / f"experts-{method}", variant.experts)
+        experts_for(config, experts, variant.experts)
         extra["experts_seconds"] = round(time.perf_counter() - started, 1)
-    buffers = ExpertBuffers.open(out.parent / (f"experts-{method}" if variant.experts else "experts"))
+    buffers = ExpertBuffers.open(experts)
     started = time.perf_counter()
     if method == RANDOM:
         width = config.experts.get("width", 128)
