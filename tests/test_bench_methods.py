@@ -1,5 +1,4 @@
 """bench/methods.py --smoke: every recipe distils and is evaluated, and the results file is what the notebook reads."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,17 +8,10 @@ from pathlib import Path
 from mtt.paper import load_method_results
 from mtt.recipes import METHODS
 
+from bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "methods.py"
-
-
-def bench_module():
-    # bench/ is not a package: load the script as a module by its path.
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_methods_bench_smoke(tmp_path):
@@ -27,7 +19,8 @@ def test_methods_bench_smoke(tmp_path):
                           capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads((tmp_path / "results.json").read_text())
-    assert sorted(r["method"] for r in records) == sorted([*METHODS, *bench_module().VARIANTS, "random real"])
+    variants = load_bench_script("methods").VARIANTS
+    assert sorted(r["method"] for r in records) == sorted([*METHODS, *variants, "random real"])
     assert all(0 <= r["mean"] <= 100 and r["seconds"] > 0 for r in records)
     assert "FAILED" not in done.stdout
     results = load_method_results(tmp_path / "results.json")

@@ -1,6 +1,5 @@
 """bench/reference_unroll.py: its smoke mode runs end to end, and its reference computes our gradients."""
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,10 @@ import torch
 
 from mtt.unroll import BACKWARD_MODES, Student
 
+from bench_scripts import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "reference_unroll.py"
-
-
-def load_bench():
-    # bench/ is not a package: load the script as a module by its path.
-    spec = importlib.util.spec_from_file_location("reference_unroll", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_smoke_mode_writes_a_timed_row_per_config(tmp_path):
@@ -30,7 +22,7 @@ def test_smoke_mode_writes_a_timed_row_per_config(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--json", str(out)],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    bench = load_bench()
+    bench = load_bench_script("reference_unroll")
     assert [row["config"]["name"] for row in result["rows"]] == [c.name for c in bench.CONFIGS]
     for row in result["rows"]:
         assert set(row["seconds"]) == {"reference", *BACKWARD_MODES}
@@ -39,7 +31,7 @@ def test_smoke_mode_writes_a_timed_row_per_config(tmp_path):
 
 
 def test_reference_gradients_equal_ours_full_in_float64():
-    bench = load_bench()
+    bench = load_bench_script("reference_unroll")
     config = bench.Config("tiny", channels=3, size=8, width=8, ipc=2, steps=4)
     problem = bench.make_problem(config, torch.device("cpu"), dtype=torch.float64)
     reference = bench.reference_gradients(bench.ReparamModule(copy.deepcopy(problem.net)), problem)

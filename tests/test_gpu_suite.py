@@ -1,5 +1,4 @@
 """bench/gpu_suite.py: its smoke mode runs every part on the CPU and reports each; a failing part stays contained."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -7,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
@@ -25,15 +26,6 @@ def suite(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
-
-
-def load_suite():
-    # bench/ is not a package: load the script as a module by its path.
-    spec = importlib.util.spec_from_file_location("gpu_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def part_json(out: Path, name: str) -> dict:
@@ -56,12 +48,12 @@ def test_smoke_run_records_every_part_and_reports_it(smoke):
         assert data["status"] == "ok" and data["smoke"] and data["error"] is None, (name, data["error"])
         assert RESULT_KEYS[name] <= set(data["results"]), name
         assert f"## {name}" in report and f"| {name} | ok (smoke) |" in report
-    suite_module = load_suite()
+    suite_module = load_bench_script("gpu_suite")
     assert report.count("python3 bench/gpu_suite.py --out runs/gpu_suite --part") == len(suite_module.DEVICE_GROUPS)
 
 
 def test_device_commands_cover_every_part_and_each_fits_the_device_limit():
-    suite_module = load_suite()
+    suite_module = load_bench_script("gpu_suite")
     groups = [group.split(",") for group in suite_module.DEVICE_GROUPS]
     assert {part for group in groups for part in group} == set(PARTS)
     for group in groups:
