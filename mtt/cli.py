@@ -158,7 +158,7 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                           dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth,
                           sam_rho=args.sam_rho, gsam_alpha=args.gsam_alpha, easy_to_hard=args.easy_to_hard,
-                          easy_to_hard_epochs=args.easy_to_hard_epochs, drop_easy=tuple(args.drop_easy))
+                          easy_to_hard_epochs=args.easy_to_hard_epochs, drop_easy=args.drop_easy)
     ensure_writable_dir(args.out)  # before loading data and training, not after
     dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
     if args.train_per_class:

@@ -180,10 +180,8 @@ def test_admitted_images_follow_pads_stages_with_the_easy_ones_removed_late(init
     config = replace(TINY, easy_to_hard=init_ratio, easy_to_hard_epochs=4, drop_easy=((6, 0.1), (8, 0.3)))
     for epoch in range(12):
         admitted = admitted_images(scores, labels, config, epoch)
-        if init_ratio:
-            expected = pad_buffer_cl_indices(scores, labels, epoch, init_ratio, 4, 6, 8, 0.1, 0.3)
-        else:  # removal stages only: every image until the first of them
-            expected = pad_buffer_cl_indices(scores, labels, epoch, 1.0, 4, 6, 8, 0.1, 0.3)
+        # Without the adding phase (0: off) PAD's chain starts from every image (its init_ratio 1).
+        expected = pad_buffer_cl_indices(scores, labels, epoch, init_ratio or 1.0, 4, 6, 8, 0.1, 0.3)
         got = list(range(60)) if admitted is None else admitted.tolist()
         assert got == expected, epoch
     assert admitted_images(scores, labels, config, 7).numel() < 60  # the check is not vacuous
