@@ -21,7 +21,6 @@ DATM); the rows ftd-own-experts and pad-own-experts distil from experts trained 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
