@@ -21,8 +21,9 @@ Both modes draw the minibatches and DSA parameters of all N steps up front (`pla
 from one generator, so they see the very same randomness and the backward walk replays it.
 
 `auto` is not a third computation but a choice between the two (`choose_backward`): which
-is faster depends on the device and the problem's size (on a CPU `full` wins at IPC 1 and
-`checkpointed` at IPC 10, whose large graph costs more than the recomputation), and `full`
+is faster depends on the device, the problem's size and the allocator (`checkpointed`
+recomputes every step, ~1.3x the arithmetic, but keeps one step's graph instead of N: where
+allocating a large graph is slow, as under glibc's default on a CPU, that wins), and `full`
 is only a candidate where its graph fits in memory.
 
 Options of the successors (all off by default; each a small function called from one place):
