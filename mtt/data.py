@@ -14,6 +14,7 @@ import os
 import pickle
 import socket
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -168,12 +169,17 @@ class Dataset:
             self._class_indices = list(torch.split(order, counts))
         return self._class_indices[c]
 
+    def check_ipc(self, ipc: int, classes: Sequence[int] | None = None) -> None:
+        """Fail, naming the class, where a class has fewer than ipc training images (before any work)."""
+        for c in range(self.num_classes) if classes is None else classes:
+            if ipc > len(self.class_indices(c)):
+                raise ValueError(f"asked for {ipc} images of class {c} ({self.class_names[c]}) but "
+                                 f"{self.name} has only {len(self.class_indices(c))} in its training set")
+
     def sample_real(self, c: int, n: int, generator: torch.Generator | int | None = None) -> Tensor:
         """n distinct training images of class c, drawn with a seeded generator."""
+        self.check_ipc(n, [c])
         indices = self.class_indices(c)
-        if n > len(indices):
-            raise ValueError(f"asked for {n} images of class {c} ({self.class_names[c]}) but "
-                             f"{self.name} has only {len(indices)} in its training set")
         if isinstance(generator, int):
             generator = torch.Generator().manual_seed(generator)
         pick = torch.randperm(len(indices), generator=generator)[:n]

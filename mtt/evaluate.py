@@ -254,7 +254,7 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
     `herding_features(dataset, seed)`; pass them to reuse one feature network for several ipc).
     full: the whole training set.
     """
-    _check_baseline(method, ipc)
+    _check_baseline(dataset, method, ipc)
     if method == "full":
         return dataset.train_images, dataset.train_labels
     labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
@@ -269,17 +269,17 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
     picks = []
     for c in range(dataset.num_classes):
         indices = dataset.class_indices(c)
-        if ipc > len(indices):
-            raise ValueError(f"asked for {ipc} images of class {c} but {dataset.name} has only {len(indices)}")
         picks.append(indices[herding(features[indices], ipc)])
     return dataset.train_images[torch.cat(picks)], labels
 
 
-def _check_baseline(method: str, ipc: int | None) -> None:
+def _check_baseline(dataset: Dataset, method: str, ipc: int | None) -> None:
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}: use one of {', '.join(BASELINE_METHODS)}")
-    if method != "full" and (ipc is None or ipc < 1):
-        raise ValueError(f"the {method} baseline needs a positive ipc (images per class), got {ipc!r}")
+    if method != "full":
+        if ipc is None or ipc < 1:
+            raise ValueError(f"the {method} baseline needs a positive ipc (images per class), got {ipc!r}")
+        dataset.check_ipc(ipc)
 
 
 def herding(features: Tensor, n: int) -> Tensor:
@@ -317,7 +317,7 @@ def evaluate_baseline(dataset: Dataset, ipc: int | None, method: str, models: li
     config = config or EvalConfig()
     if config.lr is None:
         config = replace(config, lr=BASELINE_LR)
-    _check_baseline(method, ipc)
+    _check_baseline(dataset, method, ipc)
     check_models(models, config, dataset.channels, dataset.num_classes, dataset.im_size)
     cache: dict[int, tuple[Tensor, Tensor]] = {}
 

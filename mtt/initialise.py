@@ -53,12 +53,11 @@ def correctly_classified_images(dataset: Dataset, ipc: int, student: Student, bu
     A class that no expert gets `ipc` images of right is filled with the remaining candidates (with a
     warning): the experts have not learned it, and DATM's loop would never end there.
     """
+    dataset.check_ipc(ipc)
     experts = final_parameters(buffers, device)
     chosen = []
     for c in range(dataset.num_classes):
         indices = dataset.class_indices(c)
-        if ipc > len(indices):
-            raise ValueError(f"asked for {ipc} images of class {c} but {dataset.name} has only {len(indices)}")
         candidates = dataset.train_images[indices[torch.randperm(len(indices), generator=generator)]].to(device)
         taken = torch.zeros(len(candidates), dtype=torch.bool, device=device)
         for theta in experts:

@@ -261,6 +261,13 @@ def test_baseline_images(digits):
         baseline_images(digits, 3, "kmeans")
     with pytest.raises(ValueError, match="positive ipc"):
         baseline_images(digits, None, "random")
+    # an ipc that a class cannot fill fails first, before herding would train its feature network
+    # (the wrong-sized features would fail otherwise) and before evaluate_baseline starts a run
+    too_many = int(torch.bincount(digits.train_labels).min()) + 1
+    with pytest.raises(ValueError, match=rf"asked for {too_many} images of class \d+ .* has only"):
+        baseline_images(digits, too_many, "herding", features=features[:10])
+    with pytest.raises(ValueError, match="has only"):
+        evaluate_baseline(digits, too_many, "herding", ["NoSuchNet"])
 
 
 def test_random_baseline_draws_a_subset_per_repeat(digits, monkeypatch):
