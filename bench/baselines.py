@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from mtt.data import load_dataset
 from mtt.device import resolve_device
@@ -69,7 +70,10 @@ def main() -> None:
             key = f"{args.method}/{dataset.name}/ipc{ipc}/{args.model}/epochs{args.epochs}/lr{args.lr}{fixed}"
             start = time.time()
             images, labels = baseline_images(dataset, ipc, args.method, seed, device, features=features)
-            accuracy = train_and_test(images, labels, dataset.test_images, dataset.test_labels, config, seed, device)
+            with tqdm(total=args.epochs + 1, desc=f"seed {seed}, ipc {ipc}", unit="pass", leave=False,
+                      disable=None) as bar:  # on terminals only: the printed line below is the record
+                accuracy = train_and_test(images, labels, dataset.test_images, dataset.test_labels, config, seed,
+                                          device, on_epoch=lambda *_: bar.update())
             run = {"accuracy": accuracy, "seconds": round(time.time() - start, 1),
                    "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                    "load_average": os.getloadavg(), "command": command, **machine(device)}

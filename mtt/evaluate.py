@@ -303,9 +303,12 @@ def herding_features(dataset: Dataset, seed: int = 0, device: DeviceLike = "auto
     trained `epochs` epochs on the real data without augmentation (seeded)."""
     config = EvalConfig(epochs=epochs, lr=BASELINE_LR, dsa="none")
     device = resolve_device(device)
-    with _seeded(seed, device) as generator:
+    # minutes per pass over a full training set on a CPU: a bar on terminals (disable=None: not in logs)
+    with _seeded(seed, device) as generator, tqdm(total=epochs + 1, desc="herding features", unit="pass",
+                                                  leave=False, disable=None) as bar:
         net = build_network(config, dataset.channels, dataset.num_classes, dataset.im_size).to(device)
-        train_network(net, dataset.train_images, dataset.train_labels, config, generator)
+        train_network(net, dataset.train_images, dataset.train_labels, config, generator,
+                      on_epoch=lambda *_: bar.update())
     net.eval()
     with torch.no_grad():
         return _chunked(lambda x: net.features(x.to(device)).flatten(1).cpu(), dataset.train_images, 1000)
