@@ -26,11 +26,13 @@ On the GPU machine (python3 with torch, torchvision, safetensors, huggingface_hu
 matplotlib, tqdm; nothing else needed), from the repository root. Fashion-MNIST is read from
 ./data/fashion-mnist (the four IDX .gz files), which is git-ignored, so copy it there first
 (`mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`) and carry it: the device tool's
-`carry: ["data/fashion-mnist"]`. Five device commands, each a group of parts under the
-10-minute limit (DEVICE_GROUPS); the report lists them. They write into runs/gpu_suite on the
-machine, which is lost when the machine is handed back, so each fmnist-ipc part runs in one
-command after fmnist-experts (which resumes: instant when its experts are still there), and
-copy the JSONs and the report into $OUT.
+`carry: ["data/fashion-mnist"]`. A task that is lent a device gets 15 minutes of it, the machine's
+start and idle time included, so the parts come in two device commands that fit one task
+(DEVICE_PLAN, called back to back), then one owed to a later task (DEVICE_LATER); the report lists
+them. Every part has a time budget (its cells, P values, expert groups and distillation iterations
+stop where it is spent, each skip recorded), so the commands end on time whatever the GPU. They
+write into runs/gpu_suite on the machine and copy the JSONs and the report into $OUT (8 files at
+most: what the device tool brings back).
 
 --smoke runs every part at toy size on the CPU (Fashion-MNIST cut to 20 images per class if its
 files are found, else digits) in a minute or two: tests/test_gpu_suite.py runs it.
@@ -84,7 +86,14 @@ from mtt.unroll import EXACT_MODES, Student, choose_backward, plan_steps, unroll
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
-DEVICE_TIMEOUT_S = 540  # below the device tool's 600 s, so that the copy into $OUT still runs
+# The device tool's limits (.library/device/README.md): device time per task, machine start, idle wait and
+# transfers included; what a fresh machine's start, the transfers and the 30 s idle wait before it goes back
+# cost (a guess: "a minute or more" to start); one command's limit; the files that come back from $OUT.
+DEVICE_BUDGET_S = 900
+DEVICE_OVERHEAD_S = 150
+DEVICE_COMMAND_LIMIT_S = 600
+DEVICE_MAX_FILES = 8
+KILL_GRACE_S = 15  # after its `timeout` sends SIGINT, a part has this long to record itself before SIGKILL
 MiB = 2**20
 
 
@@ -203,12 +212,13 @@ class UnrollConfig:
     width: int = 128                    # ConvNet-128, as the presets
     size: int | None = None             # image side; None: the dataset's (smoke: 8)
     steps: int | None = None            # syn_steps; None: the preset's (smoke: 3)
-    repeats: int = 3                    # timed runs after the warm-up (median reported)
-    cell_budget_s: float = 20.0         # fewer timed runs where one is slow (see `measure`)
+    repeats: int = 2                    # timed runs after the warm-up (median reported)
+    cell_budget_s: float = 6.0          # fewer timed runs where one is slow (see `measure`)
+    case_budget_s: float = 40.0         # no new cell of a case once this is spent (the rest: "skipped")
     segments: int = 8
 
     def smoke(self) -> UnrollConfig:
-        return replace(self, width=8, size=8, steps=3, repeats=1)
+        return replace(self, width=8, size=8, steps=3, repeats=1, case_budget_s=600.0)
 
 
 @dataclass
@@ -295,9 +305,11 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
             return run
         return make
 
+    # In order of what a cut-short case most needs: the comparison with the original, then the fast paths'
+    # keep-or-drop timings, then segments (whose gradients the tests already check).
     cells = [("reference", reference_loop), ("full", ours("full")), ("checkpointed", ours("checkpointed"))]
-    cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     cells += [(f"{name}-{m}", fast_path(m, options)) for name, options in FAST_PATHS.items() for m in EXACT_MODES]
+    cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
 
 
@@ -329,8 +341,12 @@ def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Ca
         student = Student(case.problem.net)
         row: dict[str, Any] = {"case": case.name, "description": case.describe(), "cells": {}}
         results["cases"].append(row)
-        outputs = {}
+        outputs, started = {}, time.perf_counter()
         for name, make_run in unroll_cells(case, config, student, device):
+            if (spent := time.perf_counter() - started) > config.case_budget_s:
+                row["cells"][name] = {"status": "skipped", "error": f"case budget spent ({spent:.0f} s of "
+                                                                    f"{config.case_budget_s:.0f} s)"}
+                continue
             say(f"{case.name}: {name}")
             row["cells"][name], outputs[name] = measure(make_run, device, config.repeats, config.cell_budget_s)
             if name == "checkpointed":  # auto chooses between the two exact modes, both measured by now
@@ -366,15 +382,17 @@ class ExpertsBenchConfig:
     epochs: int = 1         # timed: `epochs` full epochs of P experts (and their test passes), per P
     paper_epochs: int = 50  # experts per hour are counted for the paper's 50-epoch experts
     width: int = 128
+    budget_s: float = 50.0  # a P whose estimate (estimate_seconds) overruns what is left is skipped
 
     def smoke(self) -> ExpertsBenchConfig:
-        return replace(self, data=self.data.smoke(), parallels=(1, 2), width=16)
+        return replace(self, data=self.data.smoke(), parallels=(1, 2), width=16, budget_s=600.0)
 
 
 def run_experts(config: ExpertsBenchConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
     dataset, note = config.data.load()
     results: dict[str, Any] = {"dataset": dataset.name, "train_images": len(dataset.train_images),
                                "test_images": len(dataset.test_images), "note": note, "rows": []}
+    part_started = time.perf_counter()
     for parallel in config.parallels:
         say(f"experts: P={parallel}")
         expert_config = ExpertConfig(num_experts=parallel, epochs=config.epochs, parallel=parallel, width=config.width)
@@ -383,21 +401,30 @@ def run_experts(config: ExpertsBenchConfig, device: torch.device, out: Path, rec
         try:
             # Also the warm-up (allocator, kernel choice) of the timed run below.
             row["estimate_s"] = estimate_seconds(dataset, expert_config, device, probe_batches=3)
-            synchronize(device)
-            started = time.perf_counter()
-            _, accuracy = train_group(dataset, expert_config, list(range(parallel)), device)
-            synchronize(device)
-            seconds = time.perf_counter() - started
+            left = config.budget_s - (time.perf_counter() - part_started)
+            if row["estimate_s"] > left:
+                row |= {"status": "skipped", "error": f"estimated {row['estimate_s']:.0f} s, {max(left, 0):.0f} s "
+                                                      f"of the part's {config.budget_s:.0f} s left"}
+            else:
+                row |= time_experts(dataset, expert_config, config.paper_epochs, device)
         except torch.OutOfMemoryError as err:
             row |= {"status": "OOM", "error": first_line(err)}
-        else:
-            per_expert_epoch = seconds / (parallel * config.epochs)
-            row |= {"status": "ok", "seconds": seconds, "s_per_expert_epoch": per_expert_epoch,
-                    "paper_experts_per_hour": 3600 / (config.paper_epochs * per_expert_epoch),
-                    "test_acc": 100 * accuracy[:, -1].mean().item()}
         results["rows"].append(row)
         record(results)
         release(device)
+
+
+def time_experts(dataset: Dataset, config: ExpertConfig, paper_epochs: int, device: torch.device) -> dict[str, Any]:
+    """One group of `config.parallel` experts trained and tested for `config.epochs` epochs, timed."""
+    synchronize(device)
+    started = time.perf_counter()
+    _, accuracy = train_group(dataset, config, list(range(config.parallel)), device)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    per_expert_epoch = seconds / (config.parallel * config.epochs)
+    return {"status": "ok", "seconds": seconds, "s_per_expert_epoch": per_expert_epoch,
+            "paper_experts_per_hour": 3600 / (paper_epochs * per_expert_epoch),
+            "test_acc": 100 * accuracy[:, -1].mean().item()}
 
 
 # ----------------------------------------------------------------------------- part: fmnist-experts
@@ -406,10 +433,11 @@ def run_experts(config: ExpertsBenchConfig, device: torch.device, out: Path, rec
 class FmnistExpertsConfig:
     data: DataChoice = field(default_factory=DataChoice)
     num_experts: int = 10
-    # The presets need max_start_epoch + expert_epochs <= epochs: IPC 1 is 10 + 2, IPC 10 is 20 + 2.
-    epochs: int = 22
-    parallel: int = 5         # one shard per group of 5: a stop part-way keeps the finished groups
-    budget_s: float = 230.0   # no new group once the last group's time would overrun this
+    # The presets need max_start_epoch + expert_epochs <= epochs: IPC 1 is 10 + 2 (IPC 10's 20 + 2 would cost
+    # twice the device time; fmnist-ipc10 starts at most at epoch 10 then, and its report says so).
+    epochs: int = 12
+    parallel: int = 2         # one shard per group of 2: the first group (which always runs) stays short
+    budget_s: float = 100.0   # no new group once the last group's time would overrun this
     width: int = 128
 
     def smoke(self) -> FmnistExpertsConfig:
@@ -451,7 +479,7 @@ class FmnistDistillConfig:
     data: DataChoice = field(default_factory=DataChoice)
     max_iterations: int = 2000   # the paper runs 5000; the time budget usually stops us first
     probe_iterations: int = 10   # run first, to measure s/iteration and size the rest to the budget
-    budget_s: float = 150.0      # distillation's share of the part (evaluation comes after)
+    budget_s: float = 60.0       # distillation's share of the part (evaluation comes after)
     eval_repeats: int = 5
     eval_epochs: int = 1000
     overrides: dict[str, Any] = field(default_factory=dict)  # preset fields changed (recorded in the report)
@@ -747,7 +775,7 @@ def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, rec
 class Part:
     run: Callable[[Any, torch.device, Path, Callable[[dict], None]], None]
     config: Callable[[], Any]  # the full-size configuration; its .smoke() is the toy one
-    estimate_s: int            # expected wall time on one H100, a guess until measured (see the report)
+    estimate_s: int            # expected wall time on the device, a guess until measured (see the report)
     render: Callable[[dict], list[str]]
 
 
@@ -802,7 +830,8 @@ def render_experts(results: dict) -> list[str]:
     base = next((r["s_per_expert_epoch"] for r in results["rows"] if r["parallel"] == 1 and r["status"] == "ok"), None)
     for r in results["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['status']} | | | | | |")
+            lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['status']}: {_cell(r['error'])} "
+                         f"| | | | | |")
             continue
         speedup = f"{base / r['s_per_expert_epoch']:.2f}x" if base else ""
         lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['seconds']:.1f} | "
@@ -860,16 +889,17 @@ def render_cuda_tests(results: dict) -> list[str]:
     return lines
 
 
+# Estimates: each part's budgets plus what runs past them (CUDA start-up, a last cell or group, evaluation).
 PARTS: dict[str, Part] = {  # correctness first: a device session cut short still says whether the GPU agrees
     "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 60, render_cuda_tests),
     "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
-                       240, render_unroll),
-    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 360,
+                       135, render_unroll),
+    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 100,
                         render_unroll),
-    "experts": Part(run_experts, ExpertsBenchConfig, 150, render_experts),
-    "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 270, render_fmnist_experts),
-    "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 240, render_fmnist_distill),
-    "fmnist-ipc10": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=10), 240, render_fmnist_distill),
+    "experts": Part(run_experts, ExpertsBenchConfig, 60, render_experts),
+    "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 110, render_fmnist_experts),
+    "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 130, render_fmnist_distill),
+    "fmnist-ipc10": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=10), 130, render_fmnist_distill),
 }
 
 
@@ -913,7 +943,7 @@ class Recorder:
     def __init__(self, out: Path, name: str, config: Any, device: torch.device, smoke: bool) -> None:
         self.out, self.started = out, time.perf_counter()
         self.data = {"part": name, "status": "running", "error": None, "seconds": 0.0, "smoke": smoke,
-                     "estimate_h100_s": PARTS[name].estimate_s, "meta": run_meta(device), "config": asdict(config),
+                     "estimate_s": PARTS[name].estimate_s, "meta": run_meta(device), "config": asdict(config),
                      "results": {}}
         self.write()
 
@@ -931,31 +961,49 @@ class Recorder:
         write_report(self.out)
 
 
-def device_command(parts: str) -> str:
-    return (f"PYTHONPATH=. timeout -s INT -k 30 {DEVICE_TIMEOUT_S} python3 bench/gpu_suite.py --out {DEVICE_OUT} "
-            f"--part {parts}; cp {DEVICE_OUT}/*.json {DEVICE_OUT}/report.md \"$OUT\"/")
+@dataclass(frozen=True)
+class DeviceCommand:
+    """One call of the device tool: a group of parts under a `timeout` that still leaves time to copy into $OUT."""
+
+    parts: tuple[str, ...]
+    timeout_s: int
+    carry: tuple[str, ...] = ()
+
+    @property
+    def call_timeout_s(self) -> int:
+        """The device call's timeout_s: the command's, its kill grace, and the copy."""
+        return self.timeout_s + KILL_GRACE_S + 15
+
+    def command(self) -> str:
+        return (f"PYTHONPATH=. timeout -s INT -k {KILL_GRACE_S} {self.timeout_s} python3 bench/gpu_suite.py "
+                f"--out {DEVICE_OUT} --part {','.join(self.parts)}; cp {DEVICE_OUT}/*.json {DEVICE_OUT}/report.md "
+                f"\"$OUT\"/")
+
+    def describe(self) -> str:
+        carry = f", carry `{list(self.carry)}`".replace("'", '"') if self.carry else ""
+        return f"- timeout_s {self.call_timeout_s}{carry}:\n  `{self.command()}`"
 
 
-# The device commands, in order, each a group of parts estimated to end inside DEVICE_TIMEOUT_S.
-# fmnist-experts leads each fmnist-ipc group: it resumes, so it is instant while the machine is
-# still warm and trains the experts afresh if the machine was handed back in between (they are too
-# big to carry).
-DEVICE_GROUPS = ("cuda-tests,unroll-c10", "unroll-c100", "experts", "fmnist-experts,fmnist-ipc1",
-                 "fmnist-experts,fmnist-ipc10")
+FASHION_MNIST = ("data/fashion-mnist",)
+# One task's device time (DEVICE_BUDGET_S), called back to back on one warm machine, the most needed first.
+# Each group's parts' estimates fit its timeout; the timeouts, grace and the machine's overhead fit the budget.
+DEVICE_PLAN = (DeviceCommand(("cuda-tests", "unroll-c10", "unroll-c100"), 300),
+               DeviceCommand(("fmnist-experts", "fmnist-ipc1", "experts"), 300, FASHION_MNIST))
+# Owed to a later task that is lent a device: a fresh machine keeps nothing, so fmnist-experts trains again first.
+DEVICE_LATER = (DeviceCommand(("fmnist-experts", "fmnist-ipc10"), 300, FASHION_MNIST),)
 
 
 def how_to_run() -> list[str]:
-    total = sum(p.estimate_s for p in PARTS.values()) / 60
+    plan_s = sum(c.call_timeout_s for c in DEVICE_PLAN) + DEVICE_OVERHEAD_S
     return ["## How to run", "",
             "Once, on the machine that calls the device: `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist "
-            "data/` (the four IDX .gz files; data/ is git-ignored). Then these device commands back to back, each "
-            "with carry `[\"data/fashion-mnist\"]` (each group of parts is estimated to end inside the 10-minute "
-            f"limit; the `timeout` stops one that overruns at {DEVICE_TIMEOUT_S} s, recording the part as "
-            "interrupted, and the copy into $OUT still runs). The fmnist-ipc parts read the experts that "
-            f"fmnist-experts leaves in `{DEVICE_OUT}` on the machine, so each of their commands runs fmnist-experts "
-            "first (instant while the machine is warm). "
-            f"Estimated total on one H100: ~{total:.0f} min plus ~15 s start-up per command.", "", "```bash",
-            *(device_command(group) for group in DEVICE_GROUPS), "```", "",
+            "data/` (the four IDX .gz files; data/ is git-ignored). Then, in a task that is lent a device, these "
+            "device commands back to back (the machine goes back after 30 s idle), and `give_back` after the "
+            f"last. With the machine's start they take at most ~{plan_s / 60:.1f} min of the task's "
+            f"{DEVICE_BUDGET_S / 60:.0f} minutes: each part stops its work where its time budget is spent, and "
+            "the `timeout` stops a group that still overruns, recording the part as interrupted; the copy into "
+            "$OUT still runs.", "", *(c.describe() for c in DEVICE_PLAN), "",
+            "Owed to a later task with a device:", "", *(c.describe() for c in DEVICE_LATER), "",
             "Locally (CPU, toy sizes, ~1-2 min): "
             "`PYTHONPATH=. python bench/gpu_suite.py --smoke --out /tmp/gpu_smoke`."]
 
@@ -966,12 +1014,12 @@ def write_report(out: Path) -> None:
     lines = ["# mtt GPU suite report", "",
              f"Written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} by "
              "`bench/gpu_suite.py`. Each part states the device, torch version, commit and date it ran with.", "",
-             "| part | status | wall s | H100 estimate s | device | torch | commit (source hash) | date |",
+             "| part | status | wall s | estimate s | device | torch | commit (source hash) | date |",
              "|---|---|---|---|---|---|---|---|"]
     for name, data in found.items():
         m = data["meta"]
         status = data["status"] + (" (smoke)" if data["smoke"] else "")
-        lines.append(f"| {name} | {status} | {data['seconds']:.0f} | {data['estimate_h100_s']} | {m['device']} | "
+        lines.append(f"| {name} | {status} | {data['seconds']:.0f} | {data['estimate_s']} | {m['device']} | "
                      f"{m['torch']} | {m['commit']} ({m['source_hash']}) | {m['date']} |")
     lines += [""] + how_to_run()
     for name, data in found.items():
@@ -1002,7 +1050,7 @@ def run_part(name: str, out: Path, device: torch.device, smoke: bool) -> str:
     """Run one part, recording it; returns its final status ("ok", "failed"), raises on interruption."""
     config = PARTS[name].config()
     config = config.smoke() if smoke else config
-    say(f"{name}: started (H100 estimate ~{PARTS[name].estimate_s} s)")
+    say(f"{name}: started (estimate ~{PARTS[name].estimate_s} s)")
     record = Recorder(out, name, config, device, smoke)
     try:
         PARTS[name].run(config, device, out, record)

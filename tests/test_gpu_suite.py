@@ -3,16 +3,18 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
 PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10")
-PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_h100_s", "meta", "config", "results"}
+PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_s", "meta", "config", "results"}
 META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
 # What each part's results must hold for the report to be of use.
 RESULT_KEYS = {"unroll-c10": {"cases", "segments", "fast_paths"}, "unroll-c100": {"cases", "segments", "fast_paths"},
@@ -49,18 +51,33 @@ def test_smoke_run_records_every_part_and_reports_it(smoke):
         assert RESULT_KEYS[name] <= set(data["results"]), name
         assert f"## {name}" in report and f"| {name} | ok (smoke) |" in report
     suite_module = load_bench_script("gpu_suite")
-    assert report.count("python3 bench/gpu_suite.py --out runs/gpu_suite --part") == len(suite_module.DEVICE_GROUPS)
+    for command in suite_module.DEVICE_PLAN + suite_module.DEVICE_LATER:
+        assert command.command() in report
 
 
-def test_device_commands_cover_every_part_and_each_fits_the_device_limit():
-    suite_module = load_bench_script("gpu_suite")
-    groups = [group.split(",") for group in suite_module.DEVICE_GROUPS]
-    assert {part for group in groups for part in group} == set(PARTS)
-    for group in groups:
-        assert sum(suite_module.PARTS[part].estimate_s for part in group) < suite_module.DEVICE_TIMEOUT_S, group
+def test_device_commands_cover_every_part_and_fit_one_tasks_device_time():
+    suite = load_bench_script("gpu_suite")
+    commands = suite.DEVICE_PLAN + suite.DEVICE_LATER
+    assert {part for c in commands for part in c.parts} == set(PARTS)
+    for c in commands:
+        assert sum(suite.PARTS[part].estimate_s for part in c.parts) <= c.timeout_s, c
+        assert c.call_timeout_s <= suite.DEVICE_COMMAND_LIMIT_S, c
         # a distillation part reads the experts that fmnist-experts leaves on the machine: same command, before it
-        for i, part in enumerate(group):
-            assert not part.startswith("fmnist-ipc") or "fmnist-experts" in group[:i], group
+        for i, part in enumerate(c.parts):
+            assert not part.startswith("fmnist-ipc") or "fmnist-experts" in c.parts[:i], c
+        # the Fashion-MNIST parts read data/fashion-mnist, which only travels when carried
+        assert ("data/fashion-mnist" in c.carry) == any(p.startswith(("fmnist", "experts")) for p in c.parts), c
+    # the plan, the machine's start and idle time fit what one task gets
+    assert sum(c.call_timeout_s for c in suite.DEVICE_PLAN) + suite.DEVICE_OVERHEAD_S <= suite.DEVICE_BUDGET_S
+    # every part's JSON and the report come back: the device tool returns at most 8 files from $OUT
+    assert len(suite.PARTS) + 1 <= suite.DEVICE_MAX_FILES
+
+
+def test_benchmarks_page_lists_the_device_commands_as_the_suite_runs_them():
+    suite = load_bench_script("gpu_suite")
+    page = (ROOT / "BENCHMARKS.md").read_text()
+    for c in suite.DEVICE_PLAN + suite.DEVICE_LATER:
+        assert c.command() in page, c.command()
 
 
 def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
@@ -106,3 +123,26 @@ def test_unknown_part_is_refused_before_anything_runs(tmp_path):
     assert run.returncode == 2
     assert "nope" in run.stderr and "fmnist-ipc10" in run.stderr  # names the valid parts
     assert not (tmp_path / "out").exists()
+
+
+def test_cells_past_a_case_budget_are_skipped_and_reported(tmp_path):
+    suite = load_bench_script("gpu_suite")
+    config = replace(suite.UnrollConfig(cases=(("cifar10", 1),)).smoke(), case_budget_s=0.0)
+    recorded = []
+    suite.run_unroll(config, torch.device("cpu"), tmp_path, recorded.append)
+    cells = recorded[-1]["cases"][0]["cells"]
+    assert {"reference", "full", "checkpointed", "bf16-full", "segments8-checkpointed"} <= set(cells)
+    assert all(c["status"] == "skipped" and "case budget" in c["error"] for c in cells.values()), cells
+    table = "\n".join(suite.render_unroll(recorded[-1]))
+    assert "| cifar10 IPC 1 | reference | skipped |" in table and "case budget spent" in table
+
+
+def test_expert_counts_whose_estimate_overruns_the_budget_are_skipped(tmp_path):
+    suite = load_bench_script("gpu_suite")
+    config = replace(suite.ExpertsBenchConfig().smoke(), budget_s=0.0)
+    recorded = []
+    suite.run_experts(config, torch.device("cpu"), tmp_path, recorded.append)
+    rows = recorded[-1]["rows"]
+    assert [r["parallel"] for r in rows] == list(config.parallels)
+    assert all(r["status"] == "skipped" and r["estimate_s"] > 0 and "s left" in r["error"] for r in rows), rows
+    assert "| 1 | 1 x 1 | skipped: estimated" in "\n".join(suite.render_experts(recorded[-1]))
