@@ -831,7 +831,7 @@ def render_experts(results: dict) -> list[str]:
     for r in results["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['status']}: {_cell(r['error'])} "
-                         f"| | | | | |")
+                         f"| | | | | {_num(r.get('estimate_s'), '.1f')} s |")
             continue
         speedup = f"{base / r['s_per_expert_epoch']:.2f}x" if base else ""
         lines.append(f"| {r['parallel']} | {r['experts']} x {r['epochs']} | {r['seconds']:.1f} | "

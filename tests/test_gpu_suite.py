@@ -145,4 +145,6 @@ def test_expert_counts_whose_estimate_overruns_the_budget_are_skipped(tmp_path):
     rows = recorded[-1]["rows"]
     assert [r["parallel"] for r in rows] == list(config.parallels)
     assert all(r["status"] == "skipped" and r["estimate_s"] > 0 and "s left" in r["error"] for r in rows), rows
-    assert "| 1 | 1 x 1 | skipped: estimated" in "\n".join(suite.render_experts(recorded[-1]))
+    table = "\n".join(suite.render_experts(recorded[-1]))
+    assert "| 1 | 1 x 1 | skipped: estimated" in table
+    assert f"| | | | | {rows[0]['estimate_s']:.1f} s |" in table  # the estimate still reported
