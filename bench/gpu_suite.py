@@ -11,6 +11,8 @@ Parts (default: all, in this order; `--part` takes names in the order to run the
                  `auto`, segments=8, and the fast paths bf16, channels_last and both (random tensors,
                  no dataset needed)
   unroll-c100    the same at CIFAR-100 IPC 10 and 50 (the reference is expected to run out of memory at 50)
+  compile-walk   `checkpointed` with its per-step functions in torch.func, torch.compile'd, against eager `full`
+                 and `checkpointed` at the CIFAR-10 IPC 10 shape: s/iteration, compile time, gradient agreement
   experts        experts per hour on full Fashion-MNIST, sequential (P=1) vs vectorised P=10, 50
   fmnist-experts ConvNet-128 experts on full Fashion-MNIST into DIR/experts_fashion-mnist (resumes;
                  trains group by group while a time budget lasts)
@@ -71,6 +73,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import grad, vjp
 
 from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers, finished_experts
@@ -82,7 +85,7 @@ from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_gro
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import EXACT_MODES, Student, choose_backward, plan_steps, unroll
+from mtt.unroll import EXACT_MODES, Student, _step_loss, choose_backward, plan_steps, unroll
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -371,6 +374,79 @@ def gradient_checks(outputs: dict[str, Any]) -> dict[str, Any]:
                 checks[f"{name}-{mode}_vs_fp32"] = {"cosine_images": cosine(fast[0], fp32[0]),
                                                     "syn_lr_rel_err": relative_error(fast[1], fp32[1])}
     return checks
+
+
+# ----------------------------------------------------------------------------- part: compile-walk
+
+@dataclass
+class CompileWalkConfig:
+    case: tuple[str, int] = ("cifar10", 10)
+    dsa: str = "crop"           # one DSA op at every step: one compiled variant (a run compiles one per op)
+    backend: str = "inductor"   # smoke: "eager" (dynamo traces, generates nothing: seconds instead of minutes)
+    unroll: UnrollConfig = field(default_factory=lambda: UnrollConfig(cases=(), cell_budget_s=20.0))
+
+    def smoke(self) -> CompileWalkConfig:
+        return replace(self, backend="eager", unroll=self.unroll.smoke())
+
+
+def compiled_checkpointed(student: Student, p: Any, backend: str) -> Callable[[], tuple[Tensor, Tensor]]:
+    """The `checkpointed` walk with its two per-step functions written with torch.func and compiled.
+
+    torch.compile refuses to differentiate an autograd graph twice (`full`, and mtt's walk as it is
+    written), but grad-of-grad written with torch.func is a plain forward computation to it. Each
+    DSA op is a compiled variant of its own. One segment, hard labels, MTT's final-step loss.
+    """
+    def forward_step(theta: Tensor, alpha: Tensor, plan: Any) -> Tensor:
+        return theta - alpha * grad(lambda t: _step_loss(student, t, p.images, p.labels, plan))(theta)
+
+    def walk_step(theta: Tensor, adjoint: Tensor, plan: Any) -> tuple[Tensor, Tensor, Tensor]:
+        def step_grad(t: Tensor, x: Tensor) -> Tensor:
+            return grad(lambda t_, x_: _step_loss(student, t_, x_, p.labels, plan))(t, x)
+        g, pullback = vjp(step_grad, theta, p.images)
+        d_theta, d_images = pullback(adjoint)
+        return (g * adjoint).sum(), d_theta, d_images
+
+    forward_step, walk_step = (torch.compile(f, backend=backend, dynamic=False) for f in (forward_step, walk_step))
+
+    def run() -> tuple[Tensor, Tensor]:
+        alpha = p.syn_lr.detach()
+        thetas = [p.theta_start]
+        for plan in p.plans:
+            thetas.append(forward_step(thetas[-1], alpha, plan))
+        adjoint = 2 * (thetas[-1] - p.theta_target) / (p.theta_start - p.theta_target).pow(2).sum()
+        grad_images, grad_lr = torch.zeros_like(p.images), torch.zeros_like(alpha)
+        for i in reversed(range(len(p.plans))):
+            dot, d_theta, d_images = walk_step(thetas[i], adjoint, p.plans[i])
+            grad_lr -= dot
+            grad_images -= alpha * d_images
+            adjoint = adjoint - alpha * d_theta  # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
+        return grad_images, grad_lr
+    return run
+
+
+def run_compile_walk(config: CompileWalkConfig, device: torch.device, out: Path,
+                     record: Callable[[dict], None]) -> None:
+    case = unroll_case(*config.case, config.unroll, device)
+    p = case.problem
+    p.plans = plan_steps(len(p.images), case.steps, case.batch_syn, case.shape, config.dsa,
+                         torch.Generator().manual_seed(0), device)
+    student = Student(p.net)
+    results: dict[str, Any] = {"case": case.name, "description": case.describe(), "dsa": config.dsa,
+                               "backend": config.backend, "cells": {}}
+    cells = {"full": lambda: lambda: reference().our_gradients(student, p, "full"),
+             "checkpointed": lambda: lambda: reference().our_gradients(student, p, "checkpointed"),
+             "compiled-checkpointed": lambda: compiled_checkpointed(student, p, config.backend)}
+    outputs = {}
+    for name, make_run in cells.items():
+        say(f"compile-walk: {name}")
+        results["cells"][name], outputs[name] = measure(make_run, device, config.unroll.repeats,
+                                                        config.unroll.cell_budget_s)
+        record(results)
+    compiled = outputs.get("compiled-checkpointed")
+    results["checks"] = {f"compiled_vs_{mode}_rel_err": {name: relative_error(a, b) for name, a, b in
+                                                          zip(("images", "syn_lr"), compiled, outputs[mode])}
+                         for mode in EXACT_MODES if compiled is not None and outputs.get(mode) is not None}
+    record(results)
 
 
 # ----------------------------------------------------------------------------- part: experts
@@ -822,6 +898,23 @@ def render_unroll(results: dict) -> list[str]:
     return lines
 
 
+def render_compile_walk(results: dict) -> list[str]:
+    lines = [f"{results['case']}: {results['description']}; DSA `{results['dsa']}` at every step (one compiled "
+             f"variant); torch.compile backend {results['backend']}.", "",
+             "| method | s / iteration | peak MiB | first run s (compiling) | full / this |", "|---|---|---|---|---|"]
+    full_s = results["cells"].get("full", {}).get("seconds")
+    for name, cell in results["cells"].items():
+        seconds = cell.get("seconds")
+        shown = _num(seconds, ".4f") if cell["status"] == "ok" else f"{cell['status']}: {_cell(cell['error'])}"
+        ratio = f"{full_s / seconds:.2f}x" if full_s and seconds else ""
+        lines.append(f"| {name} | {shown} | {_num(cell.get('peak_mib'), '.0f')} | "
+                     f"{_num(cell.get('first_run_s'), '.1f')} | {ratio} |")
+    lines.append("")
+    lines += [f"- {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())
+              for name, check in results.get("checks", {}).items()]
+    return lines
+
+
 def render_experts(results: dict) -> list[str]:
     lines = [f"{results['dataset']}, {results['train_images']} training / {results['test_images']} test images"
              + (f" ({results['note']})" if results.get("note") else "") + ".", "",
@@ -896,6 +989,7 @@ PARTS: dict[str, Part] = {  # correctness first: a device session cut short stil
                        135, render_unroll),
     "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 100,
                         render_unroll),
+    "compile-walk": Part(run_compile_walk, CompileWalkConfig, 180, render_compile_walk),
     "experts": Part(run_experts, ExpertsBenchConfig, 60, render_experts),
     "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 110, render_fmnist_experts),
     "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 130, render_fmnist_distill),
@@ -990,7 +1084,8 @@ FASHION_MNIST = ("data/fashion-mnist",)
 DEVICE_PLAN = (DeviceCommand(("cuda-tests", "unroll-c10", "unroll-c100"), 300),
                DeviceCommand(("fmnist-experts", "fmnist-ipc1", "experts"), 300, FASHION_MNIST))
 # Owed to a later task that is lent a device: a fresh machine keeps nothing, so fmnist-experts trains again first.
-DEVICE_LATER = (DeviceCommand(("fmnist-experts", "fmnist-ipc10"), 300, FASHION_MNIST),)
+DEVICE_LATER = (DeviceCommand(("fmnist-experts", "fmnist-ipc10"), 300, FASHION_MNIST),
+                DeviceCommand(("compile-walk",), 240))
 
 
 def how_to_run() -> list[str]:

@@ -13,7 +13,8 @@ from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
-PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "experts", "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10")
+PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "compile-walk", "experts", "fmnist-experts", "fmnist-ipc1",
+         "fmnist-ipc10")
 PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_s", "meta", "config", "results"}
 META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
 # What each part's results must hold for the report to be of use.
@@ -21,7 +22,7 @@ RESULT_KEYS = {"unroll-c10": {"cases", "segments", "fast_paths"}, "unroll-c100":
                "experts": {"dataset", "rows"}, "fmnist-experts": {"folder", "experts", "epochs", "final_test_acc"},
                "fmnist-ipc1": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
                "fmnist-ipc10": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
-               "cuda-tests": {"checks"}}
+               "cuda-tests": {"checks"}, "compile-walk": {"case", "cells", "checks"}}
 
 
 def suite(*args: str) -> subprocess.CompletedProcess:
@@ -67,10 +68,11 @@ def test_device_commands_cover_every_part_and_fit_one_tasks_device_time():
             assert not part.startswith("fmnist-ipc") or "fmnist-experts" in c.parts[:i], c
         # the Fashion-MNIST parts read data/fashion-mnist, which only travels when carried
         assert ("data/fashion-mnist" in c.carry) == any(p.startswith(("fmnist", "experts")) for p in c.parts), c
-    # the plan, the machine's start and idle time fit what one task gets
-    assert sum(c.call_timeout_s for c in suite.DEVICE_PLAN) + suite.DEVICE_OVERHEAD_S <= suite.DEVICE_BUDGET_S
-    # every part's JSON and the report come back: the device tool returns at most 8 files from $OUT
-    assert len(suite.PARTS) + 1 <= suite.DEVICE_MAX_FILES
+    for task in (suite.DEVICE_PLAN, suite.DEVICE_LATER):  # each a task's machine of its own
+        # the commands, the machine's start and idle time fit what one task gets
+        assert sum(c.call_timeout_s for c in task) + suite.DEVICE_OVERHEAD_S <= suite.DEVICE_BUDGET_S
+        # every part's JSON on the machine and the report come back: the device tool returns at most 8 files
+        assert len({part for c in task for part in c.parts}) + 1 <= suite.DEVICE_MAX_FILES
 
 
 def test_benchmarks_page_lists_the_device_commands_as_the_suite_runs_them():
@@ -148,3 +150,12 @@ def test_expert_counts_whose_estimate_overruns_the_budget_are_skipped(tmp_path):
     table = "\n".join(suite.render_experts(recorded[-1]))
     assert "| 1 | 1 x 1 | skipped: estimated" in table
     assert f"| | | | | {rows[0]['estimate_s']:.1f} s |" in table  # the estimate still reported
+
+
+def test_smoke_compiled_walk_traces_and_equals_the_eager_walk(smoke):
+    out, _ = smoke
+    results = part_json(out, "compile-walk")["results"]
+    assert results["backend"] == "eager"  # the smoke traces with dynamo but generates no code
+    assert all(results["cells"][m]["status"] == "ok" for m in ("full", "checkpointed", "compiled-checkpointed"))
+    # the same arithmetic as mtt's checkpointed walk, written with torch.func
+    assert max(results["checks"]["compiled_vs_checkpointed_rel_err"].values()) < 1e-4
