@@ -243,6 +243,18 @@ def _chunked(fn, x: Tensor, chunk: int = 8192) -> Tensor:
 
 # ----------------------------------------------------------------------------- loading
 
+def dataset_key(name: str) -> str:
+    """The name a dataset goes by here ('CIFAR-10' -> 'cifar10', 'FashionMNIST' -> 'fashion-mnist')."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a string, one of {', '.join(DATASET_NAMES)}; got {name!r}")
+    key = name.lower().replace("_", "-")
+    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
+           "tinyimagenet": "tiny-imagenet"}.get(key, key)
+    if key not in SPECS:
+        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}")
+    return key
+
+
 def load_dataset(name: str, root: str | os.PathLike | None = None, *, zca: bool = False,
                  download: bool = True) -> Dataset:
     """Load a dataset by name: `digits`, `fashion-mnist`, `mnist`, `cifar10`, `cifar100`, `svhn`, `tiny-imagenet`.
@@ -251,15 +263,9 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, zca: bool 
     (each directly and in the dataset's usual sub-folder); if absent and `download` is set,
     torchvision's mirrors are tried. zca=True whitens both splits (eps 0.1) as the paper does.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"dataset name must be a string, one of {', '.join(DATASET_NAMES)}; got {name!r}")
+    key = dataset_key(name)
     if not isinstance(zca, bool):
         raise TypeError(f"zca must be True or False, got {zca!r}")
-    key = name.lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
-           "tinyimagenet": "tiny-imagenet"}.get(key, key)
-    if key not in SPECS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}")
     spec = SPECS[key]
     if key == "digits":
         train_x, train_y, test_x, test_y, classes = _read_digits()

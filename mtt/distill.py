@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, parse_strategy
 from mtt.buffers import ExpertBuffers
-from mtt.data import Dataset
+from mtt.data import Dataset, dataset_key
 from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import Interrupted, graceful_stop
@@ -191,6 +191,7 @@ def preset(dataset: str, ipc: int, method: str = "mtt", **overrides: Any) -> Dis
     (mtt.recipes: mtt, tesla, ftd, datm, att, pad) and then the overrides applied."""
     if not isinstance(dataset, str) or isinstance(ipc, bool) or not isinstance(ipc, int):
         raise TypeError(f"preset(dataset, ipc) takes a dataset name and an int, got {dataset!r}, {ipc!r}")
+    dataset = dataset_key(dataset)  # 'CIFAR-10' finds cifar10's preset; an unknown name is said to be one
     if (dataset, ipc) not in PRESETS:
         known = ", ".join(f"{d}:{i}" for d, i in PRESETS)
         raise ValueError(f"no preset for {dataset} at IPC {ipc}. Use --preset none (library defaults; "

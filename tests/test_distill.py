@@ -212,6 +212,13 @@ def test_paper_presets_match_the_design_table():
         preset("svhn", 3)
 
 
+def test_preset_takes_the_names_load_dataset_takes_and_says_when_a_dataset_is_unknown():
+    assert preset("CIFAR-10", 10) == preset("cifar10", 10) and preset("CIFAR-10", 10).dataset == "cifar10"
+    assert preset("FashionMNIST", 1) == preset("fashion-mnist", 1)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar11'; available: .*cifar10"):
+        preset("cifar11", 1)
+
+
 def cli(*args):
     return [sys.executable, "-m", "mtt", "distill", *map(str, args)]
 
