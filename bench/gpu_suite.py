@@ -1102,7 +1102,8 @@ def how_to_run() -> list[str]:
     plan_s = sum(c.call_timeout_s for c in DEVICE_PLAN) + DEVICE_OVERHEAD_S
     return ["## How to run", "",
             "Once, on the machine that calls the device: `mkdir -p data && cp -r /usr/share/datasets/fashion-mnist "
-            "data/` (the four IDX .gz files; data/ is git-ignored). Then, in a task that is lent a device, these "
+            "data/` (the four IDX .gz files, from Debian's `dataset-fashion-mnist`; data/ is git-ignored). Then, in "
+            "a task that is lent a device, these "
             "device commands back to back (the machine goes back after 30 s idle), and `give_back` after the "
             f"last. With the machine's start they take at most ~{plan_s / 60:.1f} min of the task's "
             f"{DEVICE_BUDGET_S / 60:.0f} minutes: each part stops its work where its time budget is spent, and "
