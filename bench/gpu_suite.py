@@ -276,13 +276,15 @@ FAST_PATHS_NOTE = ("bf16: the student network under bf16 autocast, fp32 state; c
                    "NHWC layout")
 
 
+def eager_cell(student: Student, problem: Any, mode: str) -> Callable[[], Callable[[], Any]]:
+    """make_run of mtt's own `unroll` in an exact mode on the problem."""
+    return lambda: lambda: reference().our_gradients(student, problem, mode)
+
+
 def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
                  device: torch.device) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
     """(name, make_run) per method; each run returns (dL/dimages, dL/dsyn_lr)."""
     ref, p = reference(), case.problem
-
-    def ours(mode: str) -> Callable[[], Callable[[], Any]]:
-        return lambda: lambda: ref.our_gradients(student, p, mode)
 
     def reference_loop() -> Callable[[], Any]:
         net = ref.ReparamModule(copy.deepcopy(p.net))  # the wrapper deregisters its module's parameters
@@ -310,7 +312,7 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
 
     # In order of what a cut-short case most needs: the comparison with the original, then the fast paths'
     # keep-or-drop timings, then segments (whose gradients the tests already check).
-    cells = [("reference", reference_loop), ("full", ours("full")), ("checkpointed", ours("checkpointed"))]
+    cells = [("reference", reference_loop)] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
     cells += [(f"{name}-{m}", fast_path(m, options)) for name, options in FAST_PATHS.items() for m in EXACT_MODES]
     cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
@@ -442,9 +444,7 @@ def run_compile_walk(config: CompileWalkConfig, device: torch.device, out: Path,
         results["compile_s"] = time.perf_counter() - started
         return run
 
-    cells = {"full": lambda: lambda: reference().our_gradients(student, p, "full"),
-             "checkpointed": lambda: lambda: reference().our_gradients(student, p, "checkpointed"),
-             "compiled-checkpointed": compiled}
+    cells = {mode: eager_cell(student, p, mode) for mode in EXACT_MODES} | {"compiled-checkpointed": compiled}
     outputs = {}
     for name, make_run in cells.items():
         say(f"compile-walk: {name}")
