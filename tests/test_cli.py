@@ -1,6 +1,7 @@
 """`python -m mtt` as a user meets it: bad input, interruption, resume, original buffers. Real subprocesses."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -171,6 +172,17 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
+def read_stderr_until(process: subprocess.Popen, pattern: str, timeout: float = 120) -> str:
+    """What the process wrote to stderr up to the first match of `pattern` (and a little after)."""
+    deadline, seen = time.monotonic() + timeout, b""
+    while not re.search(pattern.encode(), seen):
+        assert time.monotonic() < deadline, f"no {pattern!r} on stderr within {timeout} s: {seen!r}"
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, f"process ended before {pattern!r}: {process.communicate()}"
+        seen += chunk
+    return seen.decode()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(experts, tmp_path, sig):
     args = ["--iterations", 40, "--checkpoint-every", 1000, "--snapshot-every", 5, "--seed", 4]
@@ -220,9 +232,12 @@ def test_ctrl_c_during_evaluation_stops_cleanly(experts, tmp_path):
     assert mtt(*distill_args(experts, tmp_path, "--iterations", 1)).returncode == 0
     process = start("evaluate", "--synthetic", tmp_path / "synthetic.safetensors", "--epochs", 100000,
                     "--device", "cpu")
-    time.sleep(8)  # importing torch and loading digits, then training
+    # Its progress bar showing a rate: training under way (its first draw, "?pass/s", comes while the
+    # bar is still being set up, and a fixed sleep fires during start-up when the machine is busy).
+    started = read_stderr_until(process, r"[0-9]pass/s")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
+    stderr = started + stderr
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: evaluate stopped")
 
