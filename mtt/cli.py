@@ -88,6 +88,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
     parser.add_argument("--seed", type=int, default=0, help="random seed (experts: expert k uses seed + k)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
 def _announce(what: str, settings: dict[str, Any]) -> None:
@@ -139,7 +140,6 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
                    help="PAD's later stages: in the epochs after AFTER every class leaves out its easiest SHARE "
                         "(PAD: 40:0.1 60:0.2); works with or without --easy-to-hard")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(run=run_experts)
 
@@ -258,7 +258,6 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                         "not change the learned state's shape may change)")
     p.add_argument("--log", choices=TRACKERS, default=None,
                    help="also log loss, step size, accuracy and image grids (needs that package)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(run=run_distill)
 
@@ -414,7 +413,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
-                        width=args.width or synthetic.width, depth=args.depth or synthetic.depth)
+                        width=args.width or synthetic.width, depth=args.depth or synthetic.depth,
+                        progress=not args.no_progress)
     results = evaluate_synthetic(synthetic, dataset, args.models.split(","), config, args.device)
     return _eval_summary(results, args)
 
@@ -442,7 +442,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.resized(args.image_size)
     if args.zca:
         dataset = dataset.with_zca()
-    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
+                        progress=not args.no_progress)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models.split(","), config, args.device)
     return _eval_summary(results, args)
 
@@ -452,7 +453,6 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline on digits (offline, a few CPU minutes)",
                               formatter_class=_Formatter)
     p.add_argument("--out", default="demo", help="output folder (report.md, images, curves); reruns resume")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _common(p)
     p.set_defaults(run=run_demo)
 

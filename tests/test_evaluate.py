@@ -420,6 +420,15 @@ def test_cli_baseline_round_trip(capsys):
     assert len(out["ConvNet"]["runs"]) == 2 and 0 <= out["ConvNet"]["mean"] <= 100
 
 
+def test_cli_no_progress_silences_the_training_bars(small, tmp_path, capsys):
+    _synthetic(small).save(tmp_path / "synthetic.safetensors")
+    for argv in (["evaluate", "--synthetic", str(tmp_path / "synthetic.safetensors")],
+                 ["baseline", "--dataset", "digits", "--ipc", "1"]):
+        argv += ["--repeats", "1", "--epochs", "1", "--device", "cpu"]
+        assert main(argv) == 0 and "pass/s" in capsys.readouterr().err
+        assert main(argv + ["--no-progress"]) == 0 and "pass/s" not in capsys.readouterr().err
+
+
 def test_cli_evaluates_original_mtt_tensors(small, tmp_path, capsys):
     images, labels, _, _ = small
     torch.save(images, tmp_path / "images_best.pt")
