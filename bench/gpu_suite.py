@@ -518,8 +518,8 @@ def time_experts(dataset: Dataset, config: ExpertConfig, paper_epochs: int, devi
 class FmnistExpertsConfig:
     data: DataChoice = field(default_factory=DataChoice)
     num_experts: int = 10
-    # The presets need max_start_epoch + expert_epochs <= epochs: IPC 1 is 10 + 2 (IPC 10's 20 + 2 would cost
-    # twice the device time; fmnist-ipc10 starts at most at epoch 10 then, and its report says so).
+    # The presets need max_start_epoch + expert_epochs <= epochs: IPC 1 is 2 + 2; IPC 10's 20 + 2 would cost
+    # twice the device time, so fmnist-ipc10 starts at most at epoch 10 (its report says so).
     epochs: int = 12
     parallel: int = 2         # one shard per group of 2: the first group (which always runs) stays short
     budget_s: float = 100.0   # no new group once the last group's time would overrun this
