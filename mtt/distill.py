@@ -179,7 +179,7 @@ _OURS = {
     # settings without ZCA. IPC 1 checked on a CPU with ConvNet-64 experts (BENCHMARKS.md): starts up to
     # epoch 2, as CIFAR-10's, and lr_img 1000, as its un-whitened IPC 50, give 74.8 % in 100 iterations
     # (lr_img 100: 70.5 %; starts up to epoch 10: 61.7 % in 300). With 3 ConvNet-128 experts: 75.2 %
-    # in 100 iterations, 72.0 % in 300 (few experts to match: more iterations overfit them).
+    # in 100 iterations, 72.0 % in 300 (3 experts, 6 segments: likely overfitted; not isolated).
     # IPC 10 checked likewise (experts of 22 epochs): CIFAR-10's settings give 83.5 % in 100 iterations;
     # IPC 1's changes do not carry over (lr_img 1000: 81.0 %; with starts up to epoch 5 too: 82.2 %).
     ("fashion-mnist", 1): dict(syn_steps=50, expert_epochs=2, max_start_epoch=2, lr_img=1000, lr_lr=1e-7,
