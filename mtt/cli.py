@@ -177,7 +177,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     from mtt.tracking import TRACKERS
     from mtt.distill import INITS, LABEL_INITS
     from mtt.recipes import METHODS
-    from mtt.unroll import APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS
+    from mtt.unroll import APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES
 
     p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
                               formatter_class=_Formatter,
@@ -238,15 +238,14 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
                         "the two that fits in memory, measured on the first iteration (default); tesla: TESLA's "
                         "constant-memory backward, approximate (drops the Hessian term)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the backward walk (with --backward checkpointed or tesla): on a GPU "
+                        "several times faster per iteration after minutes of compiling (default: off)")
     p.add_argument("--match", choices=MATCH_MODES, default=None,
                    help="final: match the student's last step (MTT, default); closest: its step closest to the "
                         "target (ATT)")
     p.add_argument("--pad-fraction", type=_float_above(0.0, inclusive=True), default=None,
                    help="PAD: share of the shallow layers' parameters the matching loss ignores (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="bf16: the student network under bf16 autocast, fp32 state (default: fp32)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="the student's convolutions in NHWC layout (GPU speed; with --segments 1 only)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
                    help="iterations between evaluations (0: only at the end)")
     p.add_argument("--eval-repeats", type=NON_NEGATIVE, default=None, help="networks per evaluation (0: none)")
@@ -264,8 +263,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 NETWORK_FLAGS = ("model", "width", "depth")
 CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img",
-                "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "match", "pad_fraction", "precision",
-                "channels_last", "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every",
+                "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "compile", "match", "pad_fraction",
+                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every",
                 "lr_labels", "label_momentum", "label_init", "teacher_labels", "min_start_epoch",
                 "current_max_start_epoch", "expansion_end", "loss_threshold", "ema_decay")
 

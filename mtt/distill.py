@@ -37,8 +37,11 @@ from mtt.initialise import correctly_classified_images, experts_label_logits, te
 from mtt.networks import get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
-from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, PRECISIONS, BackwardChoice, Student,
+from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, COMPILED_MODES, MATCH_MODES, BackwardChoice, Student,
                         choose_backward, plan_steps, shallow_layer_mask, unroll)
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests swap in one that generates no code)
 
 
 class DistillationDiverged(ValueError):
@@ -71,10 +74,9 @@ class DistillConfig:
     iterations: int = 5000
     backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured;
                                  # "tesla": TESLA's constant-memory backward, APPROXIMATE (no Hessian term)
+    compile: bool = False        # torch.compile the walk of "checkpointed"/"tesla" (a GPU's speed; minutes to compile)
     match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
     pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
-    precision: str = "fp32"      # "bf16": the student network under bf16 autocast (GPU speed; fp32 state)
-    channels_last: bool = False  # the student's convolutions in NHWC layout (GPU speed; segments=1 only)
     # The successors' options (mtt/recipes.py switches them on by --method); all off in plain MTT.
     method: str = "mtt"          # the recipe these settings started from (recorded; the fields below act)
     min_start_epoch: int = 0     # DATM: start epochs are drawn from [min_start_epoch, upper), where upper is
@@ -104,12 +106,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None (the whole set), got {self.batch_syn}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.backward not in BACKWARD_MODES + APPROXIMATE_MODES:
             raise ValueError(f"backward must be one of {BACKWARD_MODES + APPROXIMATE_MODES}, got {self.backward!r}")
         if self.match not in MATCH_MODES:
             raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
+        if self.compile and self.backward not in COMPILED_MODES:
+            raise ValueError(f"compile compiles the backward walk of {' or '.join(COMPILED_MODES)}, got "
+                             f"backward={self.backward!r}: set backward='checkpointed' (--backward checkpointed) "
+                             "or drop compile")
         if not 0 <= self.pad_fraction < 1:
             raise ValueError(f"pad_fraction must be in [0, 1), got {self.pad_fraction!r}")
         if self.init not in INITS:
@@ -117,12 +121,9 @@ class DistillConfig:
         self._validate_successors()
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
             raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
-        for name in ("zca", "soft_labels", "channels_last"):
+        for name in ("zca", "soft_labels", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.channels_last and self.segments > 1:
-            raise ValueError(f"channels_last works with segments=1 only (vmap has no channels_last), got segments="
-                             f"{self.segments}; drop one of the two")
         parse_strategy(self.dsa)
 
     def _validate_successors(self) -> None:
@@ -507,7 +508,7 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
                          f"longer experts")
     net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
     meta.check_network(net)
-    return Student(net.to(device), config.precision, config.channels_last)
+    return Student(net.to(device))
 
 
 @dataclass
@@ -553,7 +554,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         mode = choice.mode
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                     label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
-                    allow_approximate=mode in APPROXIMATE_MODES)
+                    allow_approximate=mode in APPROXIMATE_MODES, compiler=COMPILE_BACKEND if config.compile else None)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
     if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world

@@ -43,7 +43,9 @@ Options of the successors (all off by default; each a small function called from
 """
 from __future__ import annotations
 
+import functools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,29 +62,19 @@ BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
 APPROXIMATE_MODES = ("tesla",)  # not exact: never chosen by `auto`, run only with allow_approximate=True
 BACKWARD_MODES = ("auto", *EXACT_MODES)
+COMPILED_MODES = ("checkpointed", "tesla")  # the adjoint walk, whose steps torch.compile can compile
+COMPILE_VARIANTS = 64  # compiled variants a run may need: minibatch sizes x label kinds x walk options
+Compiler = str | Callable  # a torch.compile backend: its name or the backend itself
 MatchMode = Literal["final", "closest"]
 MATCH_MODES = ("final", "closest")
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 class Student:
     """A network evaluated at a flat parameter vector theta [P] (in .parameters() order), or at K of
-    them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call).
+    them at once, theta [K, P] on inputs [K, B, ...] (K segments, one vmapped call)."""
 
-    precision "bf16" runs the network under bf16 autocast (convolutions and matmuls in bf16,
-    theta, logits, the loss, the adjoint and every update in fp32). channels_last hands the
-    convolutions their inputs and weights in NHWC layout (what GPU tensor cores read natively);
-    one segment only, as vmap has no channels_last.
-    """
-
-    def __init__(self, net: nn.Module, precision: str = "fp32", channels_last: bool = False):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    def __init__(self, net: nn.Module):
         self.net = net
-        self.precision = precision
-        self.channels_last = channels_last
         self.names = [name for name, _ in net.named_parameters()]
         self.shapes = [p.shape for p in net.parameters()]
         self.numels = [p.numel() for p in net.parameters()]
@@ -91,18 +83,10 @@ class Student:
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         if theta.shape[-1:] != (self.num_params,) or theta.dim() > 2:
             raise ValueError(f"theta has shape {tuple(theta.shape)}, the network has {self.num_params} parameters")
-        if self.channels_last and theta.dim() == 2:
-            raise ValueError("channels_last works with one segment only (vmap has no channels_last): "
-                             "use segments=1 or drop channels_last")
-        with torch.autocast(theta.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            logits = self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
-        return logits.to(theta.dtype)  # fp32 out of bf16 autocast; float64 stays float64
+        return self._forward(theta, x) if theta.dim() == 1 else vmap(self._forward)(theta, x)
 
     def _forward(self, theta: Tensor, x: Tensor) -> Tensor:
         views = [t.view(s) for t, s in zip(torch.split(theta, self.numels), self.shapes)]
-        if self.channels_last:  # every 4-d tensor a convolution reads: the images and the kernels
-            x = x.contiguous(memory_format=torch.channels_last)
-            views = [v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v for v in views]
         return functional_call(self.net, dict(zip(self.names, views)), (x,))
 
 
@@ -152,26 +136,33 @@ class UnrollResult:
                                                  # a list, one per segment, for K segments
 
 
-def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor, plan: StepPlan) -> Tensor:
-    """The step's cross-entropy; with K segments the sum of theirs, so that d/dtheta[k] is segment k's gradient."""
+def _step_batch(images: Tensor, targets: Tensor, plan: StepPlan) -> tuple[Tensor, Tensor]:
+    """The step's augmented minibatch and its targets: [b, ...], or [K, b, ...] for K segments."""
     x = apply_params(images[plan.indices.flatten()], plan.augment).view(*plan.indices.shape, *images.shape[1:])
-    logits = student(theta, x)
     if targets.dim() == 3:  # fixed soft targets, one set per segment (TESLA's teacher labels): [K, N, C]
-        y = targets[torch.arange(len(targets), device=targets.device).unsqueeze(1), plan.indices]
-    else:
-        y = targets[plan.indices]
-    if targets.dtype != torch.long:
-        y = y.softmax(-1)  # soft labels: targets are logits
-    if plan.indices.dim() == 1:
+        return x, targets[torch.arange(len(targets), device=targets.device).unsqueeze(1), plan.indices]
+    return x, targets[plan.indices]
+
+
+def _batch_loss(student: Student, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """The cross-entropy on a step's minibatch; with K segments the sum of theirs, so that d/dtheta[k] is
+    segment k's gradient. Soft targets come as logits (softmax taken)."""
+    logits = student(theta, x)
+    if y.dtype != torch.long:
+        y = y.softmax(-1)
+    if theta.dim() == 1:
         return F.cross_entropy(logits, y)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(plan.indices.shape) \
-        .mean(1).sum()
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(x.shape[:2]).mean(1).sum()
+
+
+def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor, plan: StepPlan) -> Tensor:
+    return _batch_loss(student, theta, *_step_batch(images, targets, plan))
 
 
 def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
            plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
            mode: BackwardMode = "checkpointed", match: MatchMode = "final", param_mask: Tensor | None = None,
-           allow_approximate: bool = False) -> UnrollResult:
+           allow_approximate: bool = False, compiler: Compiler | None = None) -> UnrollResult:
     """Matching loss and its gradients; images/syn_lr/label_logits are leaves.
 
     One expert segment: theta_start/theta_target [P]. K segments at once: [K, P] each, with plans
@@ -184,7 +175,8 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     mode: "full" or "checkpointed" (exact), or "tesla" (APPROXIMATE: no Hessian term; needs
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
     segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
-    (PAD); None counts all.
+    (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the adjoint walk of
+    `checkpointed` and `tesla`, whose steps then run as torch.func functions; None runs them eagerly.
     """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
@@ -196,15 +188,20 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
                          f"choose_backward) or, approximate, one of {APPROXIMATE_MODES}")
     if match not in MATCH_MODES:
         raise ValueError(f"unknown match {match!r}: use one of {MATCH_MODES}")
+    if compiler is not None and mode == "full":
+        raise ValueError(f"compiler={compiler!r} compiles the adjoint walk of {COMPILED_MODES}; `full` differentiates "
+                         "an autograd graph twice, which torch.compile cannot: use mode='checkpointed'")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
     if theta_start.shape != theta_target.shape or plans and plans[0].indices.dim() != theta_start.dim():
         raise ValueError(f"theta_start {tuple(theta_start.shape)}, theta_target {tuple(theta_target.shape)} and plans "
                          f"for {plans[0].indices.dim() if plans else '?'}-d indices do not describe the same segments")
     weight = _loss_weight(param_mask, theta_start)
     start_distance = _distance(theta_start, theta_target, weight)  # [K] for K segments
-    run = {"full": _unroll_full, "checkpointed": _unroll_checkpointed, "tesla": _unroll_tesla}[mode]
-    return run(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-               match, weight)
+    if mode == "full":
+        return _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                            label_logits, match, weight)
+    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                         label_logits, match, weight, compiler, hessian=mode == "checkpointed")
 
 
 # ----------------------------------------------------------------------------- the matching loss (PAD, ATT)
@@ -301,14 +298,12 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
 
 
 def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
-                  plans: list[StepPlan]) -> list[Tensor]:
+                  plans: list[StepPlan], step: StepFunction | None = None) -> list[Tensor]:
     """theta_0..theta_N of the student, with no graph kept across steps."""
+    step = step or _autograd_step
     thetas = [theta_start.detach()]
     for plan in plans:
-        theta = thetas[-1].requires_grad_()
-        grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta)[0]
-        thetas.append((theta - alpha * grad).detach())
-        theta.requires_grad_(False)
+        thetas.append(step(student, thetas[-1], *_step_batch(images, targets, plan), alpha))
     return thetas
 
 
@@ -319,19 +314,6 @@ def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: 
     targets = labels if label_logits is None else label_logits.detach()
     alpha = torch.as_tensor(syn_lr, dtype=theta_start.dtype, device=theta_start.device)
     return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans))
-
-
-def _unroll_checkpointed(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                         label_logits, match, weight):
-    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                         label_logits, match, weight, hessian=True)
-
-
-def _unroll_tesla(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                  match, weight):
-    """APPROXIMATE (TESLA): the adjoint walk without the Hessian term, see the module's docstring."""
-    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                         label_logits, match, weight, hessian=False)
 
 
 def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: Tensor, weight: Tensor | None,
@@ -348,15 +330,16 @@ def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: 
 
 
 def _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                  match, weight, hessian: bool):
-    """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE: the adjoint is not
-    updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step)."""
+                  match, weight, compiler, hessian: bool):
+    """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE, see the module's docstring:
+    the adjoint is not updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step)."""
     images = images.detach()
     alpha = syn_lr.detach()
     soft = label_logits is not None
     targets = label_logits.detach() if soft else labels
+    step, walk_step = _step_functions(compiler)
 
-    thetas = _forward_path(student, theta_start, images, targets, alpha, plans)
+    thetas = _forward_path(student, theta_start, images, targets, alpha, plans, step)
     theta_final = thetas[-1]
     steps = _matched_steps(thetas, theta_target, weight, match)
     theta_matched = _at_steps(thetas, steps)
@@ -371,24 +354,81 @@ def _adjoint_walk(student, theta_start, theta_target, start_distance, images, sy
     for i in reversed(range(max(steps))):
         if i + 1 in arriving:
             adjoint = arriving[i + 1] if adjoint is None else adjoint + arriving[i + 1]
-        theta = thetas[i].requires_grad_()
-        x = images.requires_grad_()
-        t = targets.requires_grad_() if soft else targets
-        grad = torch.autograd.grad(_step_loss(student, theta, x, t, plans[i]), theta, create_graph=True)[0]
-        grad_dot_adjoint = (grad * adjoint).sum()
-        inputs = [x] + ([t] if soft else []) + ([theta] if hessian else [])  # tesla: no VJP w.r.t. theta
-        vjps = torch.autograd.grad(grad_dot_adjoint, inputs)
-        grad_lr -= grad_dot_adjoint.detach()
-        grad_images -= alpha * vjps[0]
+        # The step's minibatch, and the map of its gradients back through the augmentation and the selection
+        # to the whole set: kept out of the step itself, so that a compiled step is one variant for every DSA op.
         if soft:
-            grad_logits -= alpha * vjps[1]
+            (x, y), to_the_set = torch.func.vjp(lambda im, lg: _step_batch(im, lg, plans[i]), images, targets)
+        else:
+            x, to_the_set, y = torch.func.vjp(lambda im: _step_batch(im, targets, plans[i]), images, has_aux=True)
+        grad_dot_adjoint, d_x, *rest = walk_step(student, thetas[i], x, y, adjoint, soft, hessian)
+        d_set = to_the_set((d_x, rest[0]) if soft else d_x)
+        grad_lr -= grad_dot_adjoint
+        grad_images -= alpha * d_set[0]
+        if soft:
+            grad_logits -= alpha * d_set[1]
         if hessian:
-            adjoint = adjoint - alpha * vjps[-1]  # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
-        theta.requires_grad_(False)
-        images.requires_grad_(False)
-        if soft:
-            targets.requires_grad_(False)
+            adjoint = adjoint - alpha * rest[-1]  # lambda_i = lambda_{i+1} - alpha * H_i lambda_{i+1}
     return UnrollResult(loss.item(), grad_images, grad_lr, grad_logits, theta_final, _reported(steps, theta_final))
+
+
+# ----------------------------------------------------------------------------- one step of the walk, two ways
+#
+# On a step's minibatch x (augmented) with targets y: a step forward, theta -> theta - alpha * g(theta), and a
+# step of the backward walk: for the adjoint lambda, g . lambda and its vector-Jacobian products
+# (dg/dx)^T lambda, (dg/dy)^T lambda (learned soft labels) and H lambda (hessian=True; TESLA skips it). Eager
+# autograd by default. torch.compile cannot differentiate an autograd graph twice (AOTAutograd refuses double
+# backward), but the same step written with torch.func's grad-of-grad is one plain forward computation to it,
+# which it compiles: on an H200 that made `checkpointed` 2.7x faster than eager `full` at CIFAR-10 IPC 10
+# (BENCHMARKS.md).
+
+StepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor], Tensor]
+WalkStepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor, bool, bool], tuple[Tensor, ...]]
+
+
+def _autograd_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
+    theta = theta.detach().requires_grad_()
+    grad = torch.autograd.grad(_batch_loss(student, theta, x, y), theta)[0]
+    return (theta - alpha * grad).detach()
+
+
+def _autograd_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoint: Tensor, soft: bool,
+                        hessian: bool) -> tuple[Tensor, ...]:
+    theta, x = theta.detach().requires_grad_(), x.detach().requires_grad_()
+    y = y.detach().requires_grad_() if soft else y
+    grad = torch.autograd.grad(_batch_loss(student, theta, x, y), theta, create_graph=True)[0]
+    grad_dot_adjoint = (grad * adjoint).sum()
+    inputs = [x] + ([y] if soft else []) + ([theta] if hessian else [])  # tesla: no VJP w.r.t. theta
+    return grad_dot_adjoint.detach(), *torch.autograd.grad(grad_dot_adjoint, inputs)
+
+
+def _func_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
+    return theta - alpha * torch.func.grad(_batch_loss, argnums=1)(student, theta, x, y)
+
+
+def _func_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoint: Tensor, soft: bool,
+                    hessian: bool) -> tuple[Tensor, ...]:
+    def step_grad(x_: Tensor, *rest: Tensor) -> Tensor:  # rest: the soft targets, theta, as differentiated
+        return torch.func.grad(_batch_loss, argnums=1)(student, rest[-1] if hessian else theta, x_,
+                                                       rest[0] if soft else y)
+    inputs = (x,) + ((y,) if soft else ()) + ((theta,) if hessian else ())
+    grad, pullback = torch.func.vjp(step_grad, *inputs)
+    return (grad * adjoint).sum(), *pullback(adjoint)
+
+
+def _step_functions(compiler: Compiler | None) -> tuple[StepFunction, WalkStepFunction]:
+    """The eager autograd steps (compiler None), or the torch.func steps compiled with that torch.compile backend."""
+    return (_autograd_step, _autograd_walk_step) if compiler is None else _compiled_steps(compiler)
+
+
+@functools.cache
+def _compiled_steps(backend: Compiler) -> tuple[StepFunction, WalkStepFunction]:
+    # Each minibatch size (a last, smaller chunk; segments) and label kind is a variant compiled on first use;
+    # past the default recompile limit (8) dynamo would quietly run the rest eagerly.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_VARIANTS)
+    # fullgraph: a step that does not trace whole is an error, not a quiet mix of compiled and eager pieces.
+    return tuple(torch.compile(f, backend=backend, dynamic=False, fullgraph=True)
+                 for f in (_func_step, _func_walk_step))
 
 
 # ----------------------------------------------------------------------------- auto: measure, then choose

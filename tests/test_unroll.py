@@ -35,10 +35,10 @@ def reference_unroll(net, theta_start, theta_target, images, syn_lr, plans, labe
     return num / den
 
 
-def make_problem(channels: int = 1, **student_options):
+def make_problem(channels: int = 1):
     torch.manual_seed(0)
     net = get_network("ConvNet", channels, CLASSES, (8, 8), width=8).double()
-    student = Student(net, **student_options)
+    student = Student(net)
     theta_start = torch.cat([p.detach().flatten() for p in net.parameters()])
     theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
     images = torch.randn(IPC * CLASSES, channels, 8, 8, dtype=torch.float64)
@@ -87,25 +87,6 @@ def test_gradients_match_plain_autograd_hard_labels(problem, mode):
     assert_close(result.grad_images, ref_images)
     assert_close(result.grad_lr, ref_lr)
     assert ref_images.abs().sum() > 0 and ref_lr.abs() > 0  # the check is not vacuous
-
-
-@pytest.mark.parametrize("mode", ["full", "checkpointed"])
-def test_channels_last_gradients_match_plain_autograd(mode):
-    net, student, theta_start, theta_target, images, labels, syn_lr, plans = make_problem(3, channels_last=True)
-    layouts = []  # of every convolution's output: NHWC (channels_last) and so not NCHW-contiguous
-    for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
-        conv.register_forward_hook(lambda m, i, out: layouts.append(
-            (out.is_contiguous(memory_format=torch.channels_last), out.is_contiguous())))
-    ref_loss, (ref_images, ref_lr) = reference_grads(net, theta_start, theta_target, images, syn_lr, plans,
-                                                     labels=labels)
-    layouts.clear()  # the reference ran in NCHW; from here on, only ours
-    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode=mode)
-    assert abs(result.loss - ref_loss) <= 1e-9 * ref_loss
-    assert_close(result.grad_images, ref_images)
-    assert_close(result.grad_lr, ref_lr)
-    assert layouts and set(layouts) == {(True, False)}
-    with pytest.raises(ValueError, match="one segment only"):
-        student(theta_start.expand(2, -1), images.expand(2, *images.shape))
 
 
 @pytest.mark.parametrize("mode", ["full", "checkpointed"])
@@ -196,3 +177,43 @@ def test_k_segments_equal_the_mean_of_k_separate_unrolls(problem, mode, soft):
         mean = sum(getattr(r, name) for r in apart) / K
         assert torch.allclose(getattr(together, name), mean, rtol=1e-6, atol=1e-12), name
     assert torch.allclose(together.final_params, torch.stack([r.final_params for r in apart]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode, soft, segments, match", [
+    ("checkpointed", False, 1, "final"), ("checkpointed", True, 1, "final"), ("tesla", False, 1, "final"),
+    ("checkpointed", False, 2, "closest")])
+def test_compiled_walk_equals_the_eager_walk(problem, mode, soft, segments, match):
+    """The walk's steps in torch.func, traced whole by torch.compile (fullgraph: no graph breaks), with every
+    DSA op: the same gradients as eager autograd's walk. aot_eager runs what AOTAutograd traced without
+    generating kernels (inductor's own code generation is checked on the GPU: bench/gpu_suite.py)."""
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    traced = []
+
+    def backend(graph, example_inputs):
+        traced.append(graph)
+        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
+
+    if segments > 1:
+        torch.manual_seed(5)
+        theta_start = theta_start + 0.05 * torch.randn(segments, len(theta_start), dtype=torch.float64)
+        theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
+        plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
+                           torch.device("cpu"), segments=segments)
+    assert len({plan.augment.op for plan in plans}) > 1
+    kw = {"label_logits": torch.randn(len(images), CLASSES, dtype=torch.float64)} if soft else {"labels": labels}
+    args = (student, theta_start, theta_target, images, syn_lr, plans)
+    options = dict(mode=mode, match=match, allow_approximate=mode == "tesla", **kw)
+    eager = unroll(*args, **options)
+    compiled = unroll(*args, compiler=backend, **options)
+    assert traced  # the steps went through the compiler
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-12) and compiled.matched_step == eager.matched_step
+    for name in ["grad_images", "grad_lr"] + (["grad_label_logits"] if soft else []):
+        assert_close(getattr(compiled, name), getattr(eager, name))
+    assert torch.allclose(compiled.final_params, eager.final_params, rtol=0, atol=1e-12)
+
+
+def test_full_cannot_be_compiled(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    with pytest.raises(ValueError, match="torch.compile cannot"):
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="full",
+               compiler="inductor")
