@@ -753,17 +753,23 @@ def check_resume_bit_identical(ctx: CheckContext) -> tuple[bool, str]:
     # One mode: runs compared must not choose apart.
     config = ctx.distill_config(backward="checkpointed", dsa=DETERMINISTIC_DSA)
     half = replace(config, iterations=config.iterations // 2)
+    every_op = replace(config, dsa=DEFAULT_STRATEGY)
     with deterministic_algorithms() as caught:
         straight = distill(config, ctx.digits, ctx.experts, ctx.work / "straight", progress=False)
         again = distill(config, ctx.digits, ctx.experts, ctx.work / "again", progress=False)
         distill(half, ctx.digits, ctx.experts, ctx.work / "split", progress=False)
         resumed = distill(config, ctx.digits, ctx.experts, ctx.work / "split", resume=True, progress=False)
+        # Not checked, said: whether the GPU repeats a run with scale and rotate (DETERMINISTIC_DSA's reason).
+        runs_every_op = [distill(every_op, ctx.digits, ctx.experts, ctx.work / f"every_op{k}", progress=False)
+                         for k in (0, 1)]
     same = torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
     noise = (straight.images - again.images).abs().max().item()
+    noise_every_op = (runs_every_op[0].images - runs_every_op[1].images).abs().max().item()
     nondeterministic = sorted({str(w.message).split(".")[0][:120] for w in caught})
     return same, (f"{'bit-identical' if same else 'differs'} after {half.iterations} + resume to {config.iterations} "
                   f"iterations (max |diff| {(straight.images - resumed.images).abs().max().item():.1e}; two straight "
-                  f"runs differ by {noise:.1e}); deterministic algorithms on, DSA {DETERMINISTIC_DSA}"
+                  f"runs differ by {noise:.1e}); deterministic algorithms on, DSA {DETERMINISTIC_DSA}; with every "
+                  f"DSA op two straight runs differ by {noise_every_op:.1e}"
                   + (f"; ops without a deterministic kernel: {nondeterministic}" if nondeterministic else ""))
 
 
