@@ -436,6 +436,9 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
     """Iterate up to config.iterations, then evaluate the final images and save everything."""
     mask = shallow_layer_mask(student, config.pad_fraction).to(procs.device) if config.pad_fraction else None
     bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
+    if config.compile and procs.is_main and state.iteration < config.iterations:  # or the first iteration looks hung
+        bar.write(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)",
+                  file=sys.stderr)
     with graceful_stop() as stop:
         while state.iteration < config.iterations:
             rng = state.generator.get_state()

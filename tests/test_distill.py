@@ -161,7 +161,7 @@ def test_bad_config_values():
         small_config(backward="auto", compile=True).validate()
 
 
-def test_compiled_run_equals_the_eager_run(digits, experts, tmp_path, monkeypatch):
+def test_compiled_run_equals_the_eager_run(digits, experts, tmp_path, monkeypatch, capsys):
     """compile=True: the walk's torch.func steps through torch.compile (aot_eager here: inductor's code
     generation takes minutes on a CPU and is checked on the GPU), batch_syn < IPC * classes so that the
     minibatch sizes vary; the same images and step size as the eager run, float32 round-off apart."""
@@ -173,6 +173,7 @@ def test_compiled_run_equals_the_eager_run(digits, experts, tmp_path, monkeypatc
                        progress=False)
     assert torch.allclose(compiled.images, eager.images, rtol=1e-4, atol=1e-5)
     assert compiled.syn_lr == pytest.approx(eager.syn_lr, rel=1e-5)
+    assert "backward checkpointed, compiled: the first iteration compiles it" in capsys.readouterr().err
 
 
 def test_auto_backward_chooses_once_records_it_and_resumes_with_it(digits, experts, tmp_path):
