@@ -90,6 +90,10 @@ class Student:
         return functional_call(self.net, dict(zip(self.names, views)), (x,))
 
 
+class CompileFailed(ValueError):
+    """torch.compile could not compile the walk's steps here (no C compiler, no Triton, an op it cannot trace)."""
+
+
 @dataclass
 class StepPlan:
     """The randomness of one student step: which synthetic images, and which augmentation."""
@@ -200,8 +204,20 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     if mode == "full":
         return _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
                             label_logits, match, weight)
-    return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                         label_logits, match, weight, compiler, hessian=mode == "checkpointed")
+    try:
+        return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                             label_logits, match, weight, compiler, hessian=mode == "checkpointed")
+    except Exception as err:
+        if compiler is None or not isinstance(err, torch._dynamo.exc.TorchDynamoException):
+            raise
+        root = err  # dynamo wraps what the backend or the tracer raised
+        while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            root = inner
+        reason = next((line for line in str(root).splitlines() if line.strip()), "")
+        backend = getattr(compiler, "__name__", compiler)
+        raise CompileFailed(f"torch.compile (backend {backend!r}) could not compile the backward walk: "
+                            f"{type(root).__name__}: {reason}. Run without compile (drop --compile): the same "
+                            "gradient, computed eagerly") from err
 
 
 # ----------------------------------------------------------------------------- the matching loss (PAD, ATT)

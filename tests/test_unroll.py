@@ -8,7 +8,8 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import StepPlan, Student, choose_backward, full_graph_bytes, plan_steps, student_path, unroll
+from mtt.unroll import (CompileFailed, StepPlan, Student, choose_backward, full_graph_bytes, plan_steps, student_path,
+                        unroll)
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -210,6 +211,16 @@ def test_compiled_walk_equals_the_eager_walk(problem, mode, soft, segments, matc
     for name in ["grad_images", "grad_lr"] + (["grad_label_logits"] if soft else []):
         assert_close(getattr(compiled, name), getattr(eager, name))
     assert torch.allclose(compiled.final_params, eager.final_params, rtol=0, atol=1e-12)
+
+
+def test_a_compiler_that_fails_is_one_clear_error(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    with pytest.raises(CompileFailed, match="could not compile the backward walk: .*no C compiler here.*--compile"):
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, compiler=broken)
 
 
 def test_full_cannot_be_compiled(problem):
