@@ -16,6 +16,9 @@ We need its gradient with respect to X (and soft labels, if learned) and alpha.
       dX      += -alpha * (dg_i/dX)^T lambda_{i+1}
       dalpha  += -g_i . lambda_{i+1}
   Exact: the same gradient as `full` up to float round-off, one step's graph alive at a time.
+  With compiler="inductor" (`--compile`) its steps run as torch.func functions under
+  torch.compile, which `full`'s twice-differentiated graph cannot ("one step of the walk, two
+  ways" below).
 
 Both modes draw the minibatches and DSA parameters of all N steps up front (`plan_steps`)
 from one generator, so they see the very same randomness and the backward walk replays it.
