@@ -218,6 +218,7 @@ class UnrollConfig:
     cell_budget_s: float = 6.0          # fewer timed runs where one is slow (see `measure`)
     case_budget_s: float = 40.0         # no new cell of a case once this is spent (the rest: "skipped")
     segments: int = 8
+    rounds: int = 3                     # then reference, full and checkpointed timed again in turns (interleave)
 
     def smoke(self) -> UnrollConfig:
         return replace(self, width=8, size=8, steps=3, repeats=1, case_budget_s=600.0)
@@ -326,21 +327,58 @@ def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Ca
         student = Student(case.problem.net)
         row: dict[str, Any] = {"case": case.name, "description": case.describe(), "cells": {}}
         results["cases"].append(row)
-        outputs, started = {}, time.perf_counter()
+        outputs, runs, started = {}, {}, time.perf_counter()
         for name, make_run in unroll_cells(case, config, student, device):
             if (spent := time.perf_counter() - started) > config.case_budget_s:
                 row["cells"][name] = {"status": "skipped", "error": f"case budget spent ({spent:.0f} s of "
                                                                     f"{config.case_budget_s:.0f} s)"}
                 continue
             say(f"{case.name}: {name}")
-            row["cells"][name], outputs[name] = measure(make_run, device, config.repeats, config.cell_budget_s)
+            row["cells"][name], outputs[name] = measure(kept(make_run, runs, name), device, config.repeats,
+                                                        config.cell_budget_s)
             if name == "checkpointed":  # auto chooses between the two exact modes, both measured by now
                 row["cells"]["auto"] = auto_cell(case, student, device, row["cells"])
             record(results)
+        say(f"{case.name}: {' / '.join(INTERLEAVED)} in turns")
+        row["interleaved_rounds"] = interleave(row["cells"], {n: runs[n] for n in INTERLEAVED if n in runs},
+                                               config.rounds, device)
+        if "chose" in row["cells"].get("auto", {}):  # auto runs the mode it chose: its time, as now measured
+            row["cells"]["auto"]["seconds"] = row["cells"][row["cells"]["auto"]["chose"]].get("seconds")
         row["checks"] = gradient_checks(outputs)
         record(results)
         del case, student, outputs  # this case's tensors go before the next case's are made
         release(device)
+
+
+# Ours vs the original: after each is measured alone, timed again in turns (reference, full, checkpointed,
+# reference, ...), so that the GPU drifting during a case (clocks, allocator pools) hits each alike.
+INTERLEAVED = ("reference", "full", "checkpointed")
+
+
+def kept(make_run: Callable[[], Callable[[], Any]], runs: dict[str, Callable[[], Any]],
+         name: str) -> Callable[[], Callable[[], Any]]:
+    """make_run, keeping the run it builds in runs[name] (for `interleave`)."""
+    def make() -> Callable[[], Any]:
+        runs[name] = make_run()
+        return runs[name]
+    return make
+
+
+def interleave(cells: dict[str, dict], runs: dict[str, Callable[[], Any]], rounds: int, device: torch.device) -> int:
+    """`rounds` more timed runs of each measured cell, in turns; its seconds become the median of all its runs.
+    Returns the rounds done (fewer if one ran out of memory)."""
+    ok = {name: run for name, run in runs.items() if cells[name]["status"] == "ok"}
+    done = 0
+    try:
+        for done in range(1, rounds + 1):
+            for name, run in ok.items():
+                cells[name]["runs"].append(seconds(run, device))
+    except torch.OutOfMemoryError:
+        done -= 1
+    for name in ok:
+        cells[name]["seconds"] = statistics.median(cells[name]["runs"])
+    release(device)
+    return done
 
 
 def gradient_checks(outputs: dict[str, Any]) -> dict[str, Any]:
@@ -409,12 +447,13 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
         return run_compiled
 
     cells = {"reference": reference_loop, "full": eager_cell(student, p, "full"), "compiled-checkpointed": compiled}
-    outputs = {}
+    outputs, runs = {}, {}
     for name, make_run in cells.items():
         say(f"{case.name}: {name}")
-        row["cells"][name], outputs[name] = measure(make_run, device, config.unroll.repeats,
+        row["cells"][name], outputs[name] = measure(kept(make_run, runs, name), device, config.unroll.repeats,
                                                     config.unroll.cell_budget_s)
         record(results | {"cases": results["cases"] + [row]})
+    row["interleaved_rounds"] = interleave(row["cells"], runs, config.unroll.rounds, device)
     ours = outputs.get("compiled-checkpointed")
     row["checks"] = {f"compiled_vs_{name}": {"rel_err_images": relative_error(ours[0], outputs[name][0]),
                                              "cosine_images": cosine(ours[0], outputs[name][0]),
@@ -842,6 +881,11 @@ def unroll_note(name: str, cell: dict, cells: dict) -> str:
     return cell.get("error") or cell.get("note", "")
 
 
+def _turns(case: dict, names: tuple[str, ...]) -> str:
+    rounds = case.get("interleaved_rounds")
+    return f"; {', '.join(names)}: medians of their runs alone and {rounds} rounds in turns" if rounds else ""
+
+
 def render_unroll(results: dict) -> list[str]:
     lines = [f"segments: {results['segments']}.", "",
              "| case | method | s / iteration | peak MiB | reference / this | note |", "|---|---|---|---|---|---|"]
@@ -855,7 +899,7 @@ def render_unroll(results: dict) -> list[str]:
                          f"{_cell(unroll_note(name, cell, case['cells']))} |")
     lines.append("")
     for case in results["cases"]:
-        lines.append(f"- {case['case']}: {case['description']}")
+        lines.append(f"- {case['case']}: {case['description']}{_turns(case, INTERLEAVED)}")
         for name, check in case.get("checks", {}).items():
             lines.append(f"  - {name}: " + ", ".join(f"{k} {v:.6g}" for k, v in check.items()))
     return lines
@@ -881,7 +925,8 @@ def render_compile(results: dict) -> list[str]:
     lines.append("")
     for case in results["cases"]:
         if case["status"] == "ok":
-            lines.append(f"- {case['case']}: {case['description']}; DSA ops drawn: {', '.join(case['ops'])}")
+            lines.append(f"- {case['case']}: {case['description']}; DSA ops drawn: {', '.join(case['ops'])}"
+                         f"{_turns(case, tuple(case['cells']))}")
             lines += [f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())
                       for name, check in case.get("checks", {}).items()]
     return lines

@@ -1,6 +1,7 @@
 """bench/gpu_suite.py: its smoke mode runs every part on the CPU and reports each; a failing part stays contained."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import replace
@@ -94,6 +95,12 @@ def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
         assert max(case["checks"]["reference_vs_full_rel_err"].values()) < 1e-3
         for mode in ("full", "checkpointed"):
             assert cells[f"segments8-{mode}"]["status"] == "ok"
+        # ours vs the original, timed again in turns: each median over its runs alone and the rounds
+        assert case["interleaved_rounds"] == 3
+        for method in ("reference", "full", "checkpointed"):
+            runs = cells[method]["runs"]
+            assert len(runs) >= 4 and cells[method]["seconds"] == statistics.median(runs)
+        assert cells["auto"]["seconds"] == cells[cells["auto"]["chose"]]["seconds"]
     assert [c["case"] for c in part_json(out, "unroll-c10")["results"]["cases"]] == [
         "cifar10 IPC 1", "cifar10 IPC 10", "cifar10 IPC 50"]
 
