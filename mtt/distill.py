@@ -74,7 +74,8 @@ class DistillConfig:
     iterations: int = 5000
     backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured;
                                  # "tesla": TESLA's constant-memory backward, APPROXIMATE (no Hessian term)
-    compile: bool = False        # torch.compile the walk of "checkpointed"/"tesla" (a GPU's speed; minutes to compile)
+    compile: bool = False        # torch.compile the walk of "checkpointed"/"tesla" (a GPU's speed, a minute to
+                                 # compile); with "auto", checkpointed is timed compiled against full
     match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
     pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
     # The successors' options (mtt/recipes.py switches them on by --method); all off in plain MTT.
@@ -110,10 +111,10 @@ class DistillConfig:
             raise ValueError(f"backward must be one of {BACKWARD_MODES + APPROXIMATE_MODES}, got {self.backward!r}")
         if self.match not in MATCH_MODES:
             raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
-        if self.compile and self.backward not in COMPILED_MODES:
-            raise ValueError(f"compile compiles the backward walk of {' or '.join(COMPILED_MODES)}, got "
-                             f"backward={self.backward!r}: set backward='checkpointed' (--backward checkpointed) "
-                             "or drop compile")
+        if self.compile and self.backward not in ("auto", *COMPILED_MODES):
+            raise ValueError(f"compile compiles the backward walk of {' or '.join(COMPILED_MODES)} (and auto times "
+                             f"it against full), got backward={self.backward!r}, which torch.compile cannot compile: "
+                             "drop compile (--no-compile) or use backward auto or checkpointed")
         if not 0 <= self.pad_fraction < 1:
             raise ValueError(f"pad_fraction must be in [0, 1), got {self.pad_fraction!r}")
         if self.init not in INITS:
@@ -550,14 +551,16 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     else:
         labels = None if config.soft_labels else state.labels
     mode = config.backward if config.backward != "auto" else state.backward
+    compiler = COMPILE_BACKEND if config.compile else None
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
         choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
-                                                 plans, labels, state.label_logits))  # one choice for all ranks
+                                                 plans, labels, state.label_logits, compiler=compiler))  # one for all
         mode = choice.mode
     result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                     label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
-                    allow_approximate=mode in APPROXIMATE_MODES, compiler=COMPILE_BACKEND if config.compile else None)
+                    allow_approximate=mode in APPROXIMATE_MODES,
+                    compiler=compiler if mode in COMPILED_MODES else None)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
     if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world

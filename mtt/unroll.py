@@ -65,7 +65,8 @@ BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
 APPROXIMATE_MODES = ("tesla",)  # not exact: never chosen by `auto`, run only with allow_approximate=True
 BACKWARD_MODES = ("auto", *EXACT_MODES)
-COMPILED_MODES = ("checkpointed", "tesla")  # the adjoint walk, whose steps torch.compile can compile
+COMPILED_MODES = ("checkpointed", "tesla")  # the adjoint walk, whose steps torch.compile can compile (and
+                                            # `auto`, which then times checkpointed compiled against full)
 COMPILE_VARIANTS = 64  # compiled variants a run may need: minibatch sizes x label kinds x walk options
 Compiler = str | Callable  # a torch.compile backend: its name or the backend itself
 MatchMode = Literal["final", "closest"]
@@ -503,10 +504,12 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
 
 def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
                     plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
-                    repeats: int = 3, free_bytes: int | None = None) -> BackwardChoice:
-    """The faster exact backward mode on this segment, among those whose memory fits.
+                    repeats: int = 3, free_bytes: int | None = None,
+                    compiler: Compiler | None = None) -> BackwardChoice:
+    """The faster exact backward mode on this segment, among those whose memory fits; with a compiler,
+    `checkpointed` is timed (and would run) compiled.
 
-    Each candidate runs once to warm up (allocator, kernel choice), then the candidates take
+    Each candidate runs once to warm up (allocator, kernel choice, compiling), then the candidates take
     turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
     growing its pools) hits them alike; the medians decide. `free_bytes` defaults to what
     `free_memory` reports now. Nothing here draws random numbers, so choosing leaves a run's
@@ -522,7 +525,8 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                               f"{free / 2**30:.2f} GiB free")
 
     def run(mode: str) -> None:
-        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode)
+        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
+               compiler=compiler if mode in COMPILED_MODES else None)
 
     times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES}
     try:
@@ -536,5 +540,6 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(medians, key=medians.get)
-    return BackwardChoice(mode, medians, graph, free, f"{mode} was faster")
+    compiled = f"; checkpointed compiled by {getattr(compiler, '__name__', compiler)}" if compiler else ""
+    return BackwardChoice(mode, medians, graph, free, f"{mode} was faster{compiled}")
 

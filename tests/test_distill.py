@@ -157,8 +157,18 @@ def test_bad_config_values():
         small_config(syn_steps=0).validate()
     with pytest.raises(ValueError, match="backward"):
         small_config(backward="exact").validate()
-    with pytest.raises(ValueError, match="set backward='checkpointed'"):
-        small_config(backward="auto", compile=True).validate()
+    with pytest.raises(ValueError, match="torch.compile cannot compile"):
+        small_config(backward="full", compile=True).validate()
+
+
+def test_auto_times_the_compiled_walk_against_full(digits, experts, tmp_path, monkeypatch):
+    import mtt.distill
+    monkeypatch.setattr(mtt.distill, "COMPILE_BACKEND", "aot_eager")
+    distill(small_config(iterations=2, backward="auto", compile=True), digits, ExpertBuffers.open(experts), tmp_path,
+            progress=False)
+    chosen = json.loads((tmp_path / "history.json").read_text())["backward"]
+    assert chosen["mode"] in ("full", "checkpointed") and set(chosen["seconds"]) == {"full", "checkpointed"}
+    assert "checkpointed compiled by aot_eager" in chosen["reason"]
 
 
 def test_compiled_run_equals_the_eager_run(digits, experts, tmp_path, monkeypatch, capsys):
