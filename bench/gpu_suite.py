@@ -265,6 +265,15 @@ def unroll_case(dataset: str, ipc: int, config: UnrollConfig, device: torch.devi
     return UnrollCase(f"{dataset} IPC {ipc}", problem, config.width, steps, settings.batch_syn, settings.dsa)
 
 
+def reference_cell(problem: Any) -> Callable[[], Callable[[], Any]]:
+    """make_run of the original's inner loop (bench/reference_unroll.py) on the problem."""
+    def make() -> Callable[[], Any]:
+        ref = reference()
+        net = ref.ReparamModule(copy.deepcopy(problem.net))  # the wrapper deregisters its module's parameters
+        return lambda: ref.reference_gradients(net, problem)
+    return make
+
+
 def eager_cell(student: Student, problem: Any, mode: str) -> Callable[[], Callable[[], Any]]:
     """make_run of mtt's own `unroll` in an exact mode on the problem."""
     return lambda: lambda: reference().our_gradients(student, problem, mode)
@@ -274,10 +283,6 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
                  device: torch.device) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
     """(name, make_run) per method; each run returns (dL/dimages, dL/dsyn_lr)."""
     ref, p = reference(), case.problem
-
-    def reference_loop() -> Callable[[], Any]:
-        net = ref.ReparamModule(copy.deepcopy(p.net))  # the wrapper deregisters its module's parameters
-        return lambda: ref.reference_gradients(net, p)
 
     def segments(mode: str) -> Callable[[], Callable[[], Any]]:
         def make() -> Callable[[], Any]:
@@ -295,7 +300,7 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
 
     # In order of what a cut-short case most needs: the comparison with the original, then segments (whose
     # gradients the tests already check).
-    cells = [("reference", reference_loop)] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
+    cells = [("reference", reference_cell(p))] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
     cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
 
@@ -423,16 +428,12 @@ def run_compile(config: CompileConfig, device: torch.device, out: Path, record: 
 def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.device,
                  record: Callable[[dict], None], results: dict) -> dict[str, Any]:
     case = unroll_case(dataset, ipc, config.unroll, device)
-    p, ref = case.problem, reference()
+    p = case.problem
     p.plans = plan_steps(len(p.images), case.steps, case.batch_syn, case.shape, config.dsa,
                          torch.Generator().manual_seed(0), device)
     student = Student(p.net)
     row: dict[str, Any] = {"case": case.name, "description": case.describe(), "status": "ok",
                            "ops": sorted({plan.augment.op for plan in p.plans}), "cells": {}}
-
-    def reference_loop() -> Callable[[], Any]:
-        net = ref.ReparamModule(copy.deepcopy(p.net))  # the wrapper deregisters its module's parameters
-        return lambda: ref.reference_gradients(net, p)
 
     def run_compiled() -> tuple[Tensor, Tensor]:
         result = unroll(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
@@ -446,7 +447,7 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
         row["compile_s"] = time.perf_counter() - started
         return run_compiled
 
-    cells = {"reference": reference_loop, "full": eager_cell(student, p, "full"), "compiled-checkpointed": compiled}
+    cells = {"reference": reference_cell(p), "full": eager_cell(student, p, "full"), "compiled-checkpointed": compiled}
     outputs, runs = {}, {}
     for name, make_run in cells.items():
         say(f"{case.name}: {name}")
@@ -823,8 +824,8 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
 
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
-    check_segments_modes_agree_float64,
-    check_choose_backward, check_distill_auto, check_resume_bit_identical, check_experts_vectorised_equal_sequential)
+    check_segments_modes_agree_float64, check_choose_backward, check_distill_auto, check_resume_bit_identical,
+    check_experts_vectorised_equal_sequential)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
@@ -886,17 +887,24 @@ def _turns(case: dict, names: tuple[str, ...]) -> str:
     return f"; {', '.join(names)}: medians of their runs alone and {rounds} rounds in turns" if rounds else ""
 
 
+def _timing_rows(case: dict, note: Callable[[str, dict], str]) -> list[str]:
+    """A case's cells as rows of | case | method | s / iteration | peak MiB | reference / this | note |."""
+    ref_s = case["cells"].get("reference", {}).get("seconds")
+    rows = []
+    for name, cell in case["cells"].items():
+        seconds = cell.get("seconds")
+        shown = _num(seconds, ".4f") if cell["status"] == "ok" else cell["status"]
+        ratio = f"{ref_s / seconds:.2f}x" if ref_s and seconds else ""
+        rows.append(f"| {case['case']} | {name} | {shown} | {_num(cell.get('peak_mib'), '.0f')} | {ratio} | "
+                    f"{_cell(note(name, cell))} |")
+    return rows
+
+
 def render_unroll(results: dict) -> list[str]:
     lines = [f"segments: {results['segments']}.", "",
              "| case | method | s / iteration | peak MiB | reference / this | note |", "|---|---|---|---|---|---|"]
     for case in results["cases"]:
-        ref_s = case["cells"].get("reference", {}).get("seconds")
-        for name, cell in case["cells"].items():
-            seconds = cell.get("seconds")
-            shown = _num(seconds, ".4f") if cell["status"] == "ok" else cell["status"]
-            ratio = f"{ref_s / seconds:.2f}x" if ref_s and seconds else ""
-            lines.append(f"| {case['case']} | {name} | {shown} | {_num(cell.get('peak_mib'), '.0f')} | {ratio} | "
-                         f"{_cell(unroll_note(name, cell, case['cells']))} |")
+        lines += _timing_rows(case, lambda name, cell: unroll_note(name, cell, case["cells"]))
     lines.append("")
     for case in results["cases"]:
         lines.append(f"- {case['case']}: {case['description']}{_turns(case, INTERLEAVED)}")
@@ -913,15 +921,9 @@ def render_compile(results: dict) -> list[str]:
         if case["status"] != "ok":
             lines.append(f"| {case['case']} | | {case['status']} | | | {_cell(case.get('error', ''))} |")
             continue
-        ref_s = case["cells"].get("reference", {}).get("seconds")
-        for name, cell in case["cells"].items():
-            seconds = cell.get("seconds")
-            shown = _num(seconds, ".4f") if cell["status"] == "ok" else cell["status"]
-            ratio = f"{ref_s / seconds:.2f}x" if ref_s and seconds else ""
-            note = (f"compiling and the first iteration: {case['compile_s']:.1f} s"
-                    if name.startswith("compiled") and "compile_s" in case else cell.get("error", ""))
-            lines.append(f"| {case['case']} | {name} | {shown} | {_num(cell.get('peak_mib'), '.0f')} | {ratio} | "
-                         f"{_cell(note)} |")
+        lines += _timing_rows(case, lambda name, cell: (
+            f"compiling and the first iteration: {case['compile_s']:.1f} s"
+            if name.startswith("compiled") and "compile_s" in case else cell.get("error", "")))
     lines.append("")
     for case in results["cases"]:
         if case["status"] == "ok":
