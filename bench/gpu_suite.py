@@ -63,6 +63,7 @@ import sys
 import tempfile
 import time
 import traceback
+import unittest.mock
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -78,13 +79,13 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers, finished_experts
 from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
 from mtt.device import resolve_device, seconds, synchronize
-from mtt.distill import DistillConfig, distill, load_snapshots, network_from_buffers, preset
+from mtt.distill import DistillConfig, IterationInfo, distill, load_snapshots, network_from_buffers, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_group
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import EXACT_MODES, Student, choose_backward, plan_steps, unroll
+from mtt.unroll import EXACT_MODES, BackwardChoice, Student, choose_backward, plan_steps, unroll
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -692,7 +693,7 @@ class CheckContext:
         return DistillConfig(**(settings | overrides))
 
 
-Check = Callable[[CheckContext], tuple[bool, str]]  # passed, message
+Check = Callable[[CheckContext], tuple[bool | None, str]]  # passed (None: not run here), message
 
 
 def _modes_agree(ctx: CheckContext, dtype: torch.dtype, tol: float) -> tuple[bool, str]:
@@ -769,6 +770,39 @@ def check_distill_auto(ctx: CheckContext) -> tuple[bool, str]:
                     f"auto chose {chosen}, images moved: {moved}, syn_lr {synthetic.syn_lr:.4g}")
 
 
+def check_auto_survives_out_of_memory(ctx: CheckContext) -> tuple[bool | None, str]:
+    """A real out-of-memory error in the middle of a run: `auto` runs `full` (forced, so that the check does not
+    depend on what it would choose), then the caching allocator is capped at half of what iteration 0 took on
+    top of the run's tensors; iteration 1 must run out in `full` and the run go on with `checkpointed`."""
+    if ctx.device.type != "cuda":
+        return None, "not run: the memory cap (torch.cuda.set_per_process_memory_fraction) is CUDA's"
+    device, out = ctx.device, ctx.work / "distill-oom"
+    config = ctx.distill_config(backward="auto", ipc=50, syn_steps=40, iterations=4)  # full's graph: ~40 steps' worth
+    total = torch.cuda.get_device_properties(device).total_memory
+    caps = []
+
+    def cap_after_the_first_iteration(info: IterationInfo) -> None:
+        if info.iteration == 1:
+            took = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+            torch.cuda.empty_cache()
+            caps.append(torch.cuda.memory_allocated(device) + took // 2)
+            torch.cuda.set_per_process_memory_fraction(caps[-1] / total, device)
+
+    forced = BackwardChoice("full", reason="forced by the check")
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with unittest.mock.patch("mtt.distill.choose_backward", lambda *args, **kwargs: forced):
+            distill(config, ctx.digits, ctx.experts, out, callbacks=[cap_after_the_first_iteration], progress=False)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    history = json.loads((out / "history.json").read_text())
+    chosen = history.get("backward", {})
+    passed = (len(history["loss"]) == config.iterations and chosen.get("mode") == "checkpointed"
+              and "full ran out of memory at iteration 1" in chosen.get("reason", ""))
+    return passed, (f"capped at {caps[0] / 2**20:.0f} MiB after iteration 0; {len(history['loss'])} of "
+                    f"{config.iterations} iterations; backward then: {chosen.get('mode')} ({chosen.get('reason')})")
+
+
 @contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[list[warnings.WarningMessage]]:
     """torch.use_deterministic_algorithms(warn_only) inside; yields the warnings of ops that have no such kernel."""
@@ -824,8 +858,8 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
 
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
-    check_segments_modes_agree_float64, check_choose_backward, check_distill_auto, check_resume_bit_identical,
-    check_experts_vectorised_equal_sequential)
+    check_segments_modes_agree_float64, check_choose_backward, check_distill_auto, check_auto_survives_out_of_memory,
+    check_resume_bit_identical, check_experts_vectorised_equal_sequential)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
@@ -990,7 +1024,7 @@ def render_fmnist_distill(results: dict) -> list[str]:
     return lines
 
 
-RESULT_WORDS = {True: "pass", False: "**FAIL**"}
+RESULT_WORDS = {True: "pass", False: "**FAIL**", None: "not run"}
 
 
 def render_cuda_tests(results: dict) -> list[str]:

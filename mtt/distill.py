@@ -38,7 +38,7 @@ from mtt.networks import get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, COMPILED_MODES, MATCH_MODES, BackwardChoice, Student,
-                        choose_backward, plan_steps, shallow_layer_mask, unroll)
+                        UnrollResult, choose_backward, free_memory, plan_steps, shallow_layer_mask, unroll)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests swap in one that generates no code)
@@ -46,6 +46,10 @@ COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests
 
 class DistillationDiverged(ValueError):
     """The matching loss or the learned step size went bad; the last good state is saved."""
+
+
+class OutOfMemory(ValueError):
+    """An iteration (or an evaluation) did not fit in the device's memory; the state before it is saved."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -455,6 +459,9 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             except KeyboardInterrupt:
                 state.generator.set_state(rng)
                 _interrupted(state, config, folder)
+            except torch.OutOfMemoryError as err:
+                state.generator.set_state(rng)
+                _out_of_memory(state, config, folder, err)
             _apply(state, update, evaluation, time.perf_counter() - started)
             if update.choice is not None and procs.is_main:
                 bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
@@ -498,6 +505,16 @@ def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) 
     folder.save(state, config)
     raise Interrupted(f"interrupted at iteration {state.iteration} of {config.iterations}: checkpoint saved in "
                       f"{folder.path}; run the same command with --resume (resume=True) to continue") from None
+
+
+def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder, err: torch.OutOfMemoryError) -> None:
+    folder.save(state, config)  # the state before this iteration: nothing of it is lost
+    reason = str(err).splitlines()[0] if str(err) else "out of memory"
+    raise OutOfMemory(f"iteration {state.iteration} did not fit in memory ({reason}). The state before it is saved in "
+                      f"{folder.checkpoint}: run the same command with --resume and less to hold per iteration: "
+                      f"--backward checkpointed (memory constant in --syn-steps; now {config.backward}), a smaller "
+                      f"--batch-syn (now {config.batch_syn or 'all'}) or fewer --segments (now {config.segments}), "
+                      f"or free the device of other jobs") from None
 
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
@@ -557,10 +574,23 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
                                                  plans, labels, state.label_logits, compiler=compiler))  # one for all
         mode = choice.mode
-    result = unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
-                    label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
-                    allow_approximate=mode in APPROXIMATE_MODES,
-                    compiler=compiler if mode in COMPILED_MODES else None)
+
+    def run(mode: str) -> UnrollResult:
+        return unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
+                      label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
+                      allow_approximate=mode in APPROXIMATE_MODES,
+                      compiler=compiler if mode in COMPILED_MODES else None)
+
+    try:
+        result = run(mode)
+    except torch.OutOfMemoryError:
+        if not (config.backward == "auto" and mode == "full"):
+            raise
+        result = None  # out of this block, so that the error's traceback lets go of the failed graph
+    if result is None:
+        choice = _full_ran_out_of_memory(state.iteration, procs.device)
+        mode = choice.mode
+        result = run(mode)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
     if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world
@@ -587,6 +617,15 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
     ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
     return Update(loss, updated, momenta, mode, choice, ema_images=ema, teacher_logits=teacher)
+
+
+def _full_ran_out_of_memory(iteration: int, device: torch.device) -> BackwardChoice:
+    """`auto` chose `full`, whose graph no longer fits (another process took memory, or the evaluation's
+    networks did): from here on `checkpointed`, the same gradient with one step's graph in memory."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the failed graph's blocks, so that the walk finds them
+    return BackwardChoice("checkpointed", {}, 0, free_memory(device),
+                          f"full ran out of memory at iteration {iteration}: checkpointed from here on")
 
 
 def start_epoch_range(config: DistillConfig, iteration: int) -> tuple[int, int]:

@@ -11,9 +11,10 @@ from safetensors import safe_open
 
 from mtt.buffers import ExpertBuffers
 from mtt.data import load_dataset
-from mtt.distill import DistillationDiverged, DistillConfig, distill, load_snapshots, preset
+from mtt.distill import DistillationDiverged, DistillConfig, OutOfMemory, distill, load_snapshots, preset
 from mtt.experts import ExpertConfig, train_experts
 from mtt.synthetic import SyntheticSet
+from mtt.unroll import BackwardChoice
 
 WIDTH = 16
 
@@ -201,6 +202,56 @@ def test_auto_backward_chooses_once_records_it_and_resumes_with_it(digits, exper
     # Choosing draws no random numbers: the run is the one the chosen mode gives on its own.
     straight = distill(small_config(backward=chosen["mode"], iterations=6), digits, buffers, tmp_path / "straight",
                        progress=False)
+    assert torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
+
+
+def out_of_memory_from(call: int, compute):
+    """`compute` (an unroll mode's function), raising CUDA's out-of-memory error from its call-th call on (0-based)."""
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(None)
+        if len(calls) > call:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return compute(*args, **kwargs)
+    return run
+
+
+def test_auto_goes_on_with_checkpointed_when_full_runs_out_of_memory(digits, experts, tmp_path, monkeypatch, capsys):
+    """Memory can shrink under a run that `auto` started on `full` (another job, the evaluation's networks):
+    the iteration is redone with `checkpointed`, which holds one step's graph, and the run goes on with it."""
+    import mtt.distill
+    import mtt.unroll
+    monkeypatch.setattr(mtt.distill, "choose_backward", lambda *args, **kwargs: BackwardChoice("full", reason="timed"))
+    monkeypatch.setattr(mtt.unroll, "_unroll_full", out_of_memory_from(1, mtt.unroll._unroll_full))
+    buffers = ExpertBuffers.open(experts)
+    survived = distill(small_config(backward="auto", iterations=4), digits, buffers, tmp_path / "auto",
+                       progress=False)
+    history = json.loads((tmp_path / "auto" / "history.json").read_text())
+    assert len(history["loss"]) == 4
+    assert history["backward"]["mode"] == "checkpointed" and history["backward"]["iteration"] == 1
+    assert "full ran out of memory at iteration 1" in history["backward"]["reason"]
+    assert "backward auto: checkpointed (full ran out of memory at iteration 1" in capsys.readouterr().err
+    with safe_open(str(tmp_path / "auto" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["backward"] == "checkpointed"
+    # Both modes are exact: the run is the one either gives, float32 round-off apart.
+    straight = distill(small_config(iterations=4), digits, buffers, tmp_path / "straight", progress=False)
+    assert torch.allclose(survived.images, straight.images, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_saves_the_state_and_says_how_to_go_on(digits, experts, tmp_path, monkeypatch):
+    import mtt.unroll
+    buffers = ExpertBuffers.open(experts)
+    walk = mtt.unroll._adjoint_walk
+    monkeypatch.setattr(mtt.unroll, "_adjoint_walk", out_of_memory_from(2, walk))
+    with pytest.raises(OutOfMemory, match=r"iteration 2 did not fit in memory \(CUDA out of memory.*--resume.*"
+                                          r"--backward checkpointed .*now checkpointed.*--batch-syn \(now all\)"):
+        distill(small_config(iterations=6), digits, buffers, tmp_path / "split", progress=False)
+    with safe_open(str(tmp_path / "split" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["iteration"] == "2"
+    monkeypatch.setattr(mtt.unroll, "_adjoint_walk", walk)
+    resumed = distill(small_config(iterations=6), digits, buffers, tmp_path / "split", resume=True, progress=False)
+    straight = distill(small_config(iterations=6), digits, buffers, tmp_path / "straight", progress=False)
     assert torch.equal(straight.images, resumed.images) and straight.syn_lr == resumed.syn_lr
 
 
