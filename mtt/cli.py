@@ -239,9 +239,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                         "the two that fits in memory, measured on the first iteration (default); tesla: TESLA's "
                         "constant-memory backward, approximate (drops the Hessian term)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the backward walk of checkpointed or tesla (auto then times it against "
-                        "full): on a GPU several times faster per iteration after a minute of compiling "
-                        "(default: off)")
+                   help="torch.compile the student's steps, in any backward mode (auto then times both modes "
+                        "compiled): on a GPU several times faster per iteration after a minute or more of "
+                        "compiling (default: off)")
     p.add_argument("--match", choices=MATCH_MODES, default=None,
                    help="final: match the student's last step (MTT, default); closest: its step closest to the "
                         "target (ATT)")

@@ -16,9 +16,9 @@ We need its gradient with respect to X (and soft labels, if learned) and alpha.
       dX      += -alpha * (dg_i/dX)^T lambda_{i+1}
       dalpha  += -g_i . lambda_{i+1}
   Exact: the same gradient as `full` up to float round-off, one step's graph alive at a time.
-  With compiler="inductor" (`--compile`) its steps run as torch.func functions under
-  torch.compile, which `full`'s twice-differentiated graph cannot ("one step of the walk, two
-  ways" below).
+
+With compiler="inductor" (`--compile`) each student step runs as a torch.func function under
+torch.compile, in every mode ("one step, two ways" below).
 
 Both modes draw the minibatches and DSA parameters of all N steps up front (`plan_steps`)
 from one generator, so they see the very same randomness and the backward walk replays it.
@@ -51,7 +51,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +65,6 @@ BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
 APPROXIMATE_MODES = ("tesla",)  # not exact: never chosen by `auto`, run only with allow_approximate=True
 BACKWARD_MODES = ("auto", *EXACT_MODES)
-COMPILED_MODES = ("checkpointed", "tesla")  # the adjoint walk, whose steps torch.compile can compile (and
-                                            # `auto`, which then times checkpointed compiled against full)
 COMPILE_VARIANTS = 64  # compiled variants a run may need: minibatch sizes x label kinds x walk options
 Compiler = str | Callable  # a torch.compile backend: its name or the backend itself
 MatchMode = Literal["final", "closest"]
@@ -95,7 +93,7 @@ class Student:
 
 
 class CompileFailed(ValueError):
-    """torch.compile could not compile the walk's steps here (no C compiler, no Triton, an op it cannot trace)."""
+    """torch.compile could not compile the student's steps here (no C compiler, no Triton, an op it cannot trace)."""
 
 
 @dataclass
@@ -183,8 +181,8 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     mode: "full" or "checkpointed" (exact), or "tesla" (APPROXIMATE: no Hessian term; needs
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
     segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
-    (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the adjoint walk of
-    `checkpointed` and `tesla`, whose steps then run as torch.func functions; None runs them eagerly.
+    (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the student's
+    steps, which then run as torch.func functions; None runs them eagerly.
     """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
@@ -196,21 +194,19 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
                          f"choose_backward) or, approximate, one of {APPROXIMATE_MODES}")
     if match not in MATCH_MODES:
         raise ValueError(f"unknown match {match!r}: use one of {MATCH_MODES}")
-    if compiler is not None and mode == "full":
-        raise ValueError(f"compiler={compiler!r} compiles the adjoint walk of {COMPILED_MODES}; `full` differentiates "
-                         "an autograd graph twice, which torch.compile cannot: use mode='checkpointed'")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
     if theta_start.shape != theta_target.shape or plans and plans[0].indices.dim() != theta_start.dim():
         raise ValueError(f"theta_start {tuple(theta_start.shape)}, theta_target {tuple(theta_target.shape)} and plans "
                          f"for {plans[0].indices.dim() if plans else '?'}-d indices do not describe the same segments")
     weight = _loss_weight(param_mask, theta_start)
     start_distance = _distance(theta_start, theta_target, weight)  # [K] for K segments
-    if mode == "full":
-        return _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                            label_logits, match, weight)
+    step_functions = _step_functions(compiler)
     try:
+        if mode == "full":
+            return _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
+                                label_logits, match, weight, step_functions.graph)
         return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                             label_logits, match, weight, compiler, hessian=mode == "checkpointed")
+                             label_logits, match, weight, step_functions, hessian=mode == "checkpointed")
     except Exception as err:
         if compiler is None or not isinstance(err, torch._dynamo.exc.TorchDynamoException):
             raise
@@ -219,7 +215,7 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
             root = inner
         reason = next((line for line in str(root).splitlines() if line.strip()), "")
         backend = getattr(compiler, "__name__", compiler)
-        raise CompileFailed(f"torch.compile (backend {backend!r}) could not compile the backward walk: "
+        raise CompileFailed(f"torch.compile (backend {backend!r}) could not compile the student's steps: "
                             f"{type(root).__name__}: {reason}. Run without compile (drop --compile): the same "
                             "gradient, computed eagerly") from err
 
@@ -298,15 +294,14 @@ def _reported(steps: list[int], theta: Tensor) -> int | list[int]:
 # ----------------------------------------------------------------------------- the backward modes
 
 def _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                 match, weight):
+                 match, weight, step: StepFunction):
     images = images.detach().requires_grad_()
     syn_lr = syn_lr.detach().requires_grad_()
     targets = labels if label_logits is None else label_logits.detach().requires_grad_()
     theta = theta_start.requires_grad_()
     path = [theta]  # references only: the graph keeps these alive anyway
     for plan in plans:
-        grad = torch.autograd.grad(_step_loss(student, theta, images, targets, plan), theta, create_graph=True)[0]
-        theta = theta - syn_lr * grad
+        theta = step(student, theta, *_step_batch(images, targets, plan), syn_lr)
         path.append(theta)
     steps = _matched_steps(path, theta_target, weight, match)
     loss = (_distance(_at_steps(path, steps), theta_target, weight) / start_distance).mean()
@@ -320,7 +315,7 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
 def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
                   plans: list[StepPlan], step: StepFunction | None = None) -> list[Tensor]:
     """theta_0..theta_N of the student, with no graph kept across steps."""
-    step = step or _autograd_step
+    step = step or EAGER_STEPS.forward
     thetas = [theta_start.detach()]
     for plan in plans:
         thetas.append(step(student, thetas[-1], *_step_batch(images, targets, plan), alpha))
@@ -350,16 +345,14 @@ def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: 
 
 
 def _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                  match, weight, compiler, hessian: bool):
+                  match, weight, step_functions: Steps, hessian: bool):
     """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE, see the module's docstring:
     the adjoint is not updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step)."""
     images = images.detach()
     alpha = syn_lr.detach()
     soft = label_logits is not None
     targets = label_logits.detach() if soft else labels
-    step, walk_step = _step_functions(compiler)
-
-    thetas = _forward_path(student, theta_start, images, targets, alpha, plans, step)
+    thetas = _forward_path(student, theta_start, images, targets, alpha, plans, step_functions.forward)
     theta_final = thetas[-1]
     steps = _matched_steps(thetas, theta_target, weight, match)
     theta_matched = _at_steps(thetas, steps)
@@ -380,7 +373,7 @@ def _adjoint_walk(student, theta_start, theta_target, start_distance, images, sy
             (x, y), to_the_set = torch.func.vjp(lambda im, lg: _step_batch(im, lg, plans[i]), images, targets)
         else:
             x, to_the_set, y = torch.func.vjp(lambda im: _step_batch(im, targets, plans[i]), images, has_aux=True)
-        grad_dot_adjoint, d_x, *rest = walk_step(student, thetas[i], x, y, adjoint, soft, hessian)
+        grad_dot_adjoint, d_x, *rest = step_functions.walk(student, thetas[i], x, y, adjoint, soft, hessian)
         d_set = to_the_set((d_x, rest[0]) if soft else d_x)
         grad_lr -= grad_dot_adjoint
         grad_images -= alpha * d_set[0]
@@ -391,24 +384,35 @@ def _adjoint_walk(student, theta_start, theta_target, start_distance, images, sy
     return UnrollResult(loss.item(), grad_images, grad_lr, grad_logits, theta_final, _reported(steps, theta_final))
 
 
-# ----------------------------------------------------------------------------- one step of the walk, two ways
+# ----------------------------------------------------------------------------- one step, two ways
 #
-# On a step's minibatch x (augmented) with targets y: a step forward, theta -> theta - alpha * g(theta), and a
-# step of the backward walk: for the adjoint lambda, g . lambda and its vector-Jacobian products
-# (dg/dx)^T lambda, (dg/dy)^T lambda (learned soft labels) and H lambda (hessian=True; TESLA skips it). Eager
-# autograd by default. torch.compile cannot differentiate an autograd graph twice (AOTAutograd refuses double
-# backward), but the same step written with torch.func's grad-of-grad is one plain forward computation to it,
-# which it compiles: on an H200 that made `checkpointed` 2.7x faster than eager `full` at CIFAR-10 IPC 10
-# (BENCHMARKS.md).
+# On a step's minibatch x (augmented) with targets y: a step forward, theta -> theta - alpha * g(theta), without
+# a graph (the walk's forward path) or with one that autograd differentiates afterwards (`full`), and a step of
+# the backward walk: for the adjoint lambda, g . lambda and its vector-Jacobian products (dg/dx)^T lambda,
+# (dg/dy)^T lambda (learned soft labels) and H lambda (hessian=True; TESLA skips it). Eager autograd by default.
+# torch.compile cannot differentiate an autograd graph twice (AOTAutograd refuses double backward), but the same
+# steps written with torch.func's grad (and grad-of-grad) are plain forward computations to it, which it compiles;
+# autograd then differentiates the compiled forward step once, through the backward AOTAutograd compiled with it.
+# On an H200 the compiled walk made `checkpointed` 2.7x faster than eager `full` at CIFAR-10 IPC 10 (BENCHMARKS.md).
 
 StepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor], Tensor]
 WalkStepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor, bool, bool], tuple[Tensor, ...]]
+
+
+class Steps(NamedTuple):
+    forward: StepFunction    # theta_{i+1}, no graph kept
+    graph: StepFunction      # theta_{i+1} with its graph, to be differentiated once (`full`)
+    walk: WalkStepFunction   # one step of the adjoint walk
 
 
 def _autograd_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
     theta = theta.detach().requires_grad_()
     grad = torch.autograd.grad(_batch_loss(student, theta, x, y), theta)[0]
     return (theta - alpha * grad).detach()
+
+
+def _autograd_graph_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
+    return theta - alpha * torch.autograd.grad(_batch_loss(student, theta, x, y), theta, create_graph=True)[0]
 
 
 def _autograd_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoint: Tensor, soft: bool,
@@ -435,20 +439,25 @@ def _func_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoi
     return (grad * adjoint).sum(), *pullback(adjoint)
 
 
-def _step_functions(compiler: Compiler | None) -> tuple[StepFunction, WalkStepFunction]:
+EAGER_STEPS = Steps(_autograd_step, _autograd_graph_step, _autograd_walk_step)
+
+
+def _step_functions(compiler: Compiler | None) -> Steps:
     """The eager autograd steps (compiler None), or the torch.func steps compiled with that torch.compile backend."""
-    return (_autograd_step, _autograd_walk_step) if compiler is None else _compiled_steps(compiler)
+    return EAGER_STEPS if compiler is None else _compiled_steps(compiler)
 
 
 @functools.cache
-def _compiled_steps(backend: Compiler) -> tuple[StepFunction, WalkStepFunction]:
-    # Each minibatch size (a last, smaller chunk; segments) and label kind is a variant compiled on first use;
-    # past the default recompile limit (8) dynamo would quietly run the rest eagerly.
+def _compiled_steps(backend: Compiler) -> Steps:
+    # Each minibatch size (a last, smaller chunk; segments), label kind and whether autograd records the step
+    # (`full`) is a variant compiled on first use; past the default recompile limit (8) dynamo would quietly run
+    # the rest eagerly.
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_VARIANTS)
     # fullgraph: a step that does not trace whole is an error, not a quiet mix of compiled and eager pieces.
-    return tuple(torch.compile(f, backend=backend, dynamic=False, fullgraph=True)
-                 for f in (_func_step, _func_walk_step))
+    step, walk = (torch.compile(f, backend=backend, dynamic=False, fullgraph=True)
+                  for f in (_func_step, _func_walk_step))
+    return Steps(step, step, walk)
 
 
 # ----------------------------------------------------------------------------- auto: measure, then choose
@@ -506,8 +515,8 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                     plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
                     repeats: int = 3, free_bytes: int | None = None,
                     compiler: Compiler | None = None) -> BackwardChoice:
-    """The faster exact backward mode on this segment, among those whose memory fits; with a compiler,
-    `checkpointed` is timed (and would run) compiled.
+    """The faster exact backward mode on this segment, among those whose memory fits; with a compiler, both are
+    timed (and would run) compiled.
 
     Each candidate runs once to warm up (allocator, kernel choice, compiling), then the candidates take
     turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
@@ -526,7 +535,7 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
 
     def run(mode: str) -> None:
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
-               compiler=compiler if mode in COMPILED_MODES else None)
+               compiler=compiler)
 
     times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES}
     try:
@@ -540,6 +549,6 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(medians, key=medians.get)
-    compiled = f"; checkpointed compiled by {getattr(compiler, '__name__', compiler)}" if compiler else ""
+    compiled = f"; both compiled by {getattr(compiler, '__name__', compiler)}" if compiler else ""
     return BackwardChoice(mode, medians, graph, free, f"{mode} was faster{compiled}")
 

@@ -72,8 +72,6 @@ def distill_args(experts, out, *extra):
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
      "--backward"),
-    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--compile", "--backward",
-      "full"], "--no-compile"),
     (["distill", "--dataset", "digits", "--ipc", 3, "--buffers", "b", "--out", "o"], "--preset none"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", "cifar10"],
      "--preset"),

@@ -157,20 +157,24 @@ def test_expert_counts_whose_estimate_overruns_the_budget_are_skipped(tmp_path):
     assert f"| | | | | {rows[0]['estimate_s']:.1f} s |" in table  # the estimate still reported
 
 
-def test_smoke_compiled_walk_traces_and_equals_the_eager_walk(smoke):
+def test_smoke_compiled_steps_trace_and_equal_the_eager_unroll(smoke):
     out, _ = smoke
     results = part_json(out, "compile-c100")["results"]
     assert results["backend"] == "eager"  # the smoke traces, generates no code
     assert [c["case"] for c in results["cases"]] == ["cifar100 IPC 10", "cifar100 IPC 50"]
+    compiled = ("compiled-checkpointed", "compiled-full")
     for case in results["cases"]:
-        assert case["compile_s"] > 0 and case["ops"]
-        assert all(case["cells"][m]["status"] == "ok" for m in ("reference", "full", "compiled-checkpointed"))
+        assert set(case["compile_s"]) == set(compiled) and all(t > 0 for t in case["compile_s"].values())
+        assert case["ops"]
+        assert all(case["cells"][m]["status"] == "ok" for m in ("reference", "full", *compiled))
+        assert set(case["checks"]) == {f"{c}_vs_{m}" for c in compiled for m in ("full", "reference")}
         # the same arithmetic as the original's loop and eager full, float32 round-off apart
         for check in case["checks"].values():
             assert check["rel_err_images"] < 1e-3 and check["rel_err_syn_lr"] < 1e-3 and check["cosine_images"] > 0.999
     assert len({op for case in results["cases"] for op in case["ops"]}) > 1  # one compiled step for several ops
     table = (out / "report.md").read_text()
-    assert "| cifar100 IPC 50 | compiled-checkpointed |" in table and "compiling and the first iteration" in table
+    assert "| cifar100 IPC 50 | compiled-checkpointed |" in table and "| cifar100 IPC 50 | compiled-full |" in table
+    assert "compiling and the first iteration" in table
 
 
 def test_compile_cases_past_the_part_budget_are_skipped(tmp_path):

@@ -182,11 +182,12 @@ def test_k_segments_equal_the_mean_of_k_separate_unrolls(problem, mode, soft):
 
 @pytest.mark.parametrize("mode, soft, segments, match", [
     ("checkpointed", False, 1, "final"), ("checkpointed", True, 1, "final"), ("tesla", False, 1, "final"),
-    ("checkpointed", False, 2, "closest")])
-def test_compiled_walk_equals_the_eager_walk(problem, mode, soft, segments, match):
-    """The walk's steps in torch.func, traced whole by torch.compile (fullgraph: no graph breaks), with every
-    DSA op: the same gradients as eager autograd's walk. aot_eager runs what AOTAutograd traced without
-    generating kernels (inductor's own code generation is checked on the GPU: bench/gpu_suite.py)."""
+    ("checkpointed", False, 2, "closest"), ("full", False, 1, "final"), ("full", True, 2, "closest")])
+def test_compiled_steps_equal_the_eager_steps(problem, mode, soft, segments, match):
+    """The student's steps in torch.func, traced whole by torch.compile (fullgraph: no graph breaks), with every
+    DSA op: the same gradients as eager autograd, in the walk and in `full` (autograd differentiating the
+    compiled step once). aot_eager runs what AOTAutograd traced without generating kernels (inductor's own code
+    generation is checked on the GPU: bench/gpu_suite.py)."""
     net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
     traced = []
 
@@ -219,12 +220,5 @@ def test_a_compiler_that_fails_is_one_clear_error(problem):
     def broken(graph, example_inputs):
         raise RuntimeError("no C compiler here")
 
-    with pytest.raises(CompileFailed, match="could not compile the backward walk: .*no C compiler here.*--compile"):
+    with pytest.raises(CompileFailed, match="could not compile the student's steps: .*no C compiler here.*--compile"):
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, compiler=broken)
-
-
-def test_full_cannot_be_compiled(problem):
-    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
-    with pytest.raises(ValueError, match="torch.compile cannot"):
-        unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode="full",
-               compiler="inductor")
