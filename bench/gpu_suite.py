@@ -387,6 +387,38 @@ def interleave(cells: dict[str, dict], runs: dict[str, Callable[[], Any]], round
     return done
 
 
+def profile_run(run: Callable[[], Any], device: torch.device) -> dict[str, Any]:
+    """One more run under torch.profiler: what the device did (kernels and their time) against the wall time, and
+    the host's runtime calls (launches, copies, synchronisations). Two runs of the same arithmetic that take
+    different times (eager `full` vs the original's loop on the H200) differ in one of these."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        synchronize(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    return {"wall_s": wall, "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
+            "kernels": sum(e.count for e in kernels), "kernel_s": sum(e.self_device_time_total for e in kernels) / 1e6,
+            "runtime_calls": {e.key: e.count for e in events if e.key.startswith("cuda")},
+            "top_kernels": [[e.key[:100], e.count, e.self_device_time_total / 1e6] for e in kernels[:5]]}
+
+
+def describe_profile(name: str, profile: dict[str, Any]) -> str:
+    line = f"  - profile of {name}: {profile['wall_s']:.3f} s wall, {profile['aten_ops']} aten ops"
+    if not profile["kernels"]:  # the CPU
+        return line
+    calls = profile["runtime_calls"]
+    syncs = sum(n for call, n in calls.items() if "Synchronize" in call)
+    copies = sum(n for call, n in calls.items() if "Memcpy" in call)
+    return (f"{line}, {profile['kernels']} kernels busy {profile['kernel_s']:.3f} s, {syncs} synchronisations, "
+            f"{copies} copies")
+
+
 def gradient_checks(outputs: dict[str, Any]) -> dict[str, Any]:
     """Reference vs ours (same computation, float32)."""
     checks = {}
@@ -465,6 +497,8 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
                                                     config.unroll.cell_budget_s)
         record(results | {"cases": results["cases"] + [row]})
     row["interleaved_rounds"] = interleave(row["cells"], runs, config.unroll.rounds, device)
+    row["profiles"] = {name: profile_run(run, device) for name, run in runs.items()
+                       if row["cells"][name]["status"] == "ok"}
     row["checks"] = {f"{ours}_vs_{name}": {"rel_err_images": relative_error(outputs[ours][0], outputs[name][0]),
                                            "cosine_images": cosine(outputs[ours][0], outputs[name][0]),
                                            "rel_err_syn_lr": relative_error(outputs[ours][1], outputs[name][1])}
@@ -974,6 +1008,7 @@ def render_compile(results: dict) -> list[str]:
                          f"{_turns(case, tuple(case['cells']))}")
             lines += [f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())
                       for name, check in case.get("checks", {}).items()]
+            lines += [describe_profile(name, profile) for name, profile in case.get("profiles", {}).items()]
     return lines
 
 

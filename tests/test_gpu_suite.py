@@ -168,13 +168,16 @@ def test_smoke_compiled_steps_trace_and_equal_the_eager_unroll(smoke):
         assert case["ops"]
         assert all(case["cells"][m]["status"] == "ok" for m in ("reference", "full", *compiled))
         assert set(case["checks"]) == {f"{c}_vs_{m}" for c in compiled for m in ("full", "reference")}
+        # one profiled run each: what the device did against the wall time (a GPU's kernels; the CPU's ops here)
+        assert set(case["profiles"]) == {"reference", "full", *compiled}
+        assert all(p["wall_s"] > 0 and p["aten_ops"] > 0 for p in case["profiles"].values())
         # the same arithmetic as the original's loop and eager full, float32 round-off apart
         for check in case["checks"].values():
             assert check["rel_err_images"] < 1e-3 and check["rel_err_syn_lr"] < 1e-3 and check["cosine_images"] > 0.999
     assert len({op for case in results["cases"] for op in case["ops"]}) > 1  # one compiled step for several ops
     table = (out / "report.md").read_text()
     assert "| cifar100 IPC 50 | compiled-checkpointed |" in table and "| cifar100 IPC 50 | compiled-full |" in table
-    assert "compiling and the first iteration" in table
+    assert "compiling and the first iteration" in table and "  - profile of full: " in table
 
 
 def test_compile_cases_past_the_part_budget_are_skipped(tmp_path):
