@@ -506,9 +506,9 @@ def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) 
 def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder, err: torch.OutOfMemoryError) -> None:
     folder.save(state, config)  # the state before this iteration: nothing of it is lost
     reason = str(err).splitlines()[0] if str(err) else "out of memory"
-    raise OutOfMemory(f"iteration {state.iteration} did not fit in memory ({reason}). The state before it is saved in "
-                      f"{folder.checkpoint}: run the same command with --resume and less to hold per iteration: "
-                      f"--backward checkpointed (memory constant in --syn-steps; now {config.backward}), a smaller "
+    raise OutOfMemory(f"the device ran out of memory at iteration {state.iteration} ({reason}). The state before it "
+                      f"is saved in {folder.checkpoint}: run the same command with --resume and less to hold per "
+                      f"iteration: --backward checkpointed (memory constant in --syn-steps; now {config.backward}), a smaller "
                       f"--batch-syn (now {config.batch_syn or 'all'}) or fewer --segments (now {config.segments}), "
                       f"or free the device of other jobs") from None
 
