@@ -508,9 +508,9 @@ def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder
     reason = str(err).splitlines()[0] if str(err) else "out of memory"
     raise OutOfMemory(f"the device ran out of memory at iteration {state.iteration} ({reason}). The state before it "
                       f"is saved in {folder.checkpoint}: run the same command with --resume and less to hold per "
-                      f"iteration: --backward checkpointed (memory constant in --syn-steps; now {config.backward}), a smaller "
-                      f"--batch-syn (now {config.batch_syn or 'all'}) or fewer --segments (now {config.segments}), "
-                      f"or free the device of other jobs") from None
+                      f"iteration: --backward checkpointed (memory constant in --syn-steps; now {config.backward}), "
+                      f"a smaller --batch-syn (now {config.batch_syn or 'all'}) or fewer --segments (now "
+                      f"{config.segments}), or free the device of other jobs") from None
 
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
