@@ -832,10 +832,11 @@ def check_auto_survives_out_of_memory(ctx: CheckContext) -> tuple[bool | None, s
             torch.cuda.set_per_process_memory_fraction(caps[-1] / total, device)
 
     forced = BackwardChoice("full", reason="forced by the check")
+    experts = ctx.experts  # trained (on first use) before the peak is reset: the peak is the run's
     torch.cuda.reset_peak_memory_stats(device)
     try:
         with unittest.mock.patch("mtt.distill.choose_backward", lambda *args, **kwargs: forced):
-            distill(config, ctx.digits, ctx.experts, out, callbacks=[cap_after_the_first_iteration], progress=False)
+            distill(config, ctx.digits, experts, out, callbacks=[cap_after_the_first_iteration], progress=False)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     history = json.loads((out / "history.json").read_text())
