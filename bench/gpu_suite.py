@@ -394,12 +394,16 @@ def profile_run(run: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     synchronize(device)
-    started = time.perf_counter()
-    with torch.profiler.profile(activities=activities) as prof:
-        run()
-        synchronize(device)
-    wall = time.perf_counter() - started
-    events = prof.key_averages()
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            wall = time.perf_counter() - started  # before the profiler's own teardown
+        events = prof.key_averages()
+    except Exception as err:  # a profile that cannot be taken must not cost the case its timings
+        release(device)
+        return {"error": first_line(err)}
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.self_device_time_total, reverse=True)
     return {"wall_s": wall, "aten_ops": sum(e.count for e in events if e.key.startswith("aten::")),
@@ -409,6 +413,8 @@ def profile_run(run: Callable[[], Any], device: torch.device) -> dict[str, Any]:
 
 
 def describe_profile(name: str, profile: dict[str, Any]) -> str:
+    if "error" in profile:
+        return f"  - profile of {name}: {profile['error']}"
     line = f"  - profile of {name}: {profile['wall_s']:.3f} s wall, {profile['aten_ops']} aten ops"
     if not profile["kernels"]:  # the CPU
         return line
