@@ -313,9 +313,8 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
 
 
 def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
-                  plans: list[StepPlan], step: StepFunction | None = None) -> list[Tensor]:
+                  plans: list[StepPlan], step: StepFunction) -> list[Tensor]:
     """theta_0..theta_N of the student, with no graph kept across steps."""
-    step = step or EAGER_STEPS.forward
     thetas = [theta_start.detach()]
     for plan in plans:
         thetas.append(step(student, thetas[-1], *_step_batch(images, targets, plan), alpha))
@@ -328,7 +327,7 @@ def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: 
     """The student's parameters after each of its steps, [N + 1, P] (for plots of its path)."""
     targets = labels if label_logits is None else label_logits.detach()
     alpha = torch.as_tensor(syn_lr, dtype=theta_start.dtype, device=theta_start.device)
-    return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans))
+    return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans, EAGER_STEPS.forward))
 
 
 def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: Tensor, weight: Tensor | None,
