@@ -161,10 +161,6 @@ def _batch_loss(student: Student, theta: Tensor, x: Tensor, y: Tensor) -> Tensor
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(0, 1), reduction="none").view(x.shape[:2]).mean(1).sum()
 
 
-def _step_loss(student: Student, theta: Tensor, images: Tensor, targets: Tensor, plan: StepPlan) -> Tensor:
-    return _batch_loss(student, theta, *_step_batch(images, targets, plan))
-
-
 def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
            plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
            mode: BackwardMode = "checkpointed", match: MatchMode = "final", param_mask: Tensor | None = None,
@@ -505,8 +501,7 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
     theta = theta_start.detach().requires_grad_()
     x = images.detach().requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        grad = torch.autograd.grad(_step_loss(student, theta, x, targets, plans[0]), theta, create_graph=True)[0]
-        _ = theta - syn_lr.detach().requires_grad_() * grad
+        _autograd_graph_step(student, theta, *_step_batch(x, targets, plans[0]), syn_lr.detach().requires_grad_())
     return sum(storage.nbytes() for storage in storages.values()) * len(plans)
 
 

@@ -11,12 +11,18 @@ from mtt.unroll import (
     APPROXIMATE_MODES,
     BACKWARD_MODES,
     EXACT_MODES,
-    _step_loss,
+    _batch_loss,
+    _step_batch,
     plan_steps,
     shallow_layer_mask,
     student_path,
     unroll,
 )
+
+
+def step_loss(student, theta, images, targets, plan):
+    """The cross-entropy of one student step on its augmented minibatch (plain autograd, for the references)."""
+    return _batch_loss(student, theta, *_step_batch(images, targets, plan))
 
 K = 3
 problem = test_unroll.problem  # the float64 fixture of the exact modes' tests
@@ -47,7 +53,7 @@ def tesla_closed_form(student, theta_start, theta_target, images, syn_lr, plans,
     total_dot = 0
     for i, plan in enumerate(plans):
         theta = path[i].clone().requires_grad_()
-        g = torch.autograd.grad(_step_loss(student, theta, x, t, plan), theta, create_graph=True)[0]
+        g = torch.autograd.grad(step_loss(student, theta, x, t, plan), theta, create_graph=True)[0]
         total_dot = total_dot + (g * adjoint).sum()
     grads = torch.autograd.grad(total_dot, [x] + ([t] if soft else []))
     return -syn_lr * grads[0], -total_dot.detach(), (-syn_lr * grads[1] if soft else None)
@@ -233,7 +239,7 @@ def test_pad_exact_modes_agree_and_equal_masked_autograd(problem):
     lr = syn_lr.clone().requires_grad_()
     theta = theta_start.clone().requires_grad_()
     for plan in plans:
-        g = torch.autograd.grad(_step_loss(student, theta, x, labels, plan), theta, create_graph=True)[0]
+        g = torch.autograd.grad(step_loss(student, theta, x, labels, plan), theta, create_graph=True)[0]
         theta = theta - lr * g
     loss = (theta[mask] - theta_target[mask]).pow(2).sum() / (theta_start[mask] - theta_target[mask]).pow(2).sum()
     ref_images, ref_lr = torch.autograd.grad(loss, [x, lr])
