@@ -95,6 +95,12 @@ class Student:
 class CompileFailed(ValueError):
     """torch.compile could not compile the student's steps here (no C compiler, no Triton, an op it cannot trace)."""
 
+    def __init__(self, backend: Compiler, reason: str):
+        self.reason = reason
+        super().__init__(f"torch.compile (backend {getattr(backend, '__name__', backend)!r}) could not compile the "
+                         f"student's steps: {reason}. Run without compile (drop --compile): the same gradient, "
+                         "computed eagerly")
+
 
 @dataclass
 class StepPlan:
@@ -210,10 +216,7 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
         while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
             root = inner
         reason = next((line for line in str(root).splitlines() if line.strip()), "")
-        backend = getattr(compiler, "__name__", compiler)
-        raise CompileFailed(f"torch.compile (backend {backend!r}) could not compile the student's steps: "
-                            f"{type(root).__name__}: {reason}. Run without compile (drop --compile): the same "
-                            "gradient, computed eagerly") from err
+        raise CompileFailed(compiler, f"{type(root).__name__}: {reason}") from err
 
 
 # ----------------------------------------------------------------------------- the matching loss (PAD, ATT)
@@ -510,7 +513,7 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                     repeats: int = 3, free_bytes: int | None = None,
                     compiler: Compiler | None = None) -> BackwardChoice:
     """The faster exact backward mode on this segment, among those whose memory fits; with a compiler, both are
-    timed (and would run) compiled.
+    timed (and would run) compiled, and a mode that does not compile is left out (both: CompileFailed).
 
     Each candidate runs once to warm up (allocator, kernel choice, compiling), then the candidates take
     turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
@@ -531,18 +534,27 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
                compiler=compiler)
 
-    times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES}
+    uncompiled: dict[str, CompileFailed] = {}
     try:
-        for turn in range(repeats + 1):
-            for mode in EXACT_MODES:
-                took = seconds(lambda: run(mode), device)
-                if turn:  # turn 0 is the warm-up
-                    times[mode].append(took)
+        for mode in EXACT_MODES:  # the warm-up, compiling included
+            try:
+                run(mode)
+            except CompileFailed as err:
+                uncompiled[mode] = err
+        if len(uncompiled) == len(EXACT_MODES):
+            raise uncompiled["checkpointed"]
+        times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES if mode not in uncompiled}
+        for _ in range(repeats):
+            for mode, took in times.items():
+                took.append(seconds(lambda: run(mode), device))
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(medians, key=medians.get)
-    compiled = f"; both compiled by {getattr(compiler, '__name__', compiler)}" if compiler else ""
-    return BackwardChoice(mode, medians, graph, free, f"{mode} was faster{compiled}")
+    reason = f"{mode} was faster" if len(medians) > 1 else mode
+    if compiler:
+        reason += f"; compiled by {getattr(compiler, '__name__', compiler)}"
+    reason += "".join(f"; {failed} could not be compiled ({err.reason})" for failed, err in uncompiled.items())
+    return BackwardChoice(mode, medians, graph, free, reason)
 

@@ -8,8 +8,8 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import (CompileFailed, StepPlan, Student, choose_backward, full_graph_bytes, plan_steps, student_path,
-                        unroll)
+from mtt.unroll import (EAGER_STEPS, CompileFailed, StepPlan, Steps, Student, choose_backward, full_graph_bytes,
+                        plan_steps, student_path, unroll)
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -212,6 +212,26 @@ def test_compiled_steps_equal_the_eager_steps(problem, mode, soft, segments, mat
     for name in ["grad_images", "grad_lr"] + (["grad_label_logits"] if soft else []):
         assert_close(getattr(compiled, name), getattr(eager, name))
     assert torch.allclose(compiled.final_params, eager.final_params, rtol=0, atol=1e-12)
+
+
+def test_auto_leaves_out_a_mode_that_does_not_compile(problem, monkeypatch):
+    """A compiler that fails on `full`'s step (the one autograd differentiates afterwards) and not on the walk's:
+    `auto` keeps `checkpointed`, compiled, and says why `full` was left out; when neither compiles, it says so."""
+    import mtt.unroll
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+
+    def cannot(*args):
+        raise CompileFailed("test-backend", "RuntimeError: no backward here")
+
+    args = (student, theta_start, theta_target, images, syn_lr, plans)
+    monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: EAGER_STEPS._replace(graph=cannot))
+    choice = choose_backward(*args, labels=labels, repeats=1, compiler="test-backend")
+    assert choice.mode == "checkpointed" and set(choice.seconds) == {"checkpointed"}
+    assert choice.reason == ("checkpointed; compiled by test-backend; full could not be compiled (RuntimeError: no "
+                             "backward here)")
+    monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: Steps(cannot, cannot, cannot))
+    with pytest.raises(CompileFailed, match="'test-backend'.*RuntimeError: no backward here.*drop --compile"):
+        choose_backward(*args, labels=labels, repeats=1, compiler="test-backend")
 
 
 def test_a_compiler_that_fails_is_one_clear_error(problem):
