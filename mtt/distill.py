@@ -38,7 +38,7 @@ from mtt.networks import get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, Student, UnrollResult,
-                        choose_backward, free_memory, plan_steps, shallow_layer_mask, unroll)
+                        checkpointed_after_out_of_memory, choose_backward, plan_steps, shallow_layer_mask, unroll)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests swap in one that generates no code)
@@ -581,9 +581,10 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     except torch.OutOfMemoryError:
         if not (config.backward == "auto" and mode == "full"):
             raise
-        result = None  # out of this block, so that the error's traceback lets go of the failed graph
+        result = None  # `auto` chose full, whose graph no longer fits (another job took memory)
     if result is None:
-        choice = _full_ran_out_of_memory(state.iteration, procs.device)
+        choice = checkpointed_after_out_of_memory(procs.device, f"full ran out of memory at iteration "
+                                                                f"{state.iteration}: checkpointed from here on")
         mode = choice.mode
         result = run(mode)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
@@ -612,15 +613,6 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
     ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
     return Update(loss, updated, momenta, mode, choice, ema_images=ema, teacher_logits=teacher)
-
-
-def _full_ran_out_of_memory(iteration: int, device: torch.device) -> BackwardChoice:
-    """`auto` chose `full`, whose graph no longer fits (another process took memory, or the evaluation's
-    networks did): from here on `checkpointed`, the same gradient with one step's graph in memory."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the failed graph's blocks, so that the walk finds them
-    return BackwardChoice("checkpointed", {}, 0, free_memory(device),
-                          f"full ran out of memory at iteration {iteration}: checkpointed from here on")
 
 
 def start_epoch_range(config: DistillConfig, iteration: int) -> tuple[int, int]:

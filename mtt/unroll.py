@@ -474,6 +474,16 @@ class BackwardChoice:
     reason: str = ""
 
 
+def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_bytes: int = 0,
+                                     free_bytes: int | None = None) -> BackwardChoice:
+    """`full` ran out of memory: `checkpointed` instead, the same gradient with one step's graph in memory. Call it
+    outside the `except` block, whose traceback still holds the failed graph, so that emptying the cache frees it."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return BackwardChoice("checkpointed", {}, graph_bytes, free_memory(device) if free_bytes is None else free_bytes,
+                          reason)
+
+
 def free_memory(device: torch.device) -> int | None:
     """Bytes that can still be allocated: free CUDA memory, else the OS's MemAvailable (Linux)."""
     if device.type == "cuda":
@@ -535,6 +545,7 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                compiler=compiler)
 
     uncompiled: dict[str, CompileFailed] = {}
+    times: dict[str, list[float]] | None = None
     try:
         for mode in EXACT_MODES:  # the warm-up, compiling included
             try:
@@ -543,13 +554,14 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                 uncompiled[mode] = err
         if len(uncompiled) == len(EXACT_MODES):
             raise uncompiled["checkpointed"]
-        times: dict[str, list[float]] = {mode: [] for mode in EXACT_MODES if mode not in uncompiled}
+        times = {mode: [] for mode in EXACT_MODES if mode not in uncompiled}
         for _ in range(repeats):
             for mode, took in times.items():
                 took.append(seconds(lambda: run(mode), device))
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return BackwardChoice("checkpointed", {}, graph, free, "full ran out of memory")
+        times = None  # out of this block, so that the error's traceback lets go of the failed graph
+    if times is None:
+        return checkpointed_after_out_of_memory(device, "full ran out of memory", graph, free)
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(medians, key=medians.get)
     reason = f"{mode} was faster" if len(medians) > 1 else mode
