@@ -312,16 +312,10 @@ def test_an_unwritable_plot_fails_before_the_evaluation(tmp_path):
 
 def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
     """2 gloo processes, 4 segments: each rank unrolls 2, gradients are summed; rank 0 writes."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = ["--iterations", 4, "--segments", 4, "--seed", 2, "--json"]
     single = mtt(*distill_args(experts, tmp_path / "single", *args))
     assert single.returncode == 0, single.stderr
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={port}", "-m",
-                "mtt"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mtt"]
     double = subprocess.run([*torchrun, *map(str, distill_args(experts, tmp_path / "double", *args))],
                             capture_output=True, text=True, env=ENV)
     assert double.returncode == 0, double.stderr

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -135,16 +134,10 @@ def test_cli_round_trip(digits, tmp_path):
     torch.testing.assert_close(buffers.trajectory(1), expected[0], atol=1e-5, rtol=0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_ranks_split_the_experts(digits, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = [*CLI_TINY, "--num-experts", "3", "--parallel", "2"]
-    torchrun = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]  # --standalone: a free port
     summary = run_cli(*args, "--out", str(multi), launcher=torchrun)
     assert summary["experts"] == summary["trained"] == 3 and len(summary["test_acc"]) == 3
     # rank 0 took experts 0 and 2, rank 1 expert 1; each wrote its own shard
