@@ -6,6 +6,7 @@ then, so a plain `python -m mtt ...` never touches torch.distributed.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,4 +79,4 @@ def _bind_no_group_by_default() -> None:
     the interpreter shuts down, and abort the process ("terminate called without an active
     exception", SIGABRT): a finished torchrun run reported as failed, in about 1 run in 15.
     """
-    import torch.distributed.nn.functional  # noqa: F401
+    importlib.import_module("torch.distributed.nn.functional")
