@@ -408,17 +408,20 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
     SIGINT/SIGTERM (Ctrl-C) drop the iteration in progress, save a checkpoint and raise
     `Interrupted`; `resume=True` then continues exactly as if nothing had happened. Under
     torchrun the K segments of each iteration are split over the ranks and their gradients
-    summed, so every rank takes the same step; rank 0 evaluates, reports and writes.
+    summed, so every rank takes the same step; the default evaluation's networks are split
+    over the ranks too (an `evaluator` given here runs on rank 0 alone); rank 0 reports and writes.
     """
     config.validate()
     with ranks(resolve_device(config.device)) as procs:
         if config.segments % procs.world:
             raise ValueError(f"--segments ({config.segments}) must be a multiple of the number of processes "
                              f"({procs.world}): each unrolls an equal share")
+        if evaluator is None and config.eval_repeats > 0:  # the default one, its networks split over the ranks
+            evaluator = _default_evaluator(config, dataset, progress and procs.is_main, procs)
+        elif not procs.is_main:
+            evaluator = None  # the caller's runs on rank 0 alone
         if not procs.is_main:
-            callbacks, evaluator, progress = (), None, False
-        elif evaluator is None and config.eval_repeats > 0:
-            evaluator = _default_evaluator(config, dataset, progress)
+            callbacks, progress = (), False
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
@@ -680,18 +683,24 @@ def _describe_choice(choice: BackwardChoice) -> str:
     return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
 
 
-def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool) -> Evaluator:
-    """ConvNet trained on the current synthetic set with the paper's protocol (mtt.evaluate)."""
-    from mtt.evaluate import EvalConfig, evaluate
+def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, procs: Ranks) -> Evaluator:
+    """ConvNets trained on the current synthetic set with the paper's protocol (mtt.evaluate), one per seed
+    config.seed .. config.seed + eval_repeats - 1. Under torchrun each rank trains a contiguous block of the
+    seeds and every rank gathers all the accuracies, in seed order: the same result as one process."""
+    from mtt.evaluate import EvalConfig, EvalResult, evaluate
 
-    eval_config = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=config.eval_repeats,
-                             seed=config.seed, width=config.width, depth=config.depth, dsa=config.dsa,
-                             progress=progress)
+    # This rank's block of the seeds: empty where there are fewer networks than ranks (then `mine` is not used).
+    first, last = (config.eval_repeats * r // procs.world for r in (procs.rank, procs.rank + 1))
+    mine = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=max(last - first, 1),
+                      seed=config.seed + first, width=config.width, depth=config.depth, dsa=config.dsa,
+                      progress=progress)
 
     def run(state: DistillState) -> dict[str, Any]:
         images, targets = state.result()
-        result = evaluate(images, targets, dataset.test_images, dataset.test_labels,
-                          dataclasses.replace(eval_config, lr=state.syn_lr.item()), device=config.device)
+        runs = [] if last == first else evaluate(images, targets, dataset.test_images, dataset.test_labels,
+                                                 dataclasses.replace(mine, lr=state.syn_lr.item()),
+                                                 device=procs.device).runs
+        result = EvalResult.of(run for share in procs.gather(runs) for run in share)
         return {"mean": result.mean, "std": result.std, "runs": result.runs}
 
     return run

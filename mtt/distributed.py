@@ -39,6 +39,14 @@ class Ranks:
             for t in tensors:
                 dist.all_reduce(t)
 
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def from_main(self, obj: object) -> object:
         """Rank 0's `obj` on every rank."""
         if self.world == 1:

@@ -311,8 +311,10 @@ def test_an_unwritable_plot_fails_before_the_evaluation(tmp_path):
 
 
 def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
-    """2 gloo processes, 4 segments: each rank unrolls 2, gradients are summed; rank 0 writes."""
-    args = ["--iterations", 4, "--segments", 4, "--seed", 2, "--json"]
+    """2 gloo processes, 4 segments: each rank unrolls 2, gradients are summed; the evaluation's 3 networks are
+    split over the ranks (1 and 2) and gathered in seed order; rank 0 writes."""
+    args = ["--iterations", 4, "--segments", 4, "--seed", 2, "--json", "--eval-repeats", 3, "--eval-epochs", 2,
+            "--eval-every", 2]
     single = mtt(*distill_args(experts, tmp_path / "single", *args))
     assert single.returncode == 0, single.stderr
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mtt"]
@@ -324,7 +326,12 @@ def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
     b = SyntheticSet.load(tmp_path / "double" / "synthetic.safetensors")
     torch.testing.assert_close(b.images, a.images, rtol=1e-4, atol=1e-5)
     assert b.syn_lr == pytest.approx(a.syn_lr, rel=1e-5)
-    losses = [json.loads((tmp_path / d / "history.json").read_text())["loss"] for d in ("single", "double")]
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    histories = [json.loads((tmp_path / d / "history.json").read_text()) for d in ("single", "double")]
+    assert histories[1]["loss"] == pytest.approx(histories[0]["loss"], rel=1e-5)
+    evals = [[(e["iteration"], e["runs"]) for e in history["evals"]] for history in histories]
+    assert [i for i, _ in evals[1]] == [0, 2, 4] and all(len(runs) == 3 for _, runs in evals[1])
+    assert evals[1][0] == evals[0][0]  # iteration 0: the same images, so the very same accuracies, in seed order
+    for (_, double_runs), (_, single_runs) in zip(evals[1][1:], evals[0][1:]):  # images equal to round-off
+        assert double_runs == pytest.approx(single_runs, abs=1.0)
     uneven = mtt(*distill_args(experts, tmp_path / "uneven", "--segments", 3), "--iterations", 1)
     assert uneven.returncode == 0  # one process: any K
