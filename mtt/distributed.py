@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from datetime import timedelta
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -56,9 +56,10 @@ class Ranks:
         return box[0]
 
 
-# How long a rank waits at a collective for the others. Legitimately long at times: every rank waits at the next
-# iteration's all_reduce while rank 0 evaluates (5 networks x 1000 epochs on the whole synthetic set: 20,000 SGD
-# steps per network at CIFAR-100 IPC 50), and at the end of expert training for the rank with one expert more.
+# How long a rank waits at a collective for the others. Legitimately long at times: for the ranks that train more of
+# an evaluation's networks (5 x 1000 epochs on the whole synthetic set, split over the ranks: 20,000 SGD steps per
+# network at CIFAR-100 IPC 50), for rank 0 alone running an evaluator given to distill(), and at the end of expert
+# training for the rank with one expert more.
 # torch's defaults (10 minutes for nccl, 30 for gloo) would end such a run with a timeout. A rank that dies ends
 # the others at once anyway (torchrun stops them), so this only bounds a rank that hangs alive.
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
