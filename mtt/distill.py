@@ -689,17 +689,17 @@ def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, 
     seeds and every rank gathers all the accuracies, in seed order: the same result as one process."""
     from mtt.evaluate import EvalConfig, EvalResult, evaluate
 
-    # This rank's block of the seeds: empty where there are fewer networks than ranks (then `mine` is not used).
+    # This rank's block of the seeds; none where there are fewer networks than ranks.
     first, last = (config.eval_repeats * r // procs.world for r in (procs.rank, procs.rank + 1))
-    mine = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=max(last - first, 1),
-                      seed=config.seed + first, width=config.width, depth=config.depth, dsa=config.dsa,
-                      progress=progress)
+    mine = None if last == first else EvalConfig(
+        model=config.model, epochs=config.eval_epochs, repeats=last - first, seed=config.seed + first,
+        width=config.width, depth=config.depth, dsa=config.dsa, progress=progress)
 
     def run(state: DistillState) -> dict[str, Any]:
         images, targets = state.result()
-        runs = [] if last == first else evaluate(images, targets, dataset.test_images, dataset.test_labels,
-                                                 dataclasses.replace(mine, lr=state.syn_lr.item()),
-                                                 device=procs.device).runs
+        runs = [] if mine is None else evaluate(images, targets, dataset.test_images, dataset.test_labels,
+                                                dataclasses.replace(mine, lr=state.syn_lr.item()),
+                                                device=procs.device).runs
         result = EvalResult.of(run for share in procs.gather(runs) for run in share)
         return {"mean": result.mean, "std": result.std, "runs": result.runs}
 
