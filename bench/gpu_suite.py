@@ -299,9 +299,17 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
             return run
         return make
 
-    # In order of what a cut-short case most needs: the comparison with the original, then segments (whose
-    # gradients the tests already check).
+    def half_kept() -> Callable[[], Any]:  # what `auto` runs where half of `full`'s graph fits
+        def run() -> Any:
+            result = unroll(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
+                            mode="checkpointed", kept_graphs=case.steps // 2)
+            return result.grad_images, result.grad_lr
+        return run
+
+    # In order of what a cut-short case most needs: the comparison with the original, then the walk keeping half
+    # the steps' graphs and segments (whose gradients the tests already check).
     cells = [("reference", reference_cell(p))] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
+    cells += [(f"checkpointed-kept{case.steps // 2}", half_kept)]
     cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
 

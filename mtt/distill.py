@@ -235,6 +235,7 @@ class DistillState:
     iteration: int = 0
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
     backward: str | None = None      # the exact mode in use (what `auto` chose), once known
+    kept_graphs: int = 0             # and, `checkpointed` under `auto`, how many steps' graphs its walk keeps
     ema_images: Tensor | None = None      # FTD: the EMA of the images, when ema_decay > 0
     teacher_logits: Tensor | None = None  # TESLA: the last iteration's teacher labels (for evaluation)
 
@@ -298,7 +299,8 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
     tensors |= state.derived()
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
-                "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or ""}
+                "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or "",
+                "kept_graphs": str(state.kept_graphs)}
     atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -338,6 +340,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     state = DistillState(variables["images"], tensors["labels"].to(device), variables["syn_lr"],
                          variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
                          json.loads(metadata["history"]), metadata.get("backward") or None,
+                         int(metadata.get("kept_graphs", 0)),
                          **{k: tensors[k].to(device) for k in DERIVED if k in tensors})
     if config.ema_decay and state.ema_images is None:  # EMA switched on at resume: it starts from here
         state.ema_images = state.images.clone()
@@ -539,6 +542,7 @@ class Update:
     variables: dict[str, Tensor]
     momenta: dict[str, Tensor]
     backward: str                        # the exact mode this iteration used
+    kept_graphs: int                     # and the steps whose graphs its walk kept (`checkpointed` under `auto`)
     choice: BackwardChoice | None = None  # when `auto` chose it in this iteration
     skipped: bool = False                # DATM: the loss exceeded loss_threshold, nothing was updated
     ema_images: Tensor | None = None
@@ -566,30 +570,31 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         labels = teacher_logits(student, theta_target, state.images)
     else:
         labels = None if config.soft_labels else state.labels
-    mode = config.backward if config.backward != "auto" else state.backward
+    mode, kept = (config.backward, 0) if config.backward != "auto" else (state.backward, state.kept_graphs)
     compiler = COMPILE_BACKEND if config.compile else None
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
         choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
                                                  plans, labels, state.label_logits, compiler=compiler))  # one for all
-        mode = choice.mode
+        mode, kept = choice.mode, choice.kept_graphs
 
-    def run(mode: str) -> UnrollResult:
+    def run(mode: str, kept: int) -> UnrollResult:
         return unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
                       label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
-                      allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler)
+                      allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler, kept_graphs=kept)
 
     try:
-        result = run(mode)
+        result = run(mode, kept)
     except torch.OutOfMemoryError:
-        if not (config.backward == "auto" and mode == "full"):
+        if not (config.backward == "auto" and (mode == "full" or kept)):
             raise
-        result = None  # `auto` chose full, whose graph no longer fits (another job took memory)
+        result = None  # `auto` chose graphs that no longer fit (another job took memory, a larger --batch-syn)
     if result is None:
-        choice = checkpointed_after_out_of_memory(procs.device, f"full ran out of memory at iteration "
+        used = "full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs"
+        choice = checkpointed_after_out_of_memory(procs.device, f"{used} ran out of memory at iteration "
                                                                 f"{state.iteration}: checkpointed from here on")
-        mode = choice.mode
-        result = run(mode)
+        mode, kept = choice.mode, choice.kept_graphs
+        result = run(mode, kept)
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
     if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world
@@ -604,7 +609,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean).
     teacher = None if not config.teacher_labels else labels.mean(0) if labels.dim() == 3 else labels
     if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
-        return Update(loss, state.variables(), state.momenta, mode, choice, skipped=True,
+        return Update(loss, state.variables(), state.momenta, mode, kept, choice, skipped=True,
                       ema_images=state.ema_images, teacher_logits=teacher)
     # torch.optim.SGD(momentum=...) written out, so its buffers are plain checkpointable tensors.
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
@@ -615,7 +620,7 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         _diverged(state, config, folder, f"this update would make the learned step size "
                                        f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
     ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
-    return Update(loss, updated, momenta, mode, choice, ema_images=ema, teacher_logits=teacher)
+    return Update(loss, updated, momenta, mode, kept, choice, ema_images=ema, teacher_logits=teacher)
 
 
 def start_epoch_range(config: DistillConfig, iteration: int) -> tuple[int, int]:
@@ -648,7 +653,7 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
     if update.skipped:
         state.history.setdefault("skipped", []).append(state.iteration)
     state.ema_images, state.teacher_logits = update.ema_images, update.teacher_logits
-    state.backward = update.backward
+    state.backward, state.kept_graphs = update.backward, update.kept_graphs
     if update.choice is not None:
         state.history["backward"] = {"iteration": state.iteration, **dataclasses.asdict(update.choice)}
     state.iteration += 1

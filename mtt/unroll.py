@@ -16,6 +16,10 @@ We need its gradient with respect to X (and soft labels, if learned) and alpha.
       dX      += -alpha * (dg_i/dX)^T lambda_{i+1}
       dalpha  += -g_i . lambda_{i+1}
   Exact: the same gradient as `full` up to float round-off, one step's graph alive at a time.
+  With kept_graphs=M the forward path records the last M steps' graphs (as `full` does) and the
+  walk differentiates them as they are instead of re-running those steps: M steps of `full`'s
+  memory buy M/N of the recomputation back, so the time goes from `checkpointed`'s (M=0) to
+  `full`'s (M=N) in proportion. `auto` keeps as many as fit where `full` as a whole does not.
 
 With compiler="inductor" (`--compile`) each student step runs as a torch.func function under
 torch.compile, in every mode ("one step, two ways" below).
@@ -27,7 +31,8 @@ from one generator, so they see the very same randomness and the backward walk r
 is faster depends on the device, the problem's size and the allocator (`checkpointed`
 recomputes every step, ~1.3x the arithmetic, but keeps one step's graph instead of N: where
 allocating a large graph is slow, as under glibc's default on a CPU, that wins), and `full`
-is only a candidate where its graph fits in memory.
+is only a candidate where its graph fits in memory; where it does not, `checkpointed` keeps
+the graphs of as many steps as fit (kept_graphs).
 
 Options of the successors (all off by default; each a small function called from one place):
 
@@ -170,7 +175,7 @@ def _batch_loss(student: Student, theta: Tensor, x: Tensor, y: Tensor) -> Tensor
 def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
            plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
            mode: BackwardMode = "checkpointed", match: MatchMode = "final", param_mask: Tensor | None = None,
-           allow_approximate: bool = False, compiler: Compiler | None = None) -> UnrollResult:
+           allow_approximate: bool = False, compiler: Compiler | None = None, kept_graphs: int = 0) -> UnrollResult:
     """Matching loss and its gradients; images/syn_lr/label_logits are leaves.
 
     One expert segment: theta_start/theta_target [P]. K segments at once: [K, P] each, with plans
@@ -184,7 +189,8 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
     segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
     (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the student's
-    steps, which then run as torch.func functions; None runs them eagerly.
+    steps, which then run as torch.func functions; None runs them eagerly. kept_graphs (`checkpointed`,
+    `tesla`, eager): the last steps whose graphs the forward path keeps for the walk, see the module's docstring.
     """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
@@ -196,6 +202,10 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
                          f"choose_backward) or, approximate, one of {APPROXIMATE_MODES}")
     if match not in MATCH_MODES:
         raise ValueError(f"unknown match {match!r}: use one of {MATCH_MODES}")
+    if kept_graphs < 0 or kept_graphs and (mode == "full" or compiler is not None):
+        raise ValueError(f"kept_graphs={kept_graphs}: the walk of an eager `checkpointed` or `tesla` keeps 0 or more "
+                         f"steps' graphs; `full` keeps all of them, and compiled steps are recomputed (mode {mode!r}, "
+                         f"compiler {compiler!r})")
     theta_start, theta_target = theta_start.detach(), theta_target.detach()
     if theta_start.shape != theta_target.shape or plans and plans[0].indices.dim() != theta_start.dim():
         raise ValueError(f"theta_start {tuple(theta_start.shape)}, theta_target {tuple(theta_target.shape)} and plans "
@@ -208,7 +218,7 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
             return _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
                                 label_logits, match, weight, step_functions.graph)
         return _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels,
-                             label_logits, match, weight, step_functions, hessian=mode == "checkpointed")
+                             label_logits, match, weight, step_functions, mode == "checkpointed", kept_graphs)
     except Exception as err:
         if compiler is None or not isinstance(err, torch._dynamo.exc.TorchDynamoException):
             raise
@@ -312,12 +322,19 @@ def _unroll_full(student, theta_start, theta_target, start_distance, images, syn
 
 
 def _forward_path(student: Student, theta_start: Tensor, images: Tensor, targets: Tensor, alpha: Tensor,
-                  plans: list[StepPlan], step: StepFunction) -> list[Tensor]:
-    """theta_0..theta_N of the student, with no graph kept across steps."""
-    thetas = [theta_start.detach()]
-    for plan in plans:
-        thetas.append(step(student, thetas[-1], *_step_batch(images, targets, plan), alpha))
-    return thetas
+                  plans: list[StepPlan], step: StepFunction, kept_graphs: int = 0,
+                  soft: bool = False) -> tuple[list[Tensor], dict[int, StepGraph]]:
+    """theta_0..theta_N of the student, with no graph kept across steps; the last `kept_graphs` steps keep their
+    own graph for the walk (by step index)."""
+    thetas, graphs = [theta_start.detach()], {}
+    for i, plan in enumerate(plans):
+        x, y = _step_batch(images, targets, plan)
+        if i < len(plans) - kept_graphs:
+            thetas.append(step(student, thetas[-1], x, y, alpha))
+        else:
+            graphs[i] = graph = _step_graph(student, thetas[-1], x, y, soft)
+            thetas.append((graph.theta - alpha * graph.grad).detach())
+    return thetas, graphs
 
 
 def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: Tensor | float,
@@ -326,7 +343,8 @@ def student_path(student: Student, theta_start: Tensor, images: Tensor, syn_lr: 
     """The student's parameters after each of its steps, [N + 1, P] (for plots of its path)."""
     targets = labels if label_logits is None else label_logits.detach()
     alpha = torch.as_tensor(syn_lr, dtype=theta_start.dtype, device=theta_start.device)
-    return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans, EAGER_STEPS.forward))
+    return torch.stack(_forward_path(student, theta_start, images.detach(), targets, alpha, plans,
+                                     EAGER_STEPS.forward)[0])
 
 
 def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: Tensor, weight: Tensor | None,
@@ -343,14 +361,16 @@ def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: 
 
 
 def _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                  match, weight, step_functions: Steps, hessian: bool):
+                  match, weight, step_functions: Steps, hessian: bool, kept_graphs: int):
     """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE, see the module's docstring:
-    the adjoint is not updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step)."""
+    the adjoint is not updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step). The last
+    `kept_graphs` steps are not re-run: their graphs, recorded by the forward path, are differentiated as they are."""
     images = images.detach()
     alpha = syn_lr.detach()
     soft = label_logits is not None
     targets = label_logits.detach() if soft else labels
-    thetas = _forward_path(student, theta_start, images, targets, alpha, plans, step_functions.forward)
+    thetas, kept = _forward_path(student, theta_start, images, targets, alpha, plans, step_functions.forward,
+                                 kept_graphs, soft)
     theta_final = thetas[-1]
     steps = _matched_steps(thetas, theta_target, weight, match)
     theta_matched = _at_steps(thetas, steps)
@@ -371,7 +391,10 @@ def _adjoint_walk(student, theta_start, theta_target, start_distance, images, sy
             (x, y), to_the_set = torch.func.vjp(lambda im, lg: _step_batch(im, lg, plans[i]), images, targets)
         else:
             x, to_the_set, y = torch.func.vjp(lambda im: _step_batch(im, targets, plans[i]), images, has_aux=True)
-        grad_dot_adjoint, d_x, *rest = step_functions.walk(student, thetas[i], x, y, adjoint, soft, hessian)
+        if i in kept:
+            grad_dot_adjoint, d_x, *rest = _walk_graph(kept.pop(i), adjoint, soft, hessian)
+        else:
+            grad_dot_adjoint, d_x, *rest = step_functions.walk(student, thetas[i], x, y, adjoint, soft, hessian)
         d_set = to_the_set((d_x, rest[0]) if soft else d_x)
         grad_lr -= grad_dot_adjoint
         grad_images -= alpha * d_set[0]
@@ -413,14 +436,29 @@ def _autograd_graph_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, 
     return theta - alpha * torch.autograd.grad(_batch_loss(student, theta, x, y), theta, create_graph=True)[0]
 
 
-def _autograd_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoint: Tensor, soft: bool,
-                        hessian: bool) -> tuple[Tensor, ...]:
+class StepGraph(NamedTuple):
+    """One step recorded by autograd for the walk: its inputs as leaves and the gradient g(theta; x, y)."""
+    theta: Tensor
+    x: Tensor
+    y: Tensor  # a leaf for soft targets (their gradient is wanted); class indices as they are
+    grad: Tensor
+
+
+def _step_graph(student: Student, theta: Tensor, x: Tensor, y: Tensor, soft: bool) -> StepGraph:
     theta, x = theta.detach().requires_grad_(), x.detach().requires_grad_()
     y = y.detach().requires_grad_() if soft else y
-    grad = torch.autograd.grad(_batch_loss(student, theta, x, y), theta, create_graph=True)[0]
-    grad_dot_adjoint = (grad * adjoint).sum()
-    inputs = [x] + ([y] if soft else []) + ([theta] if hessian else [])  # tesla: no VJP w.r.t. theta
+    return StepGraph(theta, x, y, torch.autograd.grad(_batch_loss(student, theta, x, y), theta, create_graph=True)[0])
+
+
+def _walk_graph(graph: StepGraph, adjoint: Tensor, soft: bool, hessian: bool) -> tuple[Tensor, ...]:
+    grad_dot_adjoint = (graph.grad * adjoint).sum()
+    inputs = [graph.x] + ([graph.y] if soft else []) + ([graph.theta] if hessian else [])  # tesla: no VJP w.r.t. theta
     return grad_dot_adjoint.detach(), *torch.autograd.grad(grad_dot_adjoint, inputs)
+
+
+def _autograd_walk_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, adjoint: Tensor, soft: bool,
+                        hessian: bool) -> tuple[Tensor, ...]:
+    return _walk_graph(_step_graph(student, theta, x, y, soft), adjoint, soft, hessian)
 
 
 def _func_step(student: Student, theta: Tensor, x: Tensor, y: Tensor, alpha: Tensor) -> Tensor:
@@ -472,6 +510,7 @@ class BackwardChoice:
     full_graph_bytes: int = 0        # estimate of the memory `full` keeps alive across the unroll
     free_bytes: int | None = None    # free memory on the device when measured (None: unknown)
     reason: str = ""
+    kept_graphs: int = 0             # checkpointed: the last steps whose graphs the forward path keeps (what fits)
 
 
 def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_bytes: int = 0,
@@ -501,7 +540,8 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
                      targets: Tensor) -> int:
     """Memory the `full` mode's graph holds at its peak: the tensors one step saves for the double
     backward, counted with saved-tensor hooks (each storage once: several nodes save the same
-    activation, and views share their base's memory), times the number of steps."""
+    activation, and views share their base's memory), on the step with the largest minibatch (the
+    first drawn is often a smaller last chunk), times the number of steps."""
     # Held until counted: a storage freed meanwhile could hand its address to another one, which
     # would then be counted in its place (seen with torch 2.11 on the CPU).
     storages: dict[int, torch.UntypedStorage] = {}
@@ -513,8 +553,9 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
 
     theta = theta_start.detach().requires_grad_()
     x = images.detach().requires_grad_()
+    largest = max(plans, key=lambda plan: plan.indices.numel())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _autograd_graph_step(student, theta, *_step_batch(x, targets, plans[0]), syn_lr.detach().requires_grad_())
+        _autograd_graph_step(student, theta, *_step_batch(x, targets, largest), syn_lr.detach().requires_grad_())
     return sum(storage.nbytes() for storage in storages.values()) * len(plans)
 
 
@@ -524,6 +565,9 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                     compiler: Compiler | None = None) -> BackwardChoice:
     """The faster exact backward mode on this segment, among those whose memory fits; with a compiler, both are
     timed (and would run) compiled, and a mode that does not compile is left out (both: CompileFailed).
+    Where `full` does not fit, `checkpointed` keeps the graphs of as many of the last steps as would
+    (kept_graphs; eager only: compiled steps are recomputed), which takes no timing: each one kept is a
+    step less to recompute.
 
     Each candidate runs once to warm up (allocator, kernel choice, compiling), then the candidates take
     turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
@@ -536,9 +580,11 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     free = free_memory(device) if free_bytes is None else free_bytes
     graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, targets)
     if free is not None and graph > FULL_MEMORY_SHARE * free:
+        kept = 0 if compiler else min(len(plans) - 1, int(FULL_MEMORY_SHARE * free * len(plans) // graph))
         return BackwardChoice("checkpointed", {}, graph, free,
                               f"full would hold ~{graph / 2**30:.2f} GiB, more than {FULL_MEMORY_SHARE:.0%} of the "
-                              f"{free / 2**30:.2f} GiB free")
+                              f"{free / 2**30:.2f} GiB free; the graphs of the last {kept} of {len(plans)} steps fit",
+                              kept)
 
     def run(mode: str) -> None:
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,

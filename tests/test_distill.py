@@ -239,6 +239,58 @@ def test_auto_goes_on_with_checkpointed_when_full_runs_out_of_memory(digits, exp
     assert torch.allclose(survived.images, straight.images, rtol=1e-4, atol=1e-5)
 
 
+def test_auto_keeps_the_step_graphs_that_fit_and_resumes_with_them(digits, experts, tmp_path, monkeypatch, capsys):
+    """Memory for half of `full`'s graph: `auto` runs `checkpointed` keeping the last half of the steps' graphs,
+    records how many, and a resumed run goes on with them; the same run as plain `checkpointed`, round-off apart."""
+    import mtt.distill
+    import mtt.unroll
+    choose = mtt.unroll.choose_backward
+
+    def with_half_the_memory(student, theta_start, theta_target, images, syn_lr, plans, labels, *args, **kwargs):
+        free = mtt.unroll.full_graph_bytes(student, theta_start, images, syn_lr, plans, labels)  # 50 % of it usable
+        return choose(student, theta_start, theta_target, images, syn_lr, plans, labels, *args, free_bytes=free,
+                      **kwargs)
+
+    monkeypatch.setattr(mtt.distill, "choose_backward", with_half_the_memory)
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(backward="auto", iterations=3), digits, buffers, tmp_path / "auto", progress=False)
+    chosen = json.loads((tmp_path / "auto" / "history.json").read_text())["backward"]
+    assert chosen["mode"] == "checkpointed" and chosen["kept_graphs"] == 2  # of syn_steps=5
+    assert "the graphs of the last 2 of 5 steps fit" in capsys.readouterr().err
+    with safe_open(str(tmp_path / "auto" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["kept_graphs"] == "2"
+    original_walk, walks = mtt.unroll._adjoint_walk, []
+    monkeypatch.setattr(mtt.unroll, "_adjoint_walk", lambda *args: walks.append(args[-1]) or original_walk(*args))
+    resumed = distill(small_config(backward="auto", iterations=6), digits, buffers, tmp_path / "auto", resume=True,
+                      progress=False)
+    assert walks == [2, 2, 2]  # not chosen again, and kept on resume
+    straight = distill(small_config(iterations=6), digits, buffers, tmp_path / "straight", progress=False)
+    assert torch.allclose(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
+    assert resumed.syn_lr == pytest.approx(straight.syn_lr, rel=1e-5)
+
+
+def test_auto_drops_the_kept_graphs_when_they_run_out_of_memory(digits, experts, tmp_path, monkeypatch):
+    import mtt.distill
+    import mtt.unroll
+    kept = BackwardChoice("checkpointed", reason="fits", kept_graphs=3)
+    monkeypatch.setattr(mtt.distill, "choose_backward", lambda *args, **kwargs: kept)
+    original_walk, walks = mtt.unroll._adjoint_walk, []
+
+    def walk(*args):  # the kept graphs no longer fit from iteration 1 on
+        walks.append(args[-1])
+        if args[-1] and len(walks) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original_walk(*args)
+
+    monkeypatch.setattr(mtt.unroll, "_adjoint_walk", walk)
+    distill(small_config(backward="auto", iterations=3), digits, ExpertBuffers.open(experts), tmp_path,
+            progress=False)
+    assert walks == [3, 3, 0, 0]
+    chosen = json.loads((tmp_path / "history.json").read_text())["backward"]
+    assert chosen["kept_graphs"] == 0 and chosen["iteration"] == 1
+    assert "checkpointed keeping 3 steps' graphs ran out of memory at iteration 1" in chosen["reason"]
+
+
 def test_out_of_memory_saves_the_state_and_says_how_to_go_on(digits, experts, tmp_path, monkeypatch):
     import mtt.unroll
     buffers = ExpertBuffers.open(experts)

@@ -103,6 +103,50 @@ def test_gradients_match_plain_autograd_soft_labels(problem, mode):
     assert_close(result.grad_label_logits, ref_logits)
 
 
+@pytest.mark.parametrize("kept", [1, STEPS // 2, STEPS, STEPS + 3])
+@pytest.mark.parametrize("soft", [False, True])
+def test_checkpointed_keeping_graphs_matches_plain_autograd(problem, kept, soft):
+    """The walk differentiating the graphs the forward path kept for its last steps, instead of re-running them."""
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    kw = {"label_logits": 2.0 * F.one_hot(labels, CLASSES).double()} if soft else {"labels": labels}
+    ref_loss, ref_grads = reference_grads(net, theta_start, theta_target, images, syn_lr, plans, **kw)
+    result = unroll(student, theta_start, theta_target, images, syn_lr, plans, mode="checkpointed", kept_graphs=kept,
+                    **kw)
+    assert abs(result.loss - ref_loss) <= 1e-9 * ref_loss
+    for ours, reference in zip((result.grad_images, result.grad_lr, result.grad_label_logits), ref_grads):
+        assert_close(ours, reference)
+
+
+@pytest.mark.parametrize("mode, segments, match", [("tesla", 1, "final"), ("checkpointed", 2, "closest")])
+def test_kept_graphs_change_nothing_but_the_recomputation(problem, mode, segments, match):
+    """TESLA's walk, and K segments matched at their closest steps (some before the last, whose kept graphs go
+    unused): the same gradients with graphs kept as without."""
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    if segments > 1:
+        torch.manual_seed(5)
+        theta_start = theta_start + 0.05 * torch.randn(segments, len(theta_start), dtype=torch.float64)
+        theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
+        plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
+                           torch.device("cpu"), segments=segments)
+    args = (student, theta_start, theta_target, images, syn_lr, plans)
+    options = dict(labels=labels, mode=mode, match=match, allow_approximate=mode == "tesla")
+    walked, kept = unroll(*args, **options), unroll(*args, kept_graphs=STEPS - 2, **options)
+    if match == "closest":
+        assert min(walked.matched_step) < STEPS  # the check covers graphs kept past the matched step
+    assert kept.loss == walked.loss and kept.matched_step == walked.matched_step
+    for name in ("grad_images", "grad_lr"):
+        assert_close(getattr(kept, name), getattr(walked, name))
+
+
+def test_kept_graphs_are_for_the_eager_walk_only(problem):
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    args = (student, theta_start, theta_target, images, syn_lr, plans)
+    for bad in (dict(mode="full", kept_graphs=2), dict(mode="checkpointed", kept_graphs=-1),
+                dict(mode="checkpointed", kept_graphs=2, compiler="aot_eager")):
+        with pytest.raises(ValueError, match="kept_graphs="):
+            unroll(*args, labels=labels, **bad)
+
+
 def test_inputs_are_left_untouched(problem):
     net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
     before = images.clone()
@@ -141,10 +185,16 @@ def test_auto_times_both_exact_modes_and_keeps_the_faster(problem):
 def test_auto_skips_full_when_its_graph_would_not_fit(problem):
     net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
     graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, labels)
-    assert graph == len(plans) * full_graph_bytes(student, theta_start, images, syn_lr, plans[:1], labels) > 0
+    assert len(plans[0].indices) < len(plans[1].indices)  # the first step draws the smaller last chunk...
+    # ...and the estimate counts every step as one with the largest minibatch
+    assert graph == len(plans) * full_graph_bytes(student, theta_start, images, syn_lr, plans[1:2], labels) > 0
     choice = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels,
-                             free_bytes=graph)  # full would need all of it: over the 50 % share
+                             free_bytes=graph)  # full would need all of it: over the 50 % share, half of it fits
     assert choice.mode == "checkpointed" and choice.seconds == {} and "more than 50%" in choice.reason
+    assert choice.kept_graphs == STEPS // 2 and f"the last {STEPS // 2} of {STEPS} steps fit" in choice.reason
+    compiled = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels,
+                               free_bytes=graph, compiler="aot_eager")
+    assert compiled.mode == "checkpointed" and compiled.kept_graphs == 0  # a compiled walk recomputes every step
 
 
 def segment_plans(plans, k):
