@@ -76,7 +76,8 @@ class DistillConfig:
                                  # "correct": real images the experts classify correctly (DATM)
     dsa: str = DEFAULT_STRATEGY
     iterations: int = 5000
-    backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured;
+    backward: str = "auto"       # "full" or "checkpointed" (both exact), "auto": the faster that fits, measured
+                                 # (full not fitting: checkpointed keeping the step graphs that fit);
                                  # "tesla": TESLA's constant-memory backward, APPROXIMATE (no Hessian term)
     compile: bool = False        # torch.compile the student's steps, in any backward mode (a GPU's speed, a
                                  # minute or more to compile; "auto" times both modes compiled)
