@@ -800,17 +800,33 @@ def check_segments_modes_agree_float64(ctx: CheckContext) -> tuple[bool, str]:
         f"syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
 
 
+def check_kept_graphs_agree_float64(ctx: CheckContext) -> tuple[bool, str]:
+    ref, p = reference(), ctx.problem(torch.float64)
+    student, kept = Student(p.net), ctx.config.steps // 2
+    full = ref.our_gradients(student, p, "full")
+    result = unroll(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
+                    mode="checkpointed", kept_graphs=kept)
+    errors = {"images": relative_error(result.grad_images, full[0]), "syn_lr": relative_error(result.grad_lr, full[1])}
+    tol = ctx.config.float64_tol
+    return all(e <= tol for e in errors.values()), (
+        f"checkpointed keeping the last {kept} of {ctx.config.steps} steps' graphs: max |this - full| / max |full|: "
+        f"images {errors['images']:.1e}, syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
+
+
 def check_choose_backward(ctx: CheckContext) -> tuple[bool, str]:
     p = ctx.problem(torch.float32)
     student = Student(p.net)
     args = (student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans)
     choice = choose_backward(*args, labels=p.labels)
     starved = choose_backward(*args, labels=p.labels, free_bytes=1)
+    half = choose_backward(*args, labels=p.labels, free_bytes=choice.full_graph_bytes)  # half of full's graph fits
     timed = ", ".join(f"{m} {s * 1e3:.1f} ms" for m, s in choice.seconds.items())
     passed = (choice.mode in EXACT_MODES and set(choice.seconds) == set(EXACT_MODES) and bool(choice.free_bytes)
-              and starved.mode == "checkpointed" and not starved.seconds)
+              and starved.mode == "checkpointed" and not starved.seconds and starved.kept_graphs == 0
+              and half.mode == "checkpointed" and half.kept_graphs == len(p.plans) // 2)
     return passed, (f"chose {choice.mode} ({choice.reason}; {timed}; {(choice.free_bytes or 0) / 2**30:.1f} GiB free); "
-                    f"with 1 byte free: {starved.mode} ({starved.reason})")
+                    f"with 1 byte free: {starved.mode} ({starved.reason}); with full's graph free: {half.mode} "
+                    f"keeping {half.kept_graphs} steps' graphs")
 
 
 def check_distill_auto(ctx: CheckContext) -> tuple[bool, str]:
@@ -916,8 +932,8 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
 
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
-    check_segments_modes_agree_float64, check_choose_backward, check_distill_auto, check_auto_survives_out_of_memory,
-    check_resume_bit_identical, check_experts_vectorised_equal_sequential)
+    check_segments_modes_agree_float64, check_kept_graphs_agree_float64, check_choose_backward, check_distill_auto,
+    check_auto_survives_out_of_memory, check_resume_bit_identical, check_experts_vectorised_equal_sequential)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
