@@ -85,7 +85,8 @@ from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_gro
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import EXACT_MODES, BackwardChoice, Student, choose_backward, plan_steps, unroll
+from mtt.unroll import (EXACT_MODES, BackwardChoice, Student, choose_backward, full_graph_bytes, graphs_that_fit,
+                        plan_steps, unroll)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -220,9 +221,11 @@ class UnrollConfig:
     case_budget_s: float = 40.0         # no new cell of a case once this is spent (the rest: "skipped")
     segments: int = 8
     rounds: int = 3                     # then reference, full and checkpointed timed again in turns (interleave)
+    card_bytes: int = 40 * 2**30        # and, where full's graph would not fit on an empty card of this size (an
+                                        # A100 40GB), what `auto` runs there: checkpointed keeping the graphs that do
 
     def smoke(self) -> UnrollConfig:
-        return replace(self, width=8, size=8, steps=3, repeats=1, case_budget_s=600.0)
+        return replace(self, width=8, size=8, steps=3, repeats=1, case_budget_s=600.0, card_bytes=2**20)
 
 
 @dataclass
@@ -299,17 +302,21 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
             return run
         return make
 
-    def half_kept() -> Callable[[], Any]:  # what `auto` runs where half of `full`'s graph fits
+    def keeping(kept: int) -> Callable[[], Callable[[], Any]]:
         def run() -> Any:
             result = unroll(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
-                            mode="checkpointed", kept_graphs=case.steps // 2)
+                            mode="checkpointed", kept_graphs=kept)
             return result.grad_images, result.grad_lr
-        return run
+        return lambda: run
 
-    # In order of what a cut-short case most needs: the comparison with the original, then the walk keeping half
-    # the steps' graphs and segments (whose gradients the tests already check).
+    # In order of what a cut-short case most needs: the comparison with the original, then what `auto` runs on a
+    # smaller card where full's graph does not fit there, then segments (whose gradients the tests already check).
     cells = [("reference", reference_cell(p))] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
-    cells += [(f"checkpointed-kept{case.steps // 2}", half_kept)]
+    graph = full_graph_bytes(student, p.theta_start, p.images, p.syn_lr, p.plans, p.labels)
+    if (fit := graphs_that_fit(graph, case.steps, config.card_bytes)) < case.steps:
+        size = config.card_bytes
+        card = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**20:g} MiB"
+        cells += [(f"{card} card: checkpointed-kept{fit}", keeping(fit))]
     cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
 

@@ -559,6 +559,14 @@ def full_graph_bytes(student: Student, theta_start: Tensor, images: Tensor, syn_
     return sum(storage.nbytes() for storage in storages.values()) * len(plans)
 
 
+def graphs_that_fit(graph_bytes: int, steps: int, free_bytes: int | None) -> int:
+    """How many of the steps' graphs (`full`'s graph_bytes over `steps`) fit in FULL_MEMORY_SHARE of free_bytes:
+    `steps` itself where all of `full`'s graph does (or the free memory is unknown)."""
+    if free_bytes is None or graph_bytes <= FULL_MEMORY_SHARE * free_bytes:
+        return steps
+    return int(FULL_MEMORY_SHARE * free_bytes * steps // graph_bytes)
+
+
 def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor, images: Tensor, syn_lr: Tensor,
                     plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
                     repeats: int = 3, free_bytes: int | None = None,
@@ -579,8 +587,8 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     targets = labels if label_logits is None else label_logits.detach()
     free = free_memory(device) if free_bytes is None else free_bytes
     graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, targets)
-    if free is not None and graph > FULL_MEMORY_SHARE * free:
-        kept = 0 if compiler else min(len(plans) - 1, int(FULL_MEMORY_SHARE * free * len(plans) // graph))
+    if (fit := graphs_that_fit(graph, len(plans), free)) < len(plans):
+        kept = 0 if compiler else fit
         return BackwardChoice("checkpointed", {}, graph, free,
                               f"full would hold ~{graph / 2**30:.2f} GiB, more than {FULL_MEMORY_SHARE:.0%} of the "
                               f"{free / 2**30:.2f} GiB free; the graphs of the last {kept} of {len(plans)} steps fit",

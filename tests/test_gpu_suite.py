@@ -95,7 +95,8 @@ def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
         assert max(case["checks"]["reference_vs_full_rel_err"].values()) < 1e-3
         for mode in ("full", "checkpointed"):
             assert cells[f"segments8-{mode}"]["status"] == "ok"
-        assert [cells[name]["status"] for name in cells if name.startswith("checkpointed-kept")] == ["ok"]
+        # on a 1 MiB "card" full's graph does not fit: checkpointed keeping the graphs that do (none, at most)
+        assert [cells[name]["status"] for name in cells if "card: checkpointed-kept" in name] == ["ok"]
         # ours vs the original, timed again in turns: each median over its runs alone and the rounds
         assert case["interleaved_rounds"] == 3
         for method in ("reference", "full", "checkpointed"):
