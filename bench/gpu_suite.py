@@ -13,6 +13,8 @@ Parts (default: all, in this order; `--part` takes names in the order to run the
   compile-c10    `checkpointed` and `full` with compiler=inductor (mtt's unroll, its steps torch.compile'd,
   compile-c100   every DSA op) against the original's loop and eager `full` at the CIFAR-10 IPC 10/1/50 and
                  CIFAR-100 IPC 10/50 shapes: s/iteration, peak memory, compile time, gradient agreement
+  cudagraphs-c10 the same with compiler=CUDA_GRAPHS (inductor's kernels, each step replayed as a CUDA graph) at
+                 CIFAR-10 IPC 1 and 10, where a step's kernels are small and their launches count
   experts        experts per hour on full Fashion-MNIST, sequential (P=1) vs vectorised P=10, 50
   fmnist-experts ConvNet-128 experts on full Fashion-MNIST into DIR/experts_fashion-mnist (resumes;
                  trains group by group while a time budget lasts)
@@ -30,8 +32,8 @@ matplotlib, tqdm; nothing else needed), from the repository root. Fashion-MNIST 
 (`mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`) and carry it: the device tool's
 `carry: ["data/fashion-mnist"]`. A task that is lent a device gets 15 minutes of it, the machine's
 start and idle time included, so the parts come in two device commands that fit one task
-(DEVICE_PLAN, called back to back), then one owed to a later task (DEVICE_LATER); the report lists
-them. Every part has a time budget (its cells, P values, expert groups and distillation iterations
+(DEVICE_PLAN, called back to back), then those owed to later tasks (DEVICE_LATER, one group of commands
+per task); the report lists them. Every part has a time budget (its cells, P values, expert groups and distillation iterations
 stop where it is spent, each skip recorded), so the commands end on time whatever the GPU. They
 write into runs/gpu_suite on the machine and copy the JSONs and the report into $OUT (8 files at
 most: what the device tool brings back).
@@ -74,6 +76,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._dynamo.utils import counters
 
 from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers, finished_experts
@@ -85,8 +88,8 @@ from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_gro
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import (EXACT_MODES, BackwardChoice, Student, choose_backward, full_graph_bytes, graphs_that_fit,
-                        plan_steps, unroll)
+from mtt.unroll import (CUDA_GRAPHS, EXACT_MODES, BackwardChoice, Student, choose_backward, full_graph_bytes,
+                        graphs_that_fit, plan_steps, unroll)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -456,13 +459,15 @@ class CompileConfig:
     cases: tuple[tuple[str, int], ...]
     modes: tuple[str, ...] = ("checkpointed", "full")  # each compiled: the walk's steps, or full's graph steps
     dsa: str = DEFAULT_STRATEGY  # every op: the compiled step is one variant for all (DSA stays outside it)
-    backend: str = "inductor"    # smoke: "eager" (dynamo traces, generates nothing: seconds instead of minutes)
+    backend: str = "inductor"    # smoke: "eager" (dynamo traces, generates nothing: seconds instead of minutes);
+                                 # CUDA_GRAPHS: "cudagraphs", dynamo's own (on the CPU it skips the graphs)
     budget_s: float = 180.0      # no new case once this is spent (a case costs a compile per mode: ~75 s each on
                                  # an H200 for the walk, on 2026-12-04; compiled full not yet measured)
     unroll: UnrollConfig = field(default_factory=lambda: UnrollConfig(cases=(), cell_budget_s=10.0))
 
     def smoke(self) -> CompileConfig:
-        return replace(self, backend="eager", budget_s=600.0, unroll=self.unroll.smoke())
+        return replace(self, backend="cudagraphs" if self.backend == CUDA_GRAPHS else "eager", budget_s=600.0,
+                       unroll=self.unroll.smoke())
 
 
 def run_compile(config: CompileConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
@@ -491,6 +496,7 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
     student = Student(p.net)
     row: dict[str, Any] = {"case": case.name, "description": case.describe(), "status": "ok",
                            "ops": sorted({plan.augment.op for plan in p.plans}), "cells": {}, "compile_s": {}}
+    skips_before = counters["inductor"]["cudagraph_skips"]  # compiles that run without CUDA graphs, and why: logged
 
     def compiled(mode: str) -> Callable[[], Callable[[], tuple[Tensor, Tensor]]]:
         def run() -> tuple[Tensor, Tensor]:
@@ -525,6 +531,7 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
                                            "rel_err_syn_lr": relative_error(outputs[ours][1], outputs[name][1])}
                      for ours in cells if ours.startswith("compiled") and outputs.get(ours) is not None
                      for name in ("full", "reference") if outputs.get(name) is not None}
+    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
     return row
 
 
@@ -820,6 +827,27 @@ def check_kept_graphs_agree_float64(ctx: CheckContext) -> tuple[bool, str]:
         f"images {errors['images']:.1e}, syn_lr {errors['syn_lr']:.1e} (tolerance {tol:g})")
 
 
+def check_cuda_graphs_equal_eager_float64(ctx: CheckContext) -> tuple[bool, str]:
+    """The steps replayed as CUDA graphs give eager's gradients in both modes. Dynamo's "cudagraphs" backend replays
+    the traced ops unfused, so it compiles in seconds; the third unroll only replays what the first two recorded."""
+    ref, p = reference(), ctx.problem(torch.float64)
+    student, tol = Student(p.net), ctx.config.float64_tol
+    skips_before = counters["inductor"]["cudagraph_skips"]
+    errors = {}
+    for mode in EXACT_MODES:
+        eager = ref.our_gradients(student, p, mode)
+        for _ in range(3):  # warm-up, recording, replay
+            result = unroll(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
+                            mode=mode, compiler="cudagraphs")
+        errors[mode] = max(relative_error(result.grad_images, eager[0]), relative_error(result.grad_lr, eager[1]))
+    skipped = counters["inductor"]["cudagraph_skips"] - skips_before
+    replayed = ctx.device.type != "cuda" or skipped == 0
+    return all(e <= tol for e in errors.values()) and replayed, (
+        "max |replayed - eager| / max |eager| (images, syn_lr): " + ", ".join(f"{m} {e:.1e}" for m, e in errors.items())
+        + f" (tolerance {tol:g}); compiled steps that ran without CUDA graphs: {skipped}"
+        + (" (none on the CPU: this ran the rest of the path)" if ctx.device.type != "cuda" else ""))
+
+
 def check_choose_backward(ctx: CheckContext) -> tuple[bool, str]:
     p = ctx.problem(torch.float32)
     student = Student(p.net)
@@ -940,7 +968,8 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
     check_segments_modes_agree_float64, check_kept_graphs_agree_float64, check_choose_backward, check_distill_auto,
-    check_auto_survives_out_of_memory, check_resume_bit_identical, check_experts_vectorised_equal_sequential)
+    check_auto_survives_out_of_memory, check_resume_bit_identical, check_experts_vectorised_equal_sequential,
+    check_cuda_graphs_equal_eager_float64)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:
@@ -1044,6 +1073,9 @@ def render_compile(results: dict) -> list[str]:
         if case["status"] == "ok":
             lines.append(f"- {case['case']}: {case['description']}; DSA ops drawn: {', '.join(case['ops'])}"
                          f"{_turns(case, tuple(case['cells']))}")
+            if results["backend"] in (CUDA_GRAPHS, "cudagraphs"):
+                lines.append(f"  - compiled steps that ran without CUDA graphs: {case['cudagraph_skips']} "
+                             "(0: every step was replayed; the reason is in the log)")
             lines += [f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())
                       for name, check in case.get("checks", {}).items()]
             lines += [describe_profile(name, profile) for name, profile in case.get("profiles", {}).items()]
@@ -1119,15 +1151,17 @@ def render_cuda_tests(results: dict) -> list[str]:
 
 # Estimates: each part's budgets plus what runs past them (CUDA start-up, a last cell or group, evaluation).
 PARTS: dict[str, Part] = {  # correctness first: a device session cut short still says whether the GPU agrees
-    "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 30, render_cuda_tests),
+    "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 40, render_cuda_tests),
     "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
                        90, render_unroll),
     "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 100,
                         render_unroll),
-    "compile-c10": Part(run_compile, lambda: CompileConfig(cases=(("cifar10", 10), ("cifar10", 1), ("cifar10", 50))),
-                        260, render_compile),
+    "compile-c10": Part(run_compile, lambda: CompileConfig(cases=(("cifar10", 10), ("cifar10", 1), ("cifar10", 50)),
+                                                           budget_s=170), 250, render_compile),
     "compile-c100": Part(run_compile, lambda: CompileConfig(cases=(("cifar100", 10), ("cifar100", 50))), 290,
                          render_compile),
+    "cudagraphs-c10": Part(run_compile, lambda: CompileConfig(cases=(("cifar10", 1), ("cifar10", 10)),
+                                                              backend=CUDA_GRAPHS), 260, render_compile),
     "experts": Part(run_experts, ExpertsBenchConfig, 80, render_experts),
     "fmnist-experts": Part(run_fmnist_experts, FmnistExpertsConfig, 100, render_fmnist_experts),
     "fmnist-ipc1": Part(run_fmnist_distill, lambda: FmnistDistillConfig(ipc=1), 105, render_fmnist_distill),
@@ -1221,9 +1255,15 @@ FASHION_MNIST = ("data/fashion-mnist",)
 # Each group's parts' estimates fit its timeout; the timeouts, grace and the machine's overhead fit the budget.
 DEVICE_PLAN = (DeviceCommand(("cuda-tests", "compile-c10"), 300),
                DeviceCommand(("compile-c100",), 300))
-# Owed to a later task that is lent a device: a fresh machine keeps nothing, so fmnist-experts trains again first.
-DEVICE_LATER = (DeviceCommand(("fmnist-experts", "fmnist-ipc10", "fmnist-ipc1"), 310, FASHION_MNIST),
-                DeviceCommand(("unroll-c10", "unroll-c100", "experts"), 300, FASHION_MNIST))
+# Owed to later tasks that are lent a device, one group of commands each, in this order (speed and GPU correctness
+# before the longer runs). A fresh machine keeps nothing, so fmnist-experts trains again before the distillations.
+DEVICE_LATER = ((DeviceCommand(("unroll-c10", "unroll-c100", "experts"), 300, FASHION_MNIST),
+                 DeviceCommand(("cudagraphs-c10",), 300)),
+                (DeviceCommand(("fmnist-experts", "fmnist-ipc10", "fmnist-ipc1"), 310, FASHION_MNIST),))
+
+
+def ordinal(n: int) -> str:
+    return {2: "second", 3: "third", 4: "fourth"}.get(n, f"{n}th")
 
 
 def how_to_run() -> list[str]:
@@ -1237,7 +1277,8 @@ def how_to_run() -> list[str]:
             f"{DEVICE_BUDGET_S / 60:.0f} minutes: each part stops its work where its time budget is spent, and "
             "the `timeout` stops a group that still overruns, recording the part as interrupted; the copy into "
             "$OUT still runs.", "", *(c.describe() for c in DEVICE_PLAN), "",
-            "Owed to a later task with a device:", "", *(c.describe() for c in DEVICE_LATER), "",
+            *(line for i, task in enumerate(DEVICE_LATER, 2) for line in (
+                f"Owed to the {ordinal(i)} task with a device:", "", *(c.describe() for c in task), "")),
             "Locally (CPU, toy sizes, ~1-2 min): "
             "`PYTHONPATH=. python bench/gpu_suite.py --smoke --out /tmp/gpu_smoke`."]
 

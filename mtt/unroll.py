@@ -71,7 +71,9 @@ EXACT_MODES = ("full", "checkpointed")
 APPROXIMATE_MODES = ("tesla",)  # not exact: never chosen by `auto`, run only with allow_approximate=True
 BACKWARD_MODES = ("auto", *EXACT_MODES)
 COMPILE_VARIANTS = 64  # compiled variants a run may need: minibatch sizes x label kinds x walk options
-Compiler = str | Callable  # a torch.compile backend: its name or the backend itself
+Compiler = str | Callable  # a torch.compile backend: its name or the backend itself, or CUDA_GRAPHS
+CUDA_GRAPHS = "inductor-cudagraphs"  # inductor's kernels, each compiled step replayed as one CUDA graph
+                                     # (torch.compile's mode "reduce-overhead"); timed by bench/gpu_suite.py
 MatchMode = Literal["final", "closest"]
 MATCH_MODES = ("final", "closest")
 
@@ -189,7 +191,8 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
     segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
     (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the student's
-    steps, which then run as torch.func functions; None runs them eagerly. kept_graphs (`checkpointed`,
+    steps, which then run as torch.func functions, or CUDA_GRAPHS (inductor's, replayed as CUDA graphs); None runs
+    them eagerly. kept_graphs (`checkpointed`,
     `tesla`, eager): the last steps whose graphs the forward path keeps for the walk, see the module's docstring.
     """
     if (labels is None) == (label_logits is None):
@@ -415,6 +418,8 @@ def _adjoint_walk(student, theta_start, theta_target, start_distance, images, sy
 # steps written with torch.func's grad (and grad-of-grad) are plain forward computations to it, which it compiles;
 # autograd then differentiates the compiled forward step once, through the backward AOTAutograd compiled with it.
 # On an H200 the compiled walk made `checkpointed` 2.7x faster than eager `full` at CIFAR-10 IPC 10 (BENCHMARKS.md).
+# With the DSA op and the minibatch selection outside it, a compiled step is also one fixed sequence of kernels
+# per minibatch shape, which CUDA_GRAPHS replays as one CUDA graph: no launch per kernel (opt-in, not yet timed).
 
 StepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor], Tensor]
 WalkStepFunction = Callable[[Student, Tensor, Tensor, Tensor, Tensor, bool, bool], tuple[Tensor, ...]]
@@ -491,9 +496,21 @@ def _compiled_steps(backend: Compiler) -> Steps:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_VARIANTS)
     # fullgraph: a step that does not trace whole is an error, not a quiet mix of compiled and eager pieces.
-    step, walk = (torch.compile(f, backend=backend, dynamic=False, fullgraph=True)
-                  for f in (_func_step, _func_walk_step))
+    how = dict(backend="inductor", mode="reduce-overhead") if backend == CUDA_GRAPHS else dict(backend=backend)
+    step, walk = (torch.compile(f, dynamic=False, fullgraph=True, **how) for f in (_func_step, _func_walk_step))
+    if backend in (CUDA_GRAPHS, "cudagraphs"):  # "cudagraphs": dynamo's own, the traced ops replayed unfused
+        step, walk = _copied_out(step), _copied_out(walk)
     return Steps(step, step, walk)
+
+
+def _copied_out(replayed: Callable) -> Callable:
+    """A step replayed as a CUDA graph writes its outputs into the graph's own memory, which the next replay
+    reuses (CUDAGraph Trees then refuse to read the old ones): the walk keeps theta_0..theta_N, so every
+    step's outputs are copied out (a copy of P floats and of the minibatch's gradient per step)."""
+    def run(*args):
+        out = replayed(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+    return run
 
 
 # ----------------------------------------------------------------------------- auto: measure, then choose

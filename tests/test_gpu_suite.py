@@ -14,8 +14,8 @@ from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_suite.py"
-PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "compile-c10", "compile-c100", "experts", "fmnist-experts",
-         "fmnist-ipc1", "fmnist-ipc10")
+PARTS = ("cuda-tests", "unroll-c10", "unroll-c100", "compile-c10", "compile-c100", "cudagraphs-c10", "experts",
+         "fmnist-experts", "fmnist-ipc1", "fmnist-ipc10")
 PART_KEYS = {"part", "status", "error", "seconds", "smoke", "estimate_s", "meta", "config", "results"}
 META_KEYS = {"device", "torch", "date", "commit", "source_hash"}
 # What each part's results must hold for the report to be of use.
@@ -24,7 +24,8 @@ RESULT_KEYS = {"unroll-c10": {"cases", "segments"}, "unroll-c100": {"cases", "se
                "fmnist-ipc1": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
                "fmnist-ipc10": {"iterations", "s_per_iteration", "distilled", "random_real", "changes"},
                "cuda-tests": {"checks"}, "compile-c10": {"dsa", "backend", "cases"},
-               "compile-c100": {"dsa", "backend", "cases"}}
+               "compile-c100": {"dsa", "backend", "cases"},
+               "cudagraphs-c10": {"dsa", "backend", "cases"}}
 
 
 def suite(*args: str) -> subprocess.CompletedProcess:
@@ -43,6 +44,10 @@ def smoke(tmp_path_factory):
     return out, suite("--smoke", "--out", str(out))
 
 
+def device_commands(suite_module):
+    return [c for task in (suite_module.DEVICE_PLAN, *suite_module.DEVICE_LATER) for c in task]
+
+
 def test_smoke_run_records_every_part_and_reports_it(smoke):
     out, run = smoke
     assert run.returncode == 0, run.stderr[-3000:]
@@ -54,13 +59,13 @@ def test_smoke_run_records_every_part_and_reports_it(smoke):
         assert RESULT_KEYS[name] <= set(data["results"]), name
         assert f"## {name}" in report and f"| {name} | ok (smoke) |" in report
     suite_module = load_bench_script("gpu_suite")
-    for command in suite_module.DEVICE_PLAN + suite_module.DEVICE_LATER:
+    for command in device_commands(suite_module):
         assert command.command() in report
 
 
 def test_device_commands_cover_every_part_and_fit_one_tasks_device_time():
     suite = load_bench_script("gpu_suite")
-    commands = suite.DEVICE_PLAN + suite.DEVICE_LATER
+    commands = device_commands(suite)
     assert {part for c in commands for part in c.parts} == set(PARTS)
     for c in commands:
         assert sum(suite.PARTS[part].estimate_s for part in c.parts) <= c.timeout_s, c
@@ -70,7 +75,7 @@ def test_device_commands_cover_every_part_and_fit_one_tasks_device_time():
             assert not part.startswith("fmnist-ipc") or "fmnist-experts" in c.parts[:i], c
         # the Fashion-MNIST parts read data/fashion-mnist, which only travels when carried
         assert ("data/fashion-mnist" in c.carry) == any(p.startswith(("fmnist", "experts")) for p in c.parts), c
-    for task in (suite.DEVICE_PLAN, suite.DEVICE_LATER):  # each a task's machine of its own
+    for task in (suite.DEVICE_PLAN, *suite.DEVICE_LATER):  # each a task's machine of its own
         # the commands, the machine's start and idle time fit what one task gets
         assert sum(c.call_timeout_s for c in task) + suite.DEVICE_OVERHEAD_S <= suite.DEVICE_BUDGET_S
         # every part's JSON on the machine and the report come back: the device tool returns at most 8 files
@@ -80,7 +85,7 @@ def test_device_commands_cover_every_part_and_fit_one_tasks_device_time():
 def test_benchmarks_page_lists_the_device_commands_as_the_suite_runs_them():
     suite = load_bench_script("gpu_suite")
     page = (ROOT / "BENCHMARKS.md").read_text()
-    for c in suite.DEVICE_PLAN + suite.DEVICE_LATER:
+    for c in device_commands(suite):
         assert c.command() in page, c.command()
 
 
@@ -180,6 +185,18 @@ def test_smoke_compiled_steps_trace_and_equal_the_eager_unroll(smoke):
     table = (out / "report.md").read_text()
     assert "| cifar100 IPC 50 | compiled-checkpointed |" in table and "| cifar100 IPC 50 | compiled-full |" in table
     assert "compiling and the first iteration" in table and "  - profile of full: " in table
+
+
+def test_smoke_cuda_graphs_part_runs_the_replayed_steps(smoke):
+    out, _ = smoke
+    results = part_json(out, "cudagraphs-c10")["results"]
+    assert results["backend"] == "cudagraphs"  # dynamo's: on the CPU it runs the steps without their graphs
+    assert [c["case"] for c in results["cases"]] == ["cifar10 IPC 1", "cifar10 IPC 10"]
+    for case in results["cases"]:
+        assert all(case["cells"][m]["status"] == "ok" for m in ("compiled-checkpointed", "compiled-full"))
+        for check in case["checks"].values():
+            assert check["rel_err_images"] < 1e-3 and check["rel_err_syn_lr"] < 1e-3
+    assert "compiled steps that ran without CUDA graphs: " in (out / "report.md").read_text()
 
 
 def test_compile_cases_past_the_part_budget_are_skipped(tmp_path):

@@ -264,6 +264,20 @@ def test_compiled_steps_equal_the_eager_steps(problem, mode, soft, segments, mat
     assert torch.allclose(compiled.final_params, eager.final_params, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["checkpointed", "full"])
+def test_steps_replayed_as_cuda_graphs_equal_the_eager_steps(problem, mode):
+    """compiler="cudagraphs" (dynamo's backend: the traced steps replayed as CUDA graphs) copies each step's
+    outputs out of the graph's memory, which the next replay reuses. On the CPU the graphs themselves are skipped,
+    so this checks the rest of the path; the replays are checked on the GPU (bench/gpu_suite.py's cuda-tests)."""
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    args = (student, theta_start, theta_target, images, syn_lr, plans)
+    eager = unroll(*args, labels=labels, mode=mode)
+    replayed = unroll(*args, labels=labels, mode=mode, compiler="cudagraphs")
+    assert replayed.loss == pytest.approx(eager.loss, rel=1e-12)
+    assert_close(replayed.grad_images, eager.grad_images)
+    assert_close(replayed.grad_lr, eager.grad_lr)
+
+
 def test_auto_leaves_out_a_mode_that_does_not_compile(problem, monkeypatch):
     """A compiler that fails on `full`'s step (the one autograd differentiates afterwards) and not on the walk's:
     `auto` keeps `checkpointed`, compiled, and says why `full` was left out; when neither compiles, it says so."""
