@@ -117,17 +117,23 @@ def test_checkpointed_keeping_graphs_matches_plain_autograd(problem, kept, soft)
         assert_close(ours, reference)
 
 
+def segments_near(theta_start, images, segments):
+    """K segments' starts and targets near the problem's start, and plans drawn for K segments."""
+    torch.manual_seed(5)
+    starts = theta_start + 0.05 * torch.randn(segments, len(theta_start), dtype=torch.float64)
+    targets = starts + 0.05 * torch.randn_like(starts)
+    plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
+                       torch.device("cpu"), segments=segments)
+    return starts, targets, plans
+
+
 @pytest.mark.parametrize("mode, segments, match", [("tesla", 1, "final"), ("checkpointed", 2, "closest")])
 def test_kept_graphs_change_nothing_but_the_recomputation(problem, mode, segments, match):
     """TESLA's walk, and K segments matched at their closest steps (some before the last, whose kept graphs go
     unused): the same gradients with graphs kept as without."""
     net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
     if segments > 1:
-        torch.manual_seed(5)
-        theta_start = theta_start + 0.05 * torch.randn(segments, len(theta_start), dtype=torch.float64)
-        theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
-        plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
-                           torch.device("cpu"), segments=segments)
+        theta_start, theta_target, plans = segments_near(theta_start, images, segments)
     args = (student, theta_start, theta_target, images, syn_lr, plans)
     options = dict(labels=labels, mode=mode, match=match, allow_approximate=mode == "tesla")
     walked, kept = unroll(*args, **options), unroll(*args, kept_graphs=STEPS - 2, **options)
@@ -213,11 +219,7 @@ def segment_plans(plans, k):
 def test_k_segments_equal_the_mean_of_k_separate_unrolls(problem, mode, soft):
     net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
     K = 3
-    torch.manual_seed(5)
-    starts = theta_start + 0.05 * torch.randn(K, len(theta_start), dtype=torch.float64)
-    targets = starts + 0.05 * torch.randn_like(starts)
-    plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
-                       torch.device("cpu"), segments=K)
+    starts, targets, plans = segments_near(theta_start, images, K)
     assert len({plan.augment.op for plan in plans}) > 1 and {p.indices.shape[0] for p in plans} == {K}
     kw = {"label_logits": torch.randn(len(images), CLASSES, dtype=torch.float64)} if soft else {"labels": labels}
     together = unroll(student, starts, targets, images, syn_lr, plans, mode=mode, **kw)
@@ -246,11 +248,7 @@ def test_compiled_steps_equal_the_eager_steps(problem, mode, soft, segments, mat
         return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
 
     if segments > 1:
-        torch.manual_seed(5)
-        theta_start = theta_start + 0.05 * torch.randn(segments, len(theta_start), dtype=torch.float64)
-        theta_target = theta_start + 0.05 * torch.randn_like(theta_start)
-        plans = plan_steps(len(images), STEPS, BATCH, (1, 8, 8), DEFAULT_STRATEGY, torch.Generator().manual_seed(2),
-                           torch.device("cpu"), segments=segments)
+        theta_start, theta_target, plans = segments_near(theta_start, images, segments)
     assert len({plan.augment.op for plan in plans}) > 1
     kw = {"label_logits": torch.randn(len(images), CLASSES, dtype=torch.float64)} if soft else {"labels": labels}
     args = (student, theta_start, theta_target, images, syn_lr, plans)
