@@ -32,11 +32,11 @@ matplotlib, tqdm; nothing else needed), from the repository root. Fashion-MNIST 
 (`mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/`) and carry it: the device tool's
 `carry: ["data/fashion-mnist"]`. A task that is lent a device gets 15 minutes of it, the machine's
 start and idle time included, so the parts come in two device commands that fit one task
-(DEVICE_PLAN, called back to back), then those owed to later tasks (DEVICE_LATER, one group of commands
-per task); the report lists them. Every part has a time budget (its cells, P values, expert groups and distillation iterations
-stop where it is spent, each skip recorded), so the commands end on time whatever the GPU. They
-write into runs/gpu_suite on the machine and copy the JSONs and the report into $OUT (8 files at
-most: what the device tool brings back).
+(DEVICE_PLAN, called back to back), then those owed to later tasks (DEVICE_LATER, one group of
+commands per task); the report lists them. Every part has a time budget (its cells, P values, expert
+groups and distillation iterations stop where it is spent, each skip recorded), so the commands end
+on time whatever the GPU. They write into runs/gpu_suite on the machine and copy the JSONs and the
+report into $OUT (8 files at most: what the device tool brings back).
 
 --smoke runs every part at toy size on the CPU (Fashion-MNIST cut to 20 images per class if its
 files are found, else digits) in a minute or two: tests/test_gpu_suite.py runs it.

@@ -191,9 +191,9 @@ def unroll(student: Student, theta_start: Tensor, theta_target: Tensor, images: 
     allow_approximate=True). match: "final" (MTT, the loss at step N) or "closest" (ATT, at each
     segment's step closest to its target). param_mask: bool [P], the parameters the loss counts
     (PAD); None counts all. compiler: a torch.compile backend ("inductor", or a callable) for the student's
-    steps, which then run as torch.func functions, or CUDA_GRAPHS (inductor's, replayed as CUDA graphs); None runs
-    them eagerly. kept_graphs (`checkpointed`,
-    `tesla`, eager): the last steps whose graphs the forward path keeps for the walk, see the module's docstring.
+    steps, which then run as torch.func functions, or CUDA_GRAPHS (inductor's, replayed as CUDA graphs); None
+    runs them eagerly. kept_graphs (`checkpointed`, `tesla`, eager): the last steps whose graphs the forward path
+    keeps for the walk, see the module's docstring.
     """
     if (labels is None) == (label_logits is None):
         raise ValueError("give exactly one of labels (hard) or label_logits (soft)")
@@ -505,7 +505,7 @@ def _compiled_steps(backend: Compiler) -> Steps:
 
 def _copied_out(replayed: Callable) -> Callable:
     """A step replayed as a CUDA graph writes its outputs into the graph's own memory, which the next replay
-    reuses (CUDAGraph Trees then refuse to read the old ones): the walk keeps theta_0..theta_N, so every
+    reuses (CUDAGraph Trees then refuse to read the old ones): the forward path keeps theta_0..theta_N, so every
     step's outputs are copied out (a copy of P floats and of the minibatch's gradient per step)."""
     def run(*args):
         out = replayed(*args)
