@@ -8,7 +8,8 @@ Parts (default: all, in this order; `--part` takes names in the order to run the
                  experts P=1 vs P=2), as plain functions (no pytest on the GPU machine)
   unroll-c10     s/iteration and peak memory of one MTT iteration at the paper's CIFAR-10 IPC 1/10/50
                  shapes: the original's loop (bench/reference_unroll.py), our `full`, `checkpointed`,
-                 `auto` and segments=8 (random tensors, no dataset needed)
+                 `auto`, both modes with cuDNN's benchmark mode, and segments=8 (random tensors, no dataset
+                 needed)
   unroll-c100    the same at CIFAR-100 IPC 10 and 50 (the reference is expected to run out of memory at 50)
   compile-c10    `checkpointed` and `full` with compiler=inductor (mtt's unroll, its steps torch.compile'd,
   compile-c100   every DSA op) against the original's loop and eager `full` at the CIFAR-10 IPC 10/1/50 and
@@ -286,6 +287,23 @@ def eager_cell(student: Student, problem: Any, mode: str) -> Callable[[], Callab
     return lambda: lambda: reference().our_gradients(student, problem, mode)
 
 
+def cudnn_benchmarked(make_run: Callable[[], Callable[[], Any]]) -> Callable[[], Callable[[], Any]]:
+    """make_run with cuDNN's benchmark mode on during each run: it times the convolution algorithms for each new
+    shape on first use (the warm-up) and keeps the fastest. Off for every other cell, as in the original's code
+    and in mtt today; a cell of its own to see whether turning it on for mtt pays."""
+    def make() -> Callable[[], Any]:
+        run = make_run()
+
+        def benchmarked() -> Any:
+            was, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+            try:
+                return run()
+            finally:
+                torch.backends.cudnn.benchmark = was
+        return benchmarked
+    return make
+
+
 def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
                  device: torch.device) -> list[tuple[str, Callable[[], Callable[[], Any]]]]:
     """(name, make_run) per method; each run returns (dL/dimages, dL/dsyn_lr)."""
@@ -313,13 +331,15 @@ def unroll_cells(case: UnrollCase, config: UnrollConfig, student: Student,
         return lambda: run
 
     # In order of what a cut-short case most needs: the comparison with the original, then what `auto` runs on a
-    # smaller card where full's graph does not fit there, then segments (whose gradients the tests already check).
+    # smaller card where full's graph does not fit there, then both modes with cuDNN's benchmark mode, then
+    # segments (whose gradients the tests already check).
     cells = [("reference", reference_cell(p))] + [(mode, eager_cell(student, p, mode)) for mode in EXACT_MODES]
     graph = full_graph_bytes(student, p.theta_start, p.images, p.syn_lr, p.plans, p.labels)
     if (fit := graphs_that_fit(graph, case.steps, config.card_bytes)) < case.steps:
         size = config.card_bytes
         card = f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**20:g} MiB"
         cells += [(f"{card} card: checkpointed-kept{fit}", keeping(fit))]
+    cells += [(f"cudnn-benchmark-{m}", cudnn_benchmarked(eager_cell(student, p, m))) for m in EXACT_MODES]
     cells += [(f"segments{config.segments}-{m}", segments(m)) for m in EXACT_MODES]
     return cells
 
@@ -376,7 +396,7 @@ def run_unroll(config: UnrollConfig, device: torch.device, out: Path, record: Ca
 
 # Ours vs the original: after each is measured alone, timed again in turns (reference, full, checkpointed,
 # reference, ...), so that the GPU drifting during a case (clocks, allocator pools) hits each alike.
-INTERLEAVED = ("reference", "full", "checkpointed")
+INTERLEAVED = ("reference", "full", "checkpointed", "cudnn-benchmark-full", "cudnn-benchmark-checkpointed")
 
 
 def kept(make_run: Callable[[], Callable[[], Any]], runs: dict[str, Callable[[], Any]],
@@ -1153,8 +1173,8 @@ def render_cuda_tests(results: dict) -> list[str]:
 PARTS: dict[str, Part] = {  # correctness first: a device session cut short still says whether the GPU agrees
     "cuda-tests": Part(run_cuda_tests, CudaTestsConfig, 40, render_cuda_tests),
     "unroll-c10": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar10", 1), ("cifar10", 10), ("cifar10", 50))),
-                       90, render_unroll),
-    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 100,
+                       100, render_unroll),
+    "unroll-c100": Part(run_unroll, lambda: UnrollConfig(cases=(("cifar100", 10), ("cifar100", 50))), 110,
                         render_unroll),
     "compile-c10": Part(run_compile, lambda: CompileConfig(cases=(("cifar10", 10), ("cifar10", 1), ("cifar10", 50)),
                                                            budget_s=170), 250, render_compile),

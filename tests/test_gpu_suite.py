@@ -99,17 +99,26 @@ def test_smoke_unroll_measures_every_method_and_checks_the_reference(smoke):
         assert cells["auto"]["chose"] in ("full", "checkpointed")
         assert max(case["checks"]["reference_vs_full_rel_err"].values()) < 1e-3
         for mode in ("full", "checkpointed"):
-            assert cells[f"segments8-{mode}"]["status"] == "ok"
+            assert cells[f"segments8-{mode}"]["status"] == "ok" and cells[f"cudnn-benchmark-{mode}"]["status"] == "ok"
         # on a 1 MiB "card" full's graph does not fit: checkpointed keeping the graphs that do (none, at most)
         assert [cells[name]["status"] for name in cells if "card: checkpointed-kept" in name] == ["ok"]
         # ours vs the original, timed again in turns: each median over its runs alone and the rounds
         assert case["interleaved_rounds"] == 3
-        for method in ("reference", "full", "checkpointed"):
+        for method in ("reference", "full", "checkpointed", "cudnn-benchmark-full"):
             runs = cells[method]["runs"]
             assert len(runs) >= 4 and cells[method]["seconds"] == statistics.median(runs)
         assert cells["auto"]["seconds"] == cells[cells["auto"]["chose"]]["seconds"]
     assert [c["case"] for c in part_json(out, "unroll-c10")["results"]["cases"]] == [
         "cifar10 IPC 1", "cifar10 IPC 10", "cifar10 IPC 50"]
+
+
+def test_the_cudnn_benchmark_cells_turn_the_mode_on_for_their_runs_only():
+    suite = load_bench_script("gpu_suite")
+    seen = []
+    run = suite.cudnn_benchmarked(lambda: lambda: seen.append(torch.backends.cudnn.benchmark))()
+    assert not torch.backends.cudnn.benchmark
+    run()
+    assert seen == [True] and not torch.backends.cudnn.benchmark
 
 
 def test_smoke_cuda_tests_pass_on_the_cpu(smoke):
