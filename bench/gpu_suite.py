@@ -79,13 +79,13 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
-from mtt.augment import DEFAULT_STRATEGY
+from mtt.augment import DEFAULT_STRATEGY, DSA
 from mtt.buffers import ExpertBuffers, finished_experts
 from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
 from mtt.device import resolve_device, seconds, synchronize
 from mtt.distill import DistillConfig, IterationInfo, distill, load_snapshots, network_from_buffers, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
-from mtt.experts import ExpertConfig, estimate_seconds, train_experts, train_group
+from mtt.experts import ExpertConfig, estimate_seconds, start_group, train_epoch, train_experts, train_group
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
@@ -985,11 +985,36 @@ def check_experts_vectorised_equal_sequential(ctx: CheckContext) -> tuple[bool, 
                                              f"(tolerance {ctx.config.experts_tol:g})")
 
 
+def check_steps_queue_their_copies(ctx: CheckContext) -> tuple[bool | None, str]:
+    """An epoch of experts (one, and two vectorised), the evaluation's augmentation and an iteration's step plans
+    copy what they draw on the CPU to the GPU without synchronising, so the host can queue the next step while the
+    GPU runs this one. Under torch.cuda.set_sync_debug_mode("error") a synchronising call raises."""
+    if ctx.device.type != "cuda":
+        return None, "not run: needs CUDA"
+    config = ExpertConfig(num_experts=2, epochs=1, width=ctx.config.width)
+    images, labels = ctx.digits.train_images.to(ctx.device), ctx.digits.train_labels.to(ctx.device)
+    groups = [start_group(ctx.digits, replace(config, parallel=len(ids)), ids, ctx.device) for ids in ([0], [0, 1])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for trainer, gens in groups:
+            train_epoch(trainer, gens, images, labels, config)
+        DSA()(images[:50], torch.Generator().manual_seed(0))
+        plan_steps(len(images), 20, 100, tuple(images.shape[1:]), DEFAULT_STRATEGY, torch.Generator(), ctx.device)
+    except RuntimeError as err:
+        where = next((f"{frame.filename}:{frame.lineno}" for frame in reversed(traceback.extract_tb(err.__traceback__))
+                      if "/mtt/" in frame.filename), "?")
+        return False, f"synchronised at {where}: {first_line(err)}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return True, "expert epochs (P=1, P=2), DSA and step plans: no synchronising call"
+
+
 CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
     check_segments_modes_agree_float64, check_kept_graphs_agree_float64, check_choose_backward, check_distill_auto,
     check_auto_survives_out_of_memory, check_resume_bit_identical, check_experts_vectorised_equal_sequential,
-    check_cuda_graphs_equal_eager_float64)
+    check_cuda_graphs_equal_eager_float64, check_steps_queue_their_copies)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:

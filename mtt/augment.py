@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mtt.device import to_device
+
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -47,7 +49,7 @@ class DSAParams:
 
     def to(self, device: torch.device | str) -> DSAParams:
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) for k, v in tensors.items() if isinstance(v, Tensor)})
+        return replace(self, **{k: to_device(v, device) for k, v in tensors.items() if isinstance(v, Tensor)})
 
     def rows(self, start: int, stop: int) -> DSAParams:
         """The draw of samples start..stop-1 only (a slice of the batch)."""

@@ -236,8 +236,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="FTD: evaluate and save an EMA of the images with this decay (default: 0, off)")
     p.add_argument("--backward", choices=BACKWARD_MODES + APPROXIMATE_MODES, default=None,
                    help="full: autograd through the unroll; checkpointed: exact, constant memory; auto: the faster of "
-                        "the two that fits in memory, measured on the first iteration (default; where full does not fit, "
-                        "checkpointed keeping the graphs of as many of the last steps as do); tesla: TESLA's "
+                        "the two that fits in memory, measured on the first iteration (default; where full does not "
+                        "fit, checkpointed keeping the graphs of as many of the last steps as do); tesla: TESLA's "
                         "constant-memory backward, approximate (drops the Hessian term)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the student's steps, in any backward mode (auto then times both modes "

@@ -72,6 +72,17 @@ def keep_freed_cpu_memory() -> bool:
     return _kept
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor onto `device` without the host waiting for the device. A plain .to("cuda") from pageable
+    memory synchronises the stream: the host, which draws every step's augmentation and minibatch order on the
+    CPU, would wait for all the kernels queued so far before it could queue the next step's. From pinned memory
+    the copy is queued like a kernel (PyTorch's pinned-memory cache holds the staging buffer until it has run)."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the kernels queued on `device` (a no-op on the CPU)."""
     if device.type == "cuda":

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, DSA
 from mtt.data import ZCA, Dataset, _chunked
-from mtt.device import DeviceLike, resolve_device
+from mtt.device import DeviceLike, resolve_device, to_device
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
 
@@ -103,7 +103,7 @@ def train_network(net: nn.Module, images: Tensor, targets: Tensor, config: EvalC
             # A new optimizer, as the original makes at the drop: the momentum restarts from zero.
             optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=config.momentum,
                                         weight_decay=config.weight_decay)
-        order = torch.randperm(len(images), generator=generator).to(device)
+        order = to_device(torch.randperm(len(images), generator=generator), device)
         for batch in order.split(config.batch_size):
             loss = F.cross_entropy(net(dsa(images[batch], generator)), targets[batch])
             optimizer.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strategy, sample_params
 from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
 from mtt.data import Dataset
-from mtt.device import DeviceLike, resolve_device, seconds
+from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
@@ -150,8 +150,8 @@ def augment(x: Tensor, params: Sequence[DSAParams]) -> Tensor:
             continue
         template = params[members[0]]
         names = [n for n, v in vars(template).items() if isinstance(v, Tensor)]
-        stacked = {n: torch.stack([getattr(params[i], n) for i in members]).to(x.device) for n in names}
-        rows = torch.tensor(members, device=x.device)
+        stacked = {n: to_device(torch.stack([getattr(params[i], n) for i in members]), x.device) for n in names}
+        rows = to_device(torch.tensor(members), x.device)
         out[rows] = vmap(lambda xi, t: apply_params(xi, replace(template, **t)))(x[rows], stacked)
     return out
 
@@ -349,7 +349,7 @@ def train_epoch(trainer: Trainer, gens: Sequence[torch.Generator], images: Tenso
     """
     n = len(images) if admitted is None else len(admitted)
     order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [K, n]
-    order = (order if admitted is None else admitted[order]).to(images.device)
+    order = to_device(order if admitted is None else admitted[order], images.device)
     shape = (images.shape[1], tuple(images.shape[2:]))
     for start in range(0, n, config.batch_size):
         idx = order[:, start:start + config.batch_size]

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from mtt.augment import DSAParams, apply_params, sample_params
-from mtt.device import seconds
+from mtt.device import seconds, to_device
 
 BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
@@ -140,7 +140,7 @@ def plan_steps(num_images: int, syn_steps: int, batch_syn: int | None, image_sha
             picks.append(mine.pop())
         indices = picks[0] if segments == 1 else torch.stack(picks)
         augment = sample_params(dsa, indices.numel(), channels, (h, w), generator, device)
-        plans.append(StepPlan(indices.to(device), augment))
+        plans.append(StepPlan(to_device(indices, device), augment))
     return plans
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mtt.device import resolve_device
+from mtt.device import resolve_device, to_device
 
 GLIBC = sys.platform.startswith("linux") and "libc.so.6" in (ctypes.util.find_library("c") or "")
 
@@ -55,3 +55,20 @@ def test_auto_and_explicit_devices():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_to_device_copies_a_cpu_tensor_as_it_is():
+    t = torch.arange(6).view(2, 3)
+    moved = to_device(t, "cpu")
+    assert moved.device.type == "cpu" and torch.equal(moved, t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_queues_the_copy_without_synchronising():
+    t = torch.randn(1000)
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        moved = to_device(t, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(moved.cpu(), t)
