@@ -29,6 +29,9 @@ from mtt.synthetic import SyntheticSet
 
 BASELINE_METHODS = ("random", "herding", "full")
 BASELINE_LR = 0.01  # the lr_net the DC/DSA code trains real-image baselines with
+# Passes between checks that the training loss is finite. Each check waits for the GPU to finish the pass; a
+# diverged network's loss stays NaN from then on, so a later check still catches it, at most this many passes late.
+FINITE_CHECK_EVERY = 50
 
 
 @dataclass
@@ -109,8 +112,8 @@ def train_network(net: nn.Module, images: Tensor, targets: Tensor, config: EvalC
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise ValueError(f"training loss became {loss.item()} at pass {epoch} with lr {lr}: "
+        if (epoch % FINITE_CHECK_EVERY == 0 or epoch == config.epochs) and not torch.isfinite(loss):
+            raise ValueError(f"training loss became {loss.item()} by pass {epoch} of training with lr {config.lr}: "
                              f"the learning rate is too large for {config.model}")
         if on_epoch is not None:
             on_epoch(epoch, lr, net)

@@ -124,6 +124,15 @@ def _synthetic(small, syn_lr=0.02, **kw) -> SyntheticSet:
     return SyntheticSet(images.clone(), labels.clone(), syn_lr, "digits", **kw)
 
 
+@pytest.mark.parametrize("epochs, caught_by", [(3, 3), (60, ev.FINITE_CHECK_EVERY)])
+def test_a_diverging_network_is_one_clear_error(small, epochs, caught_by):
+    """The loss is checked every FINITE_CHECK_EVERY passes and at the last one (each check waits for the GPU)."""
+    images, labels, test_x, test_y = small
+    with pytest.raises(ValueError, match=f"training loss became nan by pass {caught_by} of training with lr "
+                                         r"1000000000.0: the learning rate is too large for ConvNet"):
+        train_and_test(images, labels, test_x, test_y, replace(QUICK, epochs=epochs, lr=1e9), seed=0, device="cpu")
+
+
 def test_learned_lr_is_used_unless_one_is_given(small, digits, monkeypatch):
     used = []
     monkeypatch.setattr(ev, "train_network", lambda net, x, y, config, g, on_epoch=None: used.append(config.lr) or net)
