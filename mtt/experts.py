@@ -605,7 +605,7 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
         return seconds(lambda: [fn() for _ in range(repeats)], device) / repeats
 
     def train_step() -> None:
-        idx = torch.stack([torch.randint(n, (batch,), generator=g) for g in gens]).to(device)
+        idx = to_device(torch.stack([torch.randint(n, (batch,), generator=g) for g in gens]), device)  # as train_epoch
         params = [sample_params(config.dsa, batch, *shape, g) for g in gens]
         trainer.step(augment(train_x[idx], params), train_y[idx])
 
