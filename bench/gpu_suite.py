@@ -89,8 +89,8 @@ from mtt.experts import ExpertConfig, estimate_seconds, start_group, train_epoch
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import (CUDA_GRAPHS, EXACT_MODES, BackwardChoice, Student, choose_backward, full_graph_bytes,
-                        graphs_that_fit, plan_steps, unroll)
+from mtt.unroll import (CUDA_GRAPH_BACKENDS, CUDA_GRAPHS, EXACT_MODES, BackwardChoice, Student, choose_backward,
+                        full_graph_bytes, graphs_that_fit, plan_steps, unroll)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -1118,7 +1118,7 @@ def render_compile(results: dict) -> list[str]:
         if case["status"] == "ok":
             lines.append(f"- {case['case']}: {case['description']}; DSA ops drawn: {', '.join(case['ops'])}"
                          f"{_turns(case, tuple(case['cells']))}")
-            if results["backend"] in (CUDA_GRAPHS, "cudagraphs"):
+            if results["backend"] in CUDA_GRAPH_BACKENDS:
                 lines.append(f"  - compiled steps that ran without CUDA graphs: {case['cudagraph_skips']} "
                              "(0: every step was replayed; the reason is in the log)")
             lines += [f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())

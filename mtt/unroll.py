@@ -74,6 +74,7 @@ COMPILE_VARIANTS = 64  # compiled variants a run may need: minibatch sizes x lab
 Compiler = str | Callable  # a torch.compile backend: its name or the backend itself, or CUDA_GRAPHS
 CUDA_GRAPHS = "inductor-cudagraphs"  # inductor's kernels, each compiled step replayed as one CUDA graph
                                      # (torch.compile's mode "reduce-overhead"); timed by bench/gpu_suite.py
+CUDA_GRAPH_BACKENDS = (CUDA_GRAPHS, "cudagraphs")  # "cudagraphs": dynamo's own, the traced ops replayed unfused
 MatchMode = Literal["final", "closest"]
 MATCH_MODES = ("final", "closest")
 
@@ -498,7 +499,7 @@ def _compiled_steps(backend: Compiler) -> Steps:
     # fullgraph: a step that does not trace whole is an error, not a quiet mix of compiled and eager pieces.
     how = dict(backend="inductor", mode="reduce-overhead") if backend == CUDA_GRAPHS else dict(backend=backend)
     step, walk = (torch.compile(f, dynamic=False, fullgraph=True, **how) for f in (_func_step, _func_walk_step))
-    if backend in (CUDA_GRAPHS, "cudagraphs"):  # "cudagraphs": dynamo's own, the traced ops replayed unfused
+    if backend in CUDA_GRAPH_BACKENDS:
         step, walk = _copied_out(step), _copied_out(walk)
     return Steps(step, step, walk)
 
