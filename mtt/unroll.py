@@ -607,10 +607,11 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, targets)
     if (fit := graphs_that_fit(graph, len(plans), free)) < len(plans):
         kept = 0 if compiler else fit
+        keeping = ("compiled, every step is recomputed" if compiler else
+                   f"the graphs of the last {kept} of {len(plans)} steps fit")
         return BackwardChoice("checkpointed", {}, graph, free,
                               f"full would hold ~{graph / 2**30:.2f} GiB, more than {FULL_MEMORY_SHARE:.0%} of the "
-                              f"{free / 2**30:.2f} GiB free; the graphs of the last {kept} of {len(plans)} steps fit",
-                              kept)
+                              f"{free / 2**30:.2f} GiB free; {keeping}", kept)
 
     def run(mode: str) -> None:
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
