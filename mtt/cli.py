@@ -189,7 +189,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="expert folder (ours, or the original MTT's {root}/{CIFAR10|CIFAR10_NO_ZCA|...}/{model}/"
                         "replay_buffer_{n}.pt, its model folder or one file), or hf://OWNER/REPO[/SUBPATH][@REVISION]")
     p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, config.json, "
-                                                "synthetic.safetensors")
+                                                "synthetic.safetensors, synthetic_best.safetensors (the best "
+                                                "evaluated set)")
     p.add_argument("--preset", default="paper",
                    help="'paper': the preset for --dataset/--ipc (the paper's table, ours for digits/fashion-mnist); "
                         "'none': library defaults; or another preset as DATASET:IPC")
@@ -299,7 +300,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import distill, network_from_buffers
+    from mtt.distill import BEST_SYNTHETIC, best_evaluation, distill, network_from_buffers
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
@@ -333,12 +334,20 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"iterations": len(history["loss"]), "final_loss": history["loss"][-1] if history["loss"] else None,
                "syn_lr": synthetic.syn_lr, "seconds": round(time.perf_counter() - started, 2), "out": str(args.out)}
     if history["evals"]:
-        summary["final_eval"] = history["evals"][-1]
-        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {summary['final_eval']['mean']:.2f} "
-              f"+- {summary['final_eval']['std']:.2f} %", file=sys.stderr)
+        summary["final_eval"], summary["best_eval"] = history["evals"][-1], best_evaluation(history)
+        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {_accuracy(summary['final_eval'])}",
+              file=sys.stderr)
+        if summary["best_eval"] is not summary["final_eval"]:
+            print(f"best: {_accuracy(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
+                  f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "
+                  "images_best.pt; the final set's accuracy is the unbiased one)", file=sys.stderr)
     print(f"saved: {Path(args.out) / 'synthetic.safetensors'} (with history.json, config.json, snapshots/ and "
           "checkpoint.safetensors beside it)", file=sys.stderr)
     return summary
+
+
+def _accuracy(evaluation: dict) -> str:
+    return f"{evaluation['mean']:.2f} +- {evaluation['std']:.2f} %"
 
 
 def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:
@@ -391,10 +400,15 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
+    from mtt.distill import BEST_SYNTHETIC
     from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
+    if (Path(args.synthetic) / "synthetic.safetensors").is_file():
+        raise ValueError(f"--synthetic: {args.synthetic} is a run folder: pass one of its sets, "
+                         f"{Path(args.synthetic) / 'synthetic.safetensors'} (the final one) or {BEST_SYNTHETIC} (the "
+                         "best evaluated)")
     if not Path(args.synthetic).is_file():
         raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")
     if args.original_labels:

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from mtt.buffers import ExpertBuffers
 from mtt.data import load_dataset
-from mtt.distill import DistillationDiverged, DistillConfig, OutOfMemory, distill, load_snapshots, preset
+from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, OutOfMemory, best_evaluation, distill,
+                         load_snapshots, preset)
 from mtt.experts import ExpertConfig, train_experts
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import BackwardChoice
@@ -55,6 +56,32 @@ def test_distill_writes_every_output(digits, experts, tmp_path):
     assert [it for it, _ in snapshots] == [0, 2, 4, 6]
     assert not torch.equal(snapshots[0][1], snapshots[-1][1])  # the images moved
     assert synthetic.syn_lr != 0.01  # and so did the step size
+    assert not (tmp_path / BEST_SYNTHETIC).exists()  # nothing evaluated, nothing to choose from
+
+
+def test_the_best_evaluated_set_is_kept_and_resume_goes_on_choosing(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    scores = {0: 50.0, 2: 70.0, 4: 60.0, 6: 70.0, 8: 80.0}  # iteration 6 ties 2: the first stays
+
+    def evaluator(state):
+        return {"mean": scores[state.iteration], "std": 0.0, "runs": [scores[state.iteration]]}
+
+    def kept():
+        return SyntheticSet.load(tmp_path / BEST_SYNTHETIC)
+
+    distill(small_config(eval_every=2), digits, buffers, tmp_path, progress=False, evaluator=evaluator)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["iteration"] for e in history["evals"]] == [0, 2, 4, 6]
+    assert best_evaluation(history)["iteration"] == 2
+    snapshot = dict(load_snapshots(tmp_path))[2]
+    assert torch.equal(kept().images, snapshot) and kept().dataset == "digits"
+    assert kept().syn_lr == pytest.approx(history["syn_lr"][1])  # the step size it was evaluated with
+    assert not torch.equal(kept().images, SyntheticSet.load(tmp_path / "synthetic.safetensors").images)
+
+    final = distill(small_config(eval_every=2, iterations=8), digits, buffers, tmp_path, resume=True,
+                    progress=False, evaluator=evaluator)
+    assert torch.equal(kept().images, final.images) and kept().syn_lr == final.syn_lr
+    assert best_evaluation(json.loads((tmp_path / "history.json").read_text()))["iteration"] == 8
 
 
 def test_images_start_from_real_images_of_each_class(digits, experts, tmp_path):
@@ -366,6 +393,21 @@ def test_cli_json_and_a_real_kill_then_resume(experts, tmp_path):
     a = SyntheticSet.load(tmp_path / "straight" / "synthetic.safetensors")
     b = SyntheticSet.load(run / "synthetic.safetensors")
     assert torch.equal(a.images, b.images) and a.syn_lr == b.syn_lr
+
+
+def test_cli_reports_and_keeps_the_best_evaluated_set(experts, tmp_path):
+    result = subprocess.run(cli("--dataset", "digits", "--ipc", 1, "--buffers", experts, "--preset", "none",
+                                "--width", WIDTH, "--syn-steps", 5, "--expert-epochs", 2, "--max-start-epoch", 2,
+                                "--lr-img", 1000, "--iterations", 6, "--eval-every", 2, "--eval-repeats", 2,
+                                "--eval-epochs", 20, "--snapshot-every", 2, "--device", "cpu", "--no-progress",
+                                "--out", tmp_path, "--json"), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    evals = json.loads((tmp_path / "history.json").read_text())["evals"]
+    assert summary["final_eval"] == evals[-1] and summary["best_eval"] == max(evals, key=lambda e: e["mean"])
+    best = summary["best_eval"]["iteration"]
+    assert torch.equal(SyntheticSet.load(tmp_path / BEST_SYNTHETIC).images, dict(load_snapshots(tmp_path))[best])
+    assert (f"best: {summary['best_eval']['mean']:.2f}" in result.stderr) == (best != 6)
 
 
 def test_cli_reports_bad_input_without_a_traceback(experts, tmp_path):

@@ -476,3 +476,11 @@ def test_cli_refuses_a_malicious_pt_without_running_it(tmp_path, capsys):
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     assert main(argv + ["--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_asks_which_set_of_a_run_folder(tmp_path, capsys):
+    (tmp_path / "synthetic.safetensors").touch()
+    assert main(["evaluate", "--synthetic", str(tmp_path), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --synthetic: ") and "is a run folder" in error
+    assert "synthetic_best.safetensors (the best evaluated)" in error
