@@ -495,6 +495,8 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             _apply(state, update, evaluation, time.perf_counter() - started)
             if update.choice is not None and procs.is_main:
                 bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
+            if evaluation is not None and procs.is_main:  # its own progress bar is gone: one line to keep
+                bar.write(_describe_evaluation(evaluation, state.history), file=sys.stderr)
             if config.teacher_labels and state.iteration == 1 and procs.is_main:
                 _check_teacher(state.teacher_logits, bar)
             if state.iteration % config.checkpoint_every == 0:
@@ -714,6 +716,14 @@ def _check_teacher(teacher_logits: Tensor, bar: tqdm) -> None:
 def _describe_choice(choice: BackwardChoice) -> str:
     timed = ", ".join(f"{mode} {seconds:.3g} s" for mode, seconds in choice.seconds.items())
     return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
+
+
+def _describe_evaluation(evaluation: dict[str, Any], history: dict[str, list]) -> str:
+    best = best_evaluation(history)
+    where = (f"best so far, saved as {BEST_SYNTHETIC}" if best is evaluation else
+             f"best {best['mean']:.2f} % at iteration {best['iteration']}")
+    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation else ""
+    return f"evaluation at iteration {evaluation['iteration']}: {evaluation['mean']:.2f}{spread} % ({where})"
 
 
 def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, procs: Ranks) -> Evaluator:

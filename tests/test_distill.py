@@ -59,7 +59,7 @@ def test_distill_writes_every_output(digits, experts, tmp_path):
     assert not (tmp_path / BEST_SYNTHETIC).exists()  # nothing evaluated, nothing to choose from
 
 
-def test_the_best_evaluated_set_is_kept_and_resume_goes_on_choosing(digits, experts, tmp_path):
+def test_the_best_evaluated_set_is_kept_and_resume_goes_on_choosing(digits, experts, tmp_path, capsys):
     buffers = ExpertBuffers.open(experts)
     scores = {0: 50.0, 2: 70.0, 4: 60.0, 6: 70.0, 8: 80.0}  # iteration 6 ties 2: the first stays
 
@@ -77,6 +77,10 @@ def test_the_best_evaluated_set_is_kept_and_resume_goes_on_choosing(digits, expe
     assert torch.equal(kept().images, snapshot) and kept().dataset == "digits"
     assert kept().syn_lr == pytest.approx(history["syn_lr"][1])  # the step size it was evaluated with
     assert not torch.equal(kept().images, SyntheticSet.load(tmp_path / "synthetic.safetensors").images)
+    said = capsys.readouterr().err.splitlines()  # a line per evaluation during the run (the final one: the caller's)
+    assert said == ["evaluation at iteration 0: 50.00 +- 0.00 % (best so far, saved as synthetic_best.safetensors)",
+                    "evaluation at iteration 2: 70.00 +- 0.00 % (best so far, saved as synthetic_best.safetensors)",
+                    "evaluation at iteration 4: 60.00 +- 0.00 % (best 70.00 % at iteration 2)"]
 
     final = distill(small_config(eval_every=2, iterations=8), digits, buffers, tmp_path, resume=True,
                     progress=False, evaluator=evaluator)
