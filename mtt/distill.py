@@ -453,8 +453,8 @@ def _keeping_the_best(evaluator: Evaluator, folder: RunFolder, config: DistillCo
     original code keeps images_best.pt: accuracy can peak and then fall as a run goes on (BENCHMARKS.md). The choice
     is made on the test set, so the best set's accuracy flatters it; the final set's is the unbiased number."""
     def run(state: DistillState) -> dict[str, Any]:
-        evaluation = evaluator(state)
-        if evaluation["mean"] > max((e["mean"] for e in state.history["evals"]), default=-math.inf):
+        evaluation, best = evaluator(state), best_evaluation(state.history)
+        if best is None or evaluation["mean"] > best["mean"]:
             folder.save_synthetic(_synthetic_set(state, config, dataset), BEST_SYNTHETIC)
         return evaluation
     return run
