@@ -300,7 +300,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import BEST_SYNTHETIC, best_evaluation, distill, network_from_buffers
+    from mtt.distill import BEST_SYNTHETIC, accuracy_text, best_evaluation, distill, network_from_buffers
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
@@ -335,19 +335,15 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
                "syn_lr": synthetic.syn_lr, "seconds": round(time.perf_counter() - started, 2), "out": str(args.out)}
     if history["evals"]:
         summary["final_eval"], summary["best_eval"] = history["evals"][-1], best_evaluation(history)
-        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {_accuracy(summary['final_eval'])}",
+        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {accuracy_text(summary['final_eval'])}",
               file=sys.stderr)
         if summary["best_eval"] is not summary["final_eval"]:
-            print(f"best: {_accuracy(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
+            print(f"best: {accuracy_text(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
                   f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "
                   "images_best.pt; the final set's accuracy is the unbiased one)", file=sys.stderr)
     print(f"saved: {Path(args.out) / 'synthetic.safetensors'} (with history.json, config.json, snapshots/ and "
           "checkpoint.safetensors beside it)", file=sys.stderr)
     return summary
-
-
-def _accuracy(evaluation: dict) -> str:
-    return f"{evaluation['mean']:.2f} +- {evaluation['std']:.2f} %"
 
 
 def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:

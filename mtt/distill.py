@@ -718,12 +718,17 @@ def _describe_choice(choice: BackwardChoice) -> str:
     return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
 
 
+def accuracy_text(evaluation: dict[str, Any]) -> str:
+    """An evaluation's accuracy as runs report it: 'mean +- std %' (the spread where the evaluator gives one)."""
+    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation else ""
+    return f"{evaluation['mean']:.2f}{spread} %"
+
+
 def _describe_evaluation(evaluation: dict[str, Any], history: dict[str, list]) -> str:
     best = best_evaluation(history)
     where = (f"best so far, saved as {BEST_SYNTHETIC}" if best is evaluation else
              f"best {best['mean']:.2f} % at iteration {best['iteration']}")
-    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation else ""
-    return f"evaluation at iteration {evaluation['iteration']}: {evaluation['mean']:.2f}{spread} % ({where})"
+    return f"evaluation at iteration {evaluation['iteration']}: {accuracy_text(evaluation)} ({where})"
 
 
 def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, procs: Ranks) -> Evaluator:
