@@ -83,7 +83,7 @@ from mtt.augment import DEFAULT_STRATEGY, DSA
 from mtt.buffers import ExpertBuffers, finished_experts
 from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
 from mtt.device import resolve_device, seconds, synchronize
-from mtt.distill import DistillConfig, IterationInfo, distill, load_snapshots, network_from_buffers, preset
+from mtt.distill import FINAL_SYNTHETIC, DistillConfig, IterationInfo, distill, load_snapshots, network_from_buffers, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, estimate_seconds, start_group, train_epoch, train_experts, train_group
 from mtt.io import atomic_write_json, atomic_write_text
@@ -893,7 +893,7 @@ def check_distill_auto(ctx: CheckContext) -> tuple[bool, str]:
     moved = not torch.equal(load_snapshots(out)[0][1], synthetic.images)
     passed = (len(history["loss"]) == config.iterations and all(math.isfinite(x) for x in history["loss"])
               and bool(torch.isfinite(synthetic.images).all()) and chosen in EXACT_MODES and moved
-              and (out / "synthetic.safetensors").is_file())
+              and (out / FINAL_SYNTHETIC).is_file())
     return passed, (f"{len(history['loss'])} iterations, loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, "
                     f"auto chose {chosen}, images moved: {moved}, syn_lr {synthetic.syn_lr:.4g}")
 

@@ -300,7 +300,8 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import BEST_SYNTHETIC, accuracy_text, best_evaluation, distill, network_from_buffers
+    from mtt.distill import (BEST_SYNTHETIC, FINAL_SYNTHETIC, accuracy_text, best_evaluation, distill,
+                             network_from_buffers)
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
@@ -341,7 +342,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
             print(f"best: {accuracy_text(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
                   f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "
                   "images_best.pt; the final set's accuracy is the unbiased one)", file=sys.stderr)
-    print(f"saved: {Path(args.out) / 'synthetic.safetensors'} (with history.json, config.json, snapshots/ and "
+    print(f"saved: {Path(args.out) / FINAL_SYNTHETIC} (with history.json, config.json, snapshots/ and "
           "checkpoint.safetensors beside it)", file=sys.stderr)
     return summary
 
@@ -396,14 +397,14 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
-    from mtt.distill import BEST_SYNTHETIC
+    from mtt.distill import BEST_SYNTHETIC, FINAL_SYNTHETIC
     from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
-    if (Path(args.synthetic) / "synthetic.safetensors").is_file():
+    if (Path(args.synthetic) / FINAL_SYNTHETIC).is_file():
         raise ValueError(f"--synthetic: {args.synthetic} is a run folder: pass one of its sets, "
-                         f"{Path(args.synthetic) / 'synthetic.safetensors'} (the final one) or {BEST_SYNTHETIC} (the "
+                         f"{Path(args.synthetic) / FINAL_SYNTHETIC} (the final one) or {BEST_SYNTHETIC} (the "
                          "best evaluated)")
     if not Path(args.synthetic).is_file():
         raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")

@@ -373,7 +373,8 @@ Callback = Callable[[IterationInfo], None]
 Evaluator = Callable[[DistillState], dict[str, Any]]  # at least {"mean": test accuracy %}: the best is kept by it
 
 
-BEST_SYNTHETIC = "synthetic_best.safetensors"
+FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends (or stops)
+BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
 
 
 class RunFolder:
@@ -403,7 +404,7 @@ class RunFolder:
         if self.writes:
             atomic_write_json(self.path / name, obj)
 
-    def save_synthetic(self, synthetic: SyntheticSet, name: str = "synthetic.safetensors") -> None:
+    def save_synthetic(self, synthetic: SyntheticSet, name: str = FINAL_SYNTHETIC) -> None:
         if self.writes:
             synthetic.save(self.path / name)
 

@@ -30,7 +30,7 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import load_snapshots
+from mtt.distill import FINAL_SYNTHETIC, load_snapshots
 from mtt.io import atomic_write
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
@@ -208,7 +208,7 @@ def _rows_per_class(pixels: Tensor, per_class: dict[int, list[int]], names: list
 
 def _run_synthetic(run_dir: PathLike) -> SyntheticSet | None:
     """The run's final synthetic set, or None while the run is still going."""
-    path = Path(run_dir) / "synthetic.safetensors"
+    path = Path(run_dir) / FINAL_SYNTHETIC
     return SyntheticSet.load(path) if path.is_file() else None
 
 
@@ -455,7 +455,7 @@ def _load_synthetic(source: SyntheticSet | PathLike) -> SyntheticSet:
     if isinstance(source, SyntheticSet):
         return source
     path = Path(source)
-    return SyntheticSet.load(path / "synthetic.safetensors" if path.is_dir() else path)
+    return SyntheticSet.load(path / FINAL_SYNTHETIC if path.is_dir() else path)
 
 
 def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: ExpertBuffers, dataset: Dataset,
