@@ -83,8 +83,8 @@ from mtt.augment import DEFAULT_STRATEGY, DSA
 from mtt.buffers import ExpertBuffers, finished_experts
 from mtt.data import SPECS, Dataset, DatasetNotFoundError, load_dataset
 from mtt.device import resolve_device, seconds, synchronize
-from mtt.distill import (FINAL_SYNTHETIC, DistillConfig, IterationInfo, distill, load_snapshots, network_from_buffers,
-                         preset)
+from mtt.distill import (CHECKPOINT, FINAL_SYNTHETIC, DistillConfig, IterationInfo, distill, load_snapshots,
+                         network_from_buffers, preset)
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, estimate_seconds, start_group, train_epoch, train_experts, train_group
 from mtt.io import atomic_write_json, atomic_write_text
@@ -702,7 +702,7 @@ def run_fmnist_distill(config: FmnistDistillConfig, device: torch.device, out: P
                                "preset": asdict(settings), "changes": changes}
     say(f"{dataset.name} IPC {config.ipc}: distilling ({config.probe_iterations} iterations to time it)")
     started = time.perf_counter()
-    resume = (run_dir / "checkpoint.safetensors").exists()
+    resume = (run_dir / CHECKPOINT).exists()
     distill(replace(settings, iterations=config.probe_iterations), dataset, buffers, run_dir, resume=resume,
             progress=False)
     history = json.loads((run_dir / "history.json").read_text())

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtt.buffers import ExpertBuffers  # noqa: E402
 from mtt.data import Dataset, load_dataset  # noqa: E402
-from mtt.distill import distill, preset  # noqa: E402
+from mtt.distill import CHECKPOINT, distill, preset  # noqa: E402
 from mtt.evaluate import EvalConfig, evaluate_baseline, evaluate_synthetic  # noqa: E402
 from mtt.experts import ExpertConfig, train_experts  # noqa: E402
 from mtt.io import atomic_write_json  # noqa: E402
@@ -122,7 +122,7 @@ def run_method(config: BenchConfig, method: str, out: Path) -> dict[str, Any]:
         settings = preset(config.dataset, config.ipc, variant.recipe, device="cpu", eval_repeats=0,
                           **{"width": config.experts.get("width", 128)} | config.distill | variant.fields)
         settings.validate()
-        synthetic = distill(settings, dataset, buffers, out, resume=(out / "checkpoint.safetensors").exists(),
+        synthetic = distill(settings, dataset, buffers, out, resume=(out / CHECKPOINT).exists(),
                             progress=False)
         distill_seconds = time.perf_counter() - started
         history = json.loads((out / "history.json").read_text())

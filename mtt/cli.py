@@ -300,7 +300,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import (BEST_SYNTHETIC, FINAL_SYNTHETIC, accuracy_text, best_evaluation, distill,
+    from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, accuracy_text, best_evaluation, distill,
                              network_from_buffers)
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
@@ -343,7 +343,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
                   f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "
                   "images_best.pt; the final set's accuracy is the unbiased one)", file=sys.stderr)
     print(f"saved: {Path(args.out) / FINAL_SYNTHETIC} (with history.json, config.json, snapshots/ and "
-          "checkpoint.safetensors beside it)", file=sys.stderr)
+          f"{CHECKPOINT} beside it)", file=sys.stderr)
     return summary
 
 

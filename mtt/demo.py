@@ -14,7 +14,7 @@ from typing import Any
 
 from mtt.buffers import ExpertBuffers
 from mtt.data import Dataset, load_dataset
-from mtt.distill import FINAL_SYNTHETIC, DistillConfig, distill, preset
+from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, DistillConfig, distill, preset
 from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
 from mtt.experts import ExpertConfig, train_experts
 from mtt.io import atomic_write_json, atomic_write_text, ensure_writable_dir
@@ -94,7 +94,7 @@ def quick_run(out_dir: str | Path, device: str = "auto", config: QuickConfig | N
         synthetic = SyntheticSet.load(run / FINAL_SYNTHETIC)
     else:
         synthetic = distill(config.distill_config(device), dataset, buffers, run,
-                            resume=(run / "checkpoint.safetensors").exists(), progress=progress)
+                            resume=(run / CHECKPOINT).exists(), progress=progress)
     return QuickRun(dataset, buffers, synthetic, run)
 
 

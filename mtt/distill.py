@@ -373,6 +373,7 @@ Callback = Callable[[IterationInfo], None]
 Evaluator = Callable[[DistillState], dict[str, Any]]  # at least {"mean": test accuracy %}: the best is kept by it
 
 
+CHECKPOINT = "checkpoint.safetensors"           # the state that --resume continues from
 FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends (or stops)
 BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
 
@@ -386,7 +387,7 @@ class RunFolder:
 
     def __init__(self, path: str | Path, experts: dict[str, Any], writes: bool = True) -> None:
         self.path, self.experts, self.writes = Path(path), experts, writes
-        self.checkpoint = self.path / "checkpoint.safetensors"
+        self.checkpoint = self.path / CHECKPOINT
         if writes:
             ensure_writable_dir(self.path)
             remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now
@@ -526,7 +527,7 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
                      resume: bool, student: Student, buffers: ExpertBuffers) -> DistillState:
     if folder.checkpoint.exists():
         if not resume:
-            raise ValueError(f"{folder.path} already holds a run (checkpoint.safetensors): add --resume (resume=True) "
+            raise ValueError(f"{folder.path} already holds a run ({CHECKPOINT}): add --resume (resume=True) "
                              f"to continue it, or choose another --out to start afresh")
         return load_checkpoint(folder.checkpoint, config, device, folder.experts)
     if resume and folder.writes:

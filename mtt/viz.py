@@ -30,7 +30,7 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import FINAL_SYNTHETIC, load_snapshots
+from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, load_snapshots
 from mtt.io import atomic_write
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
@@ -295,9 +295,9 @@ def load_history(history_or_run_dir: Mapping[str, Any] | PathLike) -> dict[str, 
     source = Path(history_or_run_dir)
     if source.is_file():
         return json.loads(source.read_text())
-    found = [p for p in (source / "history.json", source / "checkpoint.safetensors") if p.is_file()]
+    found = [p for p in (source / "history.json", source / CHECKPOINT) if p.is_file()]
     if not found:
-        raise FileNotFoundError(f"no history.json or checkpoint.safetensors in {source}: "
+        raise FileNotFoundError(f"no history.json or {CHECKPOINT} in {source}: "
                                 "not a distillation run folder")
     newest = max(found, key=lambda p: p.stat().st_mtime_ns)
     if newest.suffix == ".json":
