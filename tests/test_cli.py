@@ -30,8 +30,11 @@ def mtt(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def start(*args) -> subprocess.Popen:
+    # SIGINT as a terminal delivers it: a suite started in the background (`cmd &` in a script) ignores SIGINT,
+    # children inherit that, and Python then keeps ignoring it instead of raising KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "mtt", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV)
+                            stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def the_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
