@@ -235,7 +235,7 @@ class DistillState:
     generator: torch.Generator       # draws experts, start epochs, minibatches, DSA
     iteration: int = 0
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
-    backward: str | None = None      # the exact mode in use (what `auto` chose), once known
+    backward: str | None = None      # the mode in use (under `auto`, what it chose), once known
     kept_graphs: int = 0             # and, `checkpointed` under `auto`, how many steps' graphs its walk keeps
     ema_images: Tensor | None = None      # FTD: the EMA of the images, when ema_decay > 0
     teacher_logits: Tensor | None = None  # TESLA: the last iteration's teacher labels (for evaluation)
@@ -309,6 +309,8 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
 # Everything else (learning rates, unroll length, evaluation, ...) may change; the change is
 # recorded in history["changes"].
 FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels", "teacher_labels")
+# What `auto`'s choice was timed and sized under: a resume that changes any of these chooses again.
+CHOSEN_UNDER = ("backward", "compile", "syn_steps", "batch_syn", "segments")
 _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
           "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels"}
 
@@ -348,6 +350,8 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
     if changed:
         state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
+    if any(k in changed for k in CHOSEN_UNDER):  # e.g. a `tesla` or `full` run resumed under `auto`, or compiled
+        state.backward, state.kept_graphs = None, 0
     return state
 
 

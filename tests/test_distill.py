@@ -298,6 +298,26 @@ def test_auto_keeps_the_step_graphs_that_fit_and_resumes_with_them(digits, exper
     straight = distill(small_config(iterations=6), digits, buffers, tmp_path / "straight", progress=False)
     assert torch.allclose(resumed.images, straight.images, rtol=1e-4, atol=1e-5)
     assert resumed.syn_lr == pytest.approx(straight.syn_lr, rel=1e-5)
+    # Compiled steps are recomputed, none kept: resumed with compile on, auto chooses again (compiled).
+    monkeypatch.setattr(mtt.distill, "COMPILE_BACKEND", "aot_eager")
+    distill(small_config(backward="auto", iterations=7, compile=True), digits, buffers, tmp_path / "auto",
+            resume=True, progress=False)
+    chosen = json.loads((tmp_path / "auto" / "history.json").read_text())["backward"]
+    assert chosen["iteration"] == 6 and chosen["kept_graphs"] == 0 and "compiled" in chosen["reason"]
+    assert walks[-1] == 0
+
+
+@pytest.mark.parametrize("before", ["tesla", "full"])
+def test_a_run_resumed_under_auto_chooses_its_backward(digits, experts, tmp_path, before):
+    """A run started with a given mode (TESLA's approximate one included) and resumed under `auto` measures and
+    takes an exact mode; it does not go on with the mode it was started with."""
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(backward=before, iterations=2), digits, buffers, tmp_path, progress=False)
+    distill(small_config(backward="auto", iterations=4), digits, buffers, tmp_path, resume=True, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["backward"]["iteration"] == 2 and set(history["backward"]["seconds"]) == {"full", "checkpointed"}
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["backward"] == history["backward"]["mode"]
 
 
 def test_auto_drops_the_kept_graphs_when_they_run_out_of_memory(digits, experts, tmp_path, monkeypatch):
