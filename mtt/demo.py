@@ -47,7 +47,7 @@ class QuickConfig:
         the 7 epochs the preset matches, so a set distilled from them barely beats random real
         images (DESIGN.md: experts that have not learned give nothing to match), while
         ConvNet-128 experts reach 77-85 %. The preset draws start epochs below 5 and targets 2
-        epochs later, so 7 trained epochs are all it reads. The gain comes within ~20-40
+        epochs later, so it reads snapshots up to epoch 6 of the 7 trained. The gain comes within ~20-40
         iterations; 80 show the curve levelling off. Evaluations on the curve cost as much as
         the iterations, hence 2 networks every 20 iterations.
         """

@@ -561,10 +561,11 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
         raise ValueError(f"the experts were trained on {meta.dataset} (zca={meta.zca}) but this run distils "
                          f"{config.dataset} (zca={config.zca}, dataset loaded with zca={dataset.zca is not None}); "
                          f"use matching experts, or set zca to match them")
-    if config.max_start_epoch + config.expert_epochs > meta.epochs:
-        raise ValueError(f"max_start_epoch ({config.max_start_epoch}) + expert_epochs ({config.expert_epochs}) "
-                         f"exceeds the {meta.epochs} epochs the experts were trained for; lower them or train "
-                         f"longer experts")
+    last_target = config.max_start_epoch - 1 + config.expert_epochs  # start epochs are drawn below max_start_epoch
+    if last_target > meta.epochs:
+        raise ValueError(f"max_start_epoch ({config.max_start_epoch}) and expert_epochs ({config.expert_epochs}) "
+                         f"match up to epoch {last_target}, beyond the {meta.epochs} epochs the experts were trained "
+                         f"for; lower them or train longer experts")
     net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
     meta.check_network(net)
     return Student(net.to(device))
