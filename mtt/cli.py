@@ -288,8 +288,8 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
         dataset_name, _, ipc = args.preset.partition(":")
         if not ipc.isdigit():
             raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {args.preset!r}")
-        config = preset(dataset_name, int(ipc), args.method, **overrides)
-        config.dataset, config.ipc = args.dataset, args.ipc
+        config = dataclasses.replace(preset(dataset_name, int(ipc), args.method, **overrides), dataset=args.dataset,
+                                     ipc=args.ipc)
     config.validate()
     return config
 

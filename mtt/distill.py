@@ -101,6 +101,9 @@ class DistillConfig:
     checkpoint_every: int = 100
     snapshot_every: int = 100
 
+    def __post_init__(self) -> None:
+        self.dataset = dataset_key(self.dataset)  # 'CIFAR-10' is cifar10, for the recipes' tables and the experts
+
     def validate(self) -> None:
         positive = ["ipc", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "iterations",
                     "checkpoint_every", "snapshot_every", "width", "depth"]

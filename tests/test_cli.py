@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from mtt.cli import build_parser, distill_config
 from mtt.data import load_dataset
 from mtt.distill import DistillConfig, preset
 from mtt.experts import ExpertConfig, train_experts
@@ -82,6 +83,19 @@ def distill_args(experts, out, *extra):
 def test_a_bad_flag_is_one_error_line_naming_it(tmp_path, args, flag):
     assert flag in the_error(mtt(*args, cwd=tmp_path))
     assert not (tmp_path / "x").exists() and not (tmp_path / "o").exists()  # and nothing was started
+
+
+@pytest.mark.parametrize("preset", ["paper", "none", "cifar10:10"])
+def test_a_dataset_goes_by_its_canonical_name_whatever_the_preset(preset):
+    """'CIFAR-10' is cifar10 on every path: the recipes' tables (DATM's) and the experts' metadata use that name."""
+    args = ["distill", "--dataset", "CIFAR-10", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", preset,
+            "--method", "datm"]
+    config = distill_config(build_parser().parse_args(list(map(str, args))))
+    assert (config.dataset, config.ipc) == ("cifar10", 1)
+    # DATM's table found under cifar10 (at IPC 1 it has a loss threshold; the borrowed IPC 10 a growing window)
+    assert config.loss_threshold == 1.1 if preset != "cifar10:10" else config.current_max_start_epoch == 10
+    with pytest.raises(ValueError, match="unknown dataset 'CIFAR-11'"):
+        distill_config(build_parser().parse_args(list(map(str, args[:2] + ["CIFAR-11"] + args[3:]))))
 
 
 def test_help_shows_defaults():
