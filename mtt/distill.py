@@ -49,7 +49,11 @@ class DistillationDiverged(ValueError):
 
 
 class OutOfMemory(ValueError):
-    """An iteration (or an evaluation) did not fit in the device's memory; the state before it is saved."""
+    """An iteration did not fit in the device's memory; the state before it is saved."""
+
+
+class EvaluationFailed(ValueError):
+    """Evaluating the set during a run failed (its networks diverged, or did not fit); the state is saved."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -444,7 +448,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
         folder.save_json("config.json", dataclasses.asdict(config))
         if evaluator is not None:
-            evaluator = _keeping_the_best(evaluator, folder, config, dataset)
+            evaluator = _keeping_the_best(_saving_if_it_fails(evaluator, folder, config), folder, config, dataset)
         _loop(state, config, student, buffers, folder, procs, callbacks, evaluator, progress)
     synthetic = _synthetic_set(state, config, dataset)
     folder.save_synthetic(synthetic)
@@ -466,6 +470,24 @@ def _keeping_the_best(evaluator: Evaluator, folder: RunFolder, config: DistillCo
         if best is None or evaluation["mean"] > best["mean"]:
             folder.save_synthetic(_synthetic_set(state, config, dataset), BEST_SYNTHETIC)
         return evaluation
+    return run
+
+
+def _saving_if_it_fails(evaluator: Evaluator, folder: RunFolder, config: DistillConfig) -> Evaluator:
+    """The evaluator, saving the state and saying how to go on when an evaluation fails: a learned step size too
+    large for the evaluation's networks, or their memory, is no fault of the distillation, which can go on."""
+    def run(state: DistillState) -> dict[str, Any]:
+        try:
+            return evaluator(state)
+        except (ValueError, torch.OutOfMemoryError) as err:
+            folder.save(state, config)
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise EvaluationFailed(
+                f"evaluating the set at iteration {state.iteration} failed: {reason}. The distillation is saved in "
+                f"{folder.checkpoint}: run the same command with --resume and --eval-repeats 0 (no evaluations; "
+                f"these settings may change on resume), then evaluate its sets with python -m mtt evaluate, whose "
+                f"--lr sets the networks' learning rate (here the learned step size, {state.syn_lr.item():.3g})"
+            ) from None
     return run
 
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from mtt.buffers import ExpertBuffers
 from mtt.data import load_dataset
-from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, OutOfMemory, best_evaluation, distill,
-                         load_snapshots, preset)
+from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, EvaluationFailed, OutOfMemory,
+                         best_evaluation, distill, load_snapshots, preset)
 from mtt.experts import ExpertConfig, train_experts
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import BackwardChoice
@@ -153,6 +153,24 @@ def test_resuming_with_other_experts_is_refused(digits, experts, tmp_path):
                                          r"2 ConvNet experts on digits, 4 epochs, hash \w+\)\. Pass the same --buffers"):
         distill(small_config(iterations=6), digits, ExpertBuffers.open(others), tmp_path / "run", resume=True,
                 progress=False)
+
+
+def test_a_failed_evaluation_saves_the_run_and_says_how_to_go_on(digits, experts, tmp_path):
+    def evaluator(state):
+        if state.iteration == 4:  # as evaluate() says when the learned step size makes its networks diverge
+            raise ValueError("training loss became nan by pass 0 of training with lr 3.2: the learning rate is "
+                             "too large for ConvNet")
+        return {"mean": 50.0, "runs": [50.0]}
+
+    buffers = ExpertBuffers.open(experts)
+    with pytest.raises(EvaluationFailed, match=r"evaluating the set at iteration 4 failed: training loss "
+                       r"became nan .*--resume and --eval-repeats 0 .*--lr sets the networks' learning rate"):
+        distill(small_config(eval_every=2), digits, buffers, tmp_path / "run", evaluator=evaluator, progress=False)
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["iteration"] == "4"  # not 3, the last regular checkpoint: nothing is redone
+    resumed = distill(small_config(), digits, buffers, tmp_path / "run", resume=True, progress=False)
+    straight = distill(small_config(), digits, buffers, tmp_path / "straight", progress=False)
+    assert torch.equal(resumed.images, straight.images) and resumed.syn_lr == straight.syn_lr
 
 
 def test_resume_into_an_empty_folder_says_it_starts_afresh(digits, experts, tmp_path, capsys):
