@@ -503,11 +503,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
         if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
             ensure_writable_dir(out_dir)
             remove_stale_temporaries(out_dir)
-            scoring = {"el2n": {"file": str(SCORES_FILE), "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS,
-                                "seed": config.seed + SCORER_SEED}} if config.curriculum else {}
-            atomic_write_json(out_dir / "config.json", {"dataset": dataset.name, "zca": dataset.zca is not None,
-                                                        "train_images": len(dataset.train_images), **asdict(config),
-                                                        **scoring})
+        settings = _training_settings(dataset, config)
         probe, _ = init_expert(dataset, config, 0)
         meta = BufferMeta.for_network(probe, dataset=dataset.name, model=config.model, channels=dataset.channels,
                                       im_size=dataset.im_size, num_classes=dataset.num_classes,
@@ -515,8 +511,11 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
         done = finished_experts(out_dir)
         if done:
             _check_compatible(out_dir, meta)
+            _check_same_training(out_dir, settings)
         todo = [k for k in ids if k not in done]
         procs.barrier()  # every rank has read the folder before any rank adds to it
+        if rank == 0:
+            atomic_write_json(out_dir / EXPERTS_CONFIG, settings)
         scores = curriculum_scores(dataset, config, out_dir, procs) if config.curriculum and todo else None
         mine = [k for k in todo if k % world == rank]
         parallel = config.parallel
@@ -558,6 +557,33 @@ def _interrupted(out_dir: Path, finished: int, wanted: int, world: int) -> None:
         write_index(out_dir)  # the finished experts are usable as they are
     raise Interrupted(f"interrupted: {finished} of {wanted} experts are finished and kept in {out_dir}; run the "
                       "same command again to train the rest") from None
+
+
+EXPERTS_CONFIG = "config.json"  # how the folder's experts are trained: the settings below
+FREE_ON_RESUME = ("num_experts", "parallel")  # how many experts, and how many at once: the rest is how each trains
+
+
+def _training_settings(dataset: Dataset, config: ExpertConfig) -> dict[str, Any]:
+    """What config.json records: the data and every setting, as JSON gives them back (tuples as lists)."""
+    scoring = {"el2n": {"file": str(SCORES_FILE), "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS,
+                        "seed": config.seed + SCORER_SEED}} if config.curriculum else {}
+    return json.loads(json.dumps({"dataset": dataset.name, "zca": dataset.zca is not None,
+                                  "train_images": len(dataset.train_images), **asdict(config), **scoring}))
+
+
+def _check_same_training(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to add experts trained otherwise than those already in the folder (momentum, batch size, DSA,
+    seed, SAM, curriculum, training images ...): one folder, one kind of expert."""
+    path = out_dir / EXPERTS_CONFIG
+    if not path.is_file():  # shards copied without it: the buffer metadata (_check_compatible) is all there is
+        return
+    before = json.loads(path.read_text())
+    diff = {k: (before[k], v) for k, v in settings.items()
+            if k in before and k not in FREE_ON_RESUME and before[k] != v}
+    if diff:
+        detail = ", ".join(f"{k}: {old!r} there vs {new!r} now" for k, (old, new) in diff.items())
+        raise ValueError(f"{out_dir} holds experts trained with other settings ({detail}); run with the settings "
+                         f"its {EXPERTS_CONFIG} records to add to them, or use another --out to start afresh")
 
 
 def _check_compatible(out_dir: Path, meta: BufferMeta) -> None:

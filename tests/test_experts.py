@@ -101,6 +101,26 @@ def test_resume_refuses_other_experts(digits, tmp_path):
         train_experts(digits, replace(TINY, num_experts=2), tmp_path, device="cpu", progress=False)
 
 
+def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
+    """The buffers' metadata holds no momentum, batch size, seed ...: config.json does, and a resume must match it."""
+    first = replace(TINY, num_experts=1, epochs=1)
+    train_experts(digits, first, tmp_path, device="cpu", progress=False)
+    recorded = (tmp_path / "config.json").read_text()
+    for change in [dict(momentum=0.9), dict(batch_size=32), dict(seed=5), dict(dsa="none")]:
+        name, value = next(iter(change.items()))
+        with pytest.raises(ValueError, match=rf"other settings \({name}: {getattr(first, name)!r} there vs "
+                                             rf"{value!r} now\); run with the settings its config.json records"):
+            train_experts(digits, replace(first, num_experts=2, **change), tmp_path, device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"train_images: 200 there vs 100 now"):
+        train_experts(digits.take_per_class(10), replace(first, num_experts=2), tmp_path, device="cpu",
+                      progress=False)
+    assert (tmp_path / "config.json").read_text() == recorded  # a refused resume leaves the record as it was
+    # More experts, trained several at once: the same kind of expert.
+    train_experts(digits, replace(first, num_experts=3, parallel=2), tmp_path, device="cpu", progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["num_experts"] == 3
+    assert len(ExpertBuffers.open(tmp_path)) == 3
+
+
 def test_zca_is_recorded(digits, tmp_path):
     train_experts(digits.with_zca(), replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
     assert ExpertBuffers.open(tmp_path, zca=True).meta.zca

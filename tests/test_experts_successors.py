@@ -253,7 +253,12 @@ def test_train_experts_with_the_curriculum_caches_the_scores_and_resumes(digits,
     alone, _ = train_group(digits, config, [2], CPU, scores=scores)
     assert torch.equal(ExpertBuffers.open(tmp_path).trajectory(2), alone[0])
 
-    # Scores of other training are not silently mixed with these experts.
+    # Experts of other training are not mixed with these: config.json says how these were trained ...
+    with pytest.raises(ValueError, match=r"other settings \(seed: 0 there vs 1 now"):
+        train_experts(digits, replace(config, num_experts=4, seed=1), tmp_path, device="cpu", progress=False)
+    # ... and, before any expert is finished (the first group killed), the cached scores say what they came from.
+    for shard in tmp_path.glob("experts_*.safetensors"):
+        shard.unlink()
     with pytest.raises(ValueError, match="EL2N scores of other training.*seed"):
         train_experts(digits, replace(config, num_experts=4, seed=1), tmp_path, device="cpu", progress=False)
 
