@@ -668,8 +668,10 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
         _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
-    # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean).
-    teacher = None if not config.teacher_labels else labels.mean(0) if labels.dim() == 3 else labels
+    # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean over every rank's).
+    teacher = None if not config.teacher_labels else labels.sum(0) / config.segments if labels.dim() == 3 else labels
+    if teacher is not None and procs.world > 1:
+        procs.sum_(teacher)
     if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
         return Update(loss, state.variables(), state.momenta, mode, kept, choice, skipped=True,
                       ema_images=state.ema_images, teacher_logits=teacher)

@@ -352,3 +352,17 @@ def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
         assert double_runs == pytest.approx(single_runs, abs=1.0)
     uneven = mtt(*distill_args(experts, tmp_path / "uneven", "--segments", 3), "--iterations", 1)
     assert uneven.returncode == 0  # one process: any K
+
+
+def test_torchrun_teacher_labels_are_the_mean_over_all_segments(experts, tmp_path):
+    """TESLA's labels with 4 segments on 2 ranks: every rank holds (and rank 0 saves) the mean of all 4
+    segments' teacher labels, not of its own 2."""
+    args = ["--iterations", 2, "--segments", 4, "--seed", 2, "--teacher-labels"]
+    assert mtt(*distill_args(experts, tmp_path / "single", *args)).returncode == 0
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mtt"]
+    double = subprocess.run([*torchrun, *map(str, distill_args(experts, tmp_path / "double", *args))],
+                            capture_output=True, text=True, env=ENV)
+    assert double.returncode == 0, double.stderr
+    a, b = (SyntheticSet.load(tmp_path / d / "synthetic.safetensors") for d in ("single", "double"))
+    assert a.label_logits is not None
+    torch.testing.assert_close(b.label_logits, a.label_logits, rtol=1e-4, atol=1e-5)
