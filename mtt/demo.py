@@ -15,7 +15,7 @@ from typing import Any
 from mtt.buffers import ExpertBuffers
 from mtt.data import Dataset, load_dataset
 from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, DistillConfig, distill, preset
-from mtt.evaluate import EvalConfig, evaluate, evaluate_baseline
+from mtt.evaluate import EvalConfig, evaluate_baseline, evaluate_synthetic
 from mtt.experts import ExpertConfig, train_experts
 from mtt.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 from mtt.synthetic import SyntheticSet
@@ -109,8 +109,7 @@ def run_demo(out_dir: str | Path = "demo", device: str = "auto", config: QuickCo
     run = quick_run(out, device, config, progress)
     dataset, synthetic = run.dataset, run.synthetic
     eval_config = config.eval_config(progress)
-    distilled = evaluate(synthetic.images, synthetic.labels, dataset.test_images, dataset.test_labels,
-                         dataclasses.replace(eval_config, lr=synthetic.syn_lr), device)
+    distilled = evaluate_synthetic(synthetic, dataset, [eval_config.model], eval_config, device)[eval_config.model]
     random_real = evaluate_baseline(dataset, config.ipc, "random", ["ConvNet"], eval_config, device)["ConvNet"]
     results = {"dataset": config.dataset, "ipc": config.ipc, "distilled": distilled.to_dict(),
                "random_real": random_real.to_dict(), "syn_lr": synthetic.syn_lr,
