@@ -387,6 +387,7 @@ Evaluator = Callable[[DistillState], dict[str, Any]]  # at least {"mean": test a
 CHECKPOINT = "checkpoint.safetensors"           # the state that --resume continues from
 FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends (or stops)
 BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
+SNAPSHOTS = "snapshots"                         # the images every snapshot_every iterations, for plots
 
 
 class RunFolder:
@@ -410,7 +411,18 @@ class RunFolder:
     def save_snapshot(self, state: DistillState) -> None:
         if self.writes:
             tensors = state.variables() | state.derived()
-            atomic_save_safetensors(tensors, self.path / "snapshots" / f"iter_{state.iteration:06d}.safetensors")
+            atomic_save_safetensors(tensors, self.path / SNAPSHOTS / f"iter_{state.iteration:06d}.safetensors")
+
+    def remove_earlier_run(self) -> int:
+        """Delete the snapshots and best set an earlier run left without a checkpoint (killed before its first,
+        or the checkpoint deleted), so that a fresh run's files are its own; returns how many were removed."""
+        if not self.writes:
+            return 0
+        earlier = [*(self.path / SNAPSHOTS).glob("iter_*.safetensors"), self.path / BEST_SYNTHETIC]
+        removed = [p for p in earlier if p.is_file()]
+        for path in removed:
+            path.unlink()
+        return len(removed)
 
     def save_json(self, name: str, obj: Any) -> None:
         if self.writes:
@@ -561,6 +573,9 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
         return load_checkpoint(folder.checkpoint, config, device, folder.experts)
     if resume and folder.writes:
         print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
+    if removed := folder.remove_earlier_run():
+        print(f"starting afresh in {folder.path}: removed {removed} snapshots and sets of an earlier run that "
+              f"left no checkpoint", file=sys.stderr)
     return initial_state(config, dataset, device, student, buffers)
 
 
@@ -790,5 +805,5 @@ def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, Tensor]]:
     """(iteration, images) of every snapshot a run saved, in order (for the image-evolution plots)."""
-    paths = sorted((Path(run_dir) / "snapshots").glob("iter_*.safetensors"))
+    paths = sorted((Path(run_dir) / SNAPSHOTS).glob("iter_*.safetensors"))
     return [(int(p.stem.removeprefix("iter_")), load_safetensors(p)["images"]) for p in paths]
