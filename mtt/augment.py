@@ -3,7 +3,7 @@
 Same operations and parameter ranges as the original MTT/DSA code (`ParamDiffAug`,
 `DiffAugment` in single-op mode 'S', per-sample parameters). Sampling draws everything
 from an explicit `torch.Generator` into a `DSAParams`; `apply_params` is a pure,
-differentiable function of (x, params). The checkpointed backward in `distill` relies
+differentiable function of (x, params). The checkpointed backward in `mtt.unroll` relies
 on this: it re-runs a step with the exact augmentation it saw in the forward pass.
 """
 from __future__ import annotations

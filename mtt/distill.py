@@ -99,7 +99,7 @@ class DistillConfig:
     ema_decay: float = 0.0       # FTD: keep an EMA of the images, which is what is evaluated and saved; 0 = off
     seed: int = 0
     device: str = "auto"
-    eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0)
+    eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0, unless given an evaluator)
     eval_repeats: int = 5
     eval_epochs: int = 1000
     checkpoint_every: int = 100
@@ -385,7 +385,7 @@ Evaluator = Callable[[DistillState], dict[str, Any]]  # at least {"mean": test a
 
 
 CHECKPOINT = "checkpoint.safetensors"           # the state that --resume continues from
-FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends (or stops)
+FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends
 BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
 SNAPSHOTS = "snapshots"                         # the images every snapshot_every iterations, for plots
 

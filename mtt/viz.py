@@ -286,23 +286,20 @@ def evolution_gif(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, path:
 def load_history(history_or_run_dir: Mapping[str, Any] | PathLike) -> dict[str, Any]:
     """A run's history: a dict as is, a history.json, or a run folder.
 
-    In a run folder the newer of history.json (written at the end) and the checkpoint
-    (written as it goes) wins, so a run still going, or resumed for more iterations, shows
-    its latest state.
+    In a run folder, its history.json: a run writes it with every checkpoint, so a run still
+    going, or resumed for more iterations, shows its latest state. The checkpoint holds the same
+    history and stands in where history.json is missing.
     """
     if isinstance(history_or_run_dir, Mapping):
         return dict(history_or_run_dir)
     source = Path(history_or_run_dir)
     if source.is_file():
         return json.loads(source.read_text())
-    found = [p for p in (source / "history.json", source / CHECKPOINT) if p.is_file()]
-    if not found:
-        raise FileNotFoundError(f"no history.json or {CHECKPOINT} in {source}: "
-                                "not a distillation run folder")
-    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-    if newest.suffix == ".json":
-        return json.loads(newest.read_text())
-    with safe_open(str(newest), "pt") as f:
+    if (source / "history.json").is_file():
+        return json.loads((source / "history.json").read_text())
+    if not (source / CHECKPOINT).is_file():
+        raise FileNotFoundError(f"no history.json or {CHECKPOINT} in {source}: not a distillation run folder")
+    with safe_open(str(source / CHECKPOINT), "pt") as f:
         return json.loads(f.metadata()["history"])
 
 
