@@ -16,9 +16,6 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from mtt.distill import DistillConfig
 
-Handler = Callable[[argparse.Namespace], dict[str, Any]]
-
-
 class _Parser(argparse.ArgumentParser):
     """Bad flags end with one `error:` line naming the flag, like every other error here."""
 

@@ -487,17 +487,17 @@ def shard_name(expert_ids: Sequence[int]) -> str:
 
 
 def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.PathLike, device: DeviceLike = "auto",
-                  expert_ids: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True) -> dict[str, Any]:
     """Train the experts not yet finished in out_dir, one shard per group of `parallel`, then index them.
 
-    expert_ids defaults to range(num_experts). Under torchrun, expert k trains on rank
-    k % WORLD_SIZE, every rank writes its own shards and rank 0 writes the index once all
-    are done. Returns {experts, trained, epochs, params, test_acc (final, per expert in
-    expert_ids order; this rank's own only on ranks > 0), seconds, out}.
+    Experts 0 .. num_experts - 1. Under torchrun, expert k trains on rank k % WORLD_SIZE,
+    every rank writes its own shards and rank 0 writes the index once all are done. Returns
+    {experts, trained, epochs, params, test_acc (final, per expert in id order; this rank's
+    own only on ranks > 0), seconds, out}.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    ids = list(range(config.num_experts) if expert_ids is None else expert_ids)
+    ids = list(range(config.num_experts))
     with ranks(resolve_device(device)) as procs:
         rank, world, device = procs.rank, procs.world, procs.device
         if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
