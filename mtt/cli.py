@@ -384,9 +384,9 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", default=None, help="dataset of an original-MTT set")
     p.add_argument("--original-zca", action="store_true",
                    help="the original-MTT set was distilled with ZCA (whiten the test set the original's way)")
-    p.add_argument("--width", type=int, default=None,
+    p.add_argument("--width", type=POSITIVE, default=None,
                    help="ConvNet-family width (default: the distillation network's, else 128)")
-    p.add_argument("--depth", type=int, default=None,
+    p.add_argument("--depth", type=POSITIVE, default=None,
                    help="ConvNet-family depth (default: the distillation network's, else 3)")
     _eval_flags(p, "default: the set's learned syn_lr", None)
     p.set_defaults(run=run_evaluate)

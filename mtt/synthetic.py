@@ -107,6 +107,8 @@ def _load_tensor(path: str | os.PathLike) -> Tensor:
         value = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
+    except OSError:
+        raise  # unreadable (permissions, a folder): the system's own message says why
     except Exception as err:  # torch raises UnpicklingError/RuntimeError for anything not plain tensors
         raise ValueError(f"{path} is not a plain tensor file (refused to unpickle anything else): {err}") from None
     if not isinstance(value, Tensor):

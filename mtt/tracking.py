@@ -20,6 +20,7 @@ from torch import Tensor
 
 from mtt.data import Dataset
 from mtt.distill import IterationInfo
+from mtt.io import atomic_write_text
 
 TRACKERS = ("tensorboard", "wandb")
 MAX_PER_CLASS = 10  # images per class in a grid: at IPC 50 a full grid would bloat the logs
@@ -59,7 +60,7 @@ class WandB:
         # The id is kept in the run folder so that `--resume` continues the same W&B run.
         id_file = run_dir / "wandb_run_id"
         if not id_file.exists():
-            id_file.write_text(uuid.uuid4().hex[:8])
+            atomic_write_text(id_file, uuid.uuid4().hex[:8])
         self.wandb = wandb
         self.run = wandb.init(project="mtt", config=config, dir=run_dir, id=id_file.read_text().strip(),
                               resume="allow")

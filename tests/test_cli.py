@@ -72,6 +72,7 @@ def distill_args(experts, out, *extra):
     (["experts", "--dataset", "digits", "--out", "x", "--lr", -0.1], "--lr"),
     (["experts", "--dataset", "digits", "--out", "x", "--parallel", "two"], "--parallel"),
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
+    (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
