@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
-from mtt.data import SPECS, ZCA, Dataset, DatasetSpec
+from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
 from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, load_snapshots
 from mtt.io import atomic_write
@@ -64,9 +64,7 @@ def _as_dataset(dataset: Dataset | DatasetSpec | str, zca: ZCA | None = None) ->
     or an empty one made from a spec or a dataset name."""
     if isinstance(dataset, Dataset):
         return dataset if zca is None else replace(dataset, zca=zca)
-    if isinstance(dataset, str) and dataset not in SPECS:
-        raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(SPECS)}, or pass a Dataset")
-    spec = SPECS[dataset] if isinstance(dataset, str) else dataset
+    spec = SPECS[dataset_key(dataset)] if isinstance(dataset, str) else dataset  # 'CIFAR-10' is cifar10
     empty = torch.empty(0)
     return Dataset(spec, [str(c) for c in range(spec.num_classes)], empty, empty.long(), empty, empty.long(), zca)
 

@@ -48,6 +48,9 @@ def test_display_pixels_are_in_unit_range(run):
     assert torch.allclose(pixels.amax((1, 2, 3)), torch.ones(10)) and torch.all(pixels.amin((1, 2, 3)) == 0)
     plain = viz.display_pixels(run.synthetic.images, "digits", clip=None)
     assert plain.min() >= 0 and plain.max() <= 1
+    assert torch.equal(viz.display_pixels(run.synthetic.images, "Digits", clip=None), plain)  # any spelling
+    with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
+        viz.display_pixels(run.synthetic.images, "digitz")
 
 
 def test_display_pixels_undo_zca_and_normalisation(run):
