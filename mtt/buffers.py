@@ -19,7 +19,6 @@ import json
 import math
 import operator
 import os
-import socket
 import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from mtt import __version__
 from mtt.data import SPECS
-from mtt.io import atomic_save_safetensors, atomic_write_json
+from mtt.io import atomic_save_safetensors, atomic_write_json, reachable
 from mtt.networks import NETWORK_NAMES, get_network
 
 FORMAT = "mtt-buffer/1"
@@ -652,16 +651,6 @@ def _hub_offline() -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    """A quick TCP check, so that an offline machine fails in seconds instead of after retries."""
-    u = urlparse(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _hub_where(repo_id: str, revision: str | None, sub: str) -> str:
     return f"repo {repo_id!r}, revision {revision or 'main'!r}, sub-path {sub or '(root)'!r}"
 
@@ -695,7 +684,7 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
         raise error(str(err)) from None
     if _hub_offline():
         raise error("they are not in the local cache and HF_HUB_OFFLINE is set")
-    if not _reachable(constants.ENDPOINT):
+    if not reachable(constants.ENDPOINT):
         raise error(f"they are not in the local cache and {urlparse(constants.ENDPOINT).hostname} cannot be reached")
     try:  # the Hub answered the check: its own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) apply
         folder = Path(snapshot_download(**kwargs)) / sub
@@ -717,7 +706,7 @@ def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", rev
     buffers = ExpertBuffers.open(folder)
     sub = subpath.strip("/")
     where = _hub_where(repo_id, revision, sub)
-    if _hub_offline() or not _reachable(constants.ENDPOINT):
+    if _hub_offline() or not reachable(constants.ENDPOINT):
         raise BufferUploadError(f"cannot push {folder} to the Hugging Face Hub ({where}): offline "
                                 f"(HF_HUB_OFFLINE is set or {urlparse(constants.ENDPOINT).hostname} cannot be reached)")
     api = HfApi(token=token)

@@ -12,7 +12,6 @@ import gzip
 import io
 import os
 import pickle
-import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtt.io import atomic_save_safetensors, load_safetensors
+from mtt.io import atomic_save_safetensors, load_safetensors, reachable
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -327,15 +326,6 @@ _HOW_TO_GET = {
 }
 
 
-def _reachable(url: str, timeout: float = 3.0) -> bool:
-    host = urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _download(name: str, target: Path) -> Path:
     """Fetch through torchvision's mirrors after a quick reachability check.
 
@@ -348,7 +338,7 @@ def _download(name: str, target: Path) -> Path:
     if name in ("mnist", "fashion-mnist"):
         cls = tvd.MNIST if name == "mnist" else tvd.FashionMNIST
         mirror = cls.mirrors[0]
-        if not _reachable(mirror):
+        if not reachable(mirror):
             raise OSError(f"cannot reach {urlparse(mirror).hostname}")
         folder = target / name
         for filename, md5 in cls.resources:
@@ -356,14 +346,14 @@ def _download(name: str, target: Path) -> Path:
         return folder
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-        if not _reachable(cls.url):
+        if not reachable(cls.url):
             raise OSError(f"cannot reach {urlparse(cls.url).hostname}")
         download_and_extract_archive(cls.url, target, filename=cls.filename, md5=cls.tgz_md5)
         return target / cls.base_folder
     if name == "svhn":
         folder = target / "svhn"
         for url, filename, md5 in [tvd.SVHN.split_list["train"], tvd.SVHN.split_list["test"]]:
-            if not _reachable(url):
+            if not reachable(url):
                 raise OSError(f"cannot reach {urlparse(url).hostname}")
             download_url(url, folder, filename, md5)
         return folder

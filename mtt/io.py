@@ -1,11 +1,14 @@
-"""Atomic file writes: a crash mid-write leaves the previous file, never half of a new one."""
+"""Atomic file writes (a crash mid-write leaves the previous file, never half of a new one), output folders
+checked before work starts, and a quick check that a download's host can be reached."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -81,3 +84,13 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """A quick TCP check of `url`'s host, so that an offline machine fails in seconds instead of after retries."""
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
