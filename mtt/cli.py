@@ -142,15 +142,14 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_experts(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     from mtt.data import load_dataset
+    from mtt.distributed import is_main_process
     from mtt.experts import ExpertConfig, train_experts
     from mtt.io import ensure_writable_dir
 
-    rank = int(os.environ.get("RANK", 0))
-    if rank != 0:
-        args.json = False  # under torchrun only rank 0 reports
+    main = is_main_process()  # under torchrun rank 0 reports
+    if not main:
+        args.json = False
     config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                           dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth,
@@ -160,11 +159,11 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.dataset, args.data_root, zca=args.zca)
     if args.train_per_class:
         dataset = dataset.take_per_class(args.train_per_class, seed=args.seed)
-    if rank == 0:
+    if main:
         _announce("experts", {"dataset": dataset.name, "zca": args.zca, "train_images": len(dataset.train_images),
                               **dataclasses.asdict(config), "out": args.out})
     result = train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
-    if rank == 0:
+    if main:
         print(f"saved: {result['experts']} experts in {args.out} ({result['trained']} trained now)", file=sys.stderr)
     return result
 
@@ -292,19 +291,19 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
 
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
-    import os
     import time
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
     from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, accuracy_text, best_evaluation, distill,
                              network_from_buffers)
+    from mtt.distributed import is_main_process
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
 
     config = distill_config(args)
-    main = int(os.environ.get("RANK", 0)) == 0  # under torchrun rank 0 reports and writes
+    main = is_main_process()  # under torchrun rank 0 reports and writes
     if main:
         ensure_writable_dir(args.out)
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)

@@ -65,6 +65,11 @@ class Ranks:
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or the only process: the one that reports (before any process group)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 @contextmanager
 def ranks(device: torch.device) -> Iterator[Ranks]:
     """This process's Ranks for the duration of a run; starts (and ends) the process group if needed."""
