@@ -229,7 +229,8 @@ def _read_shard(path: Path) -> _Shard:
         raise _broken(path, err) from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mtt expert-buffer shard (format {metadata.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+                         f"expected {FORMAT!r}): a folder of experts holds their shards and {INDEX} alone, so "
+                         f"point --buffers (experts: --out) at such a folder, not at a run's")
     meta = _meta_from_strings(metadata, path)
     ids, accs = [], set()
     for key, shape in shapes.items():
@@ -276,6 +277,21 @@ def write_index(folder: str | os.PathLike) -> Path:
     meta, _ = _check_shards(shards)
     index = {"format": FORMAT, "meta": asdict(meta), "shards": {s.path.name: list(s.ids) for s in shards}}
     return atomic_write_json(folder / INDEX, index)
+
+
+def holds_experts(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds expert trajectories (an index, or a shard), which nothing else may write into."""
+    folder = Path(folder)
+    if (folder / INDEX).is_file():
+        return True
+    for path in _shard_paths(folder) if folder.is_dir() else ():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("format") == FORMAT:
+                    return True
+        except (SafetensorError, OSError):
+            continue
+    return False
 
 
 def finished_experts(folder: str | os.PathLike) -> set[int]:

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, parse_strategy
-from mtt.buffers import ExpertBuffers
+from mtt.buffers import ExpertBuffers, holds_experts
 from mtt.data import Dataset, dataset_key
 from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
@@ -400,6 +400,9 @@ class RunFolder:
     def __init__(self, path: str | Path, experts: dict[str, Any], writes: bool = True) -> None:
         self.path, self.experts, self.writes = Path(path), experts, writes
         self.checkpoint = self.path / CHECKPOINT
+        if writes and holds_experts(self.path):  # its config.json and *.safetensors would spoil the experts
+            raise ValueError(f"--out {self.path} holds expert trajectories: give the run a folder of its own "
+                             f"(e.g. runs/NAME), not the experts' (--buffers)")
         if writes:
             ensure_writable_dir(self.path)
             remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,6 +322,19 @@ def test_log_tensorboard_from_the_command_line(experts, tmp_path):
     result = mtt(*distill_args(experts, tmp_path, "--iterations", 2, "--log", "tensorboard"))
     assert result.returncode == 0, result.stderr
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_run_and_experts_keep_to_folders_of_their_own(experts, tmp_path):
+    """--out and --buffers side by side in every command: one typed for the other must not mix the two folders."""
+    shutil.copytree(experts, tmp_path / "experts")
+    before = sorted(p.name for p in (tmp_path / "experts").iterdir())
+    error = the_error(mtt(*distill_args(tmp_path / "experts", tmp_path / "experts", "--iterations", 1)))
+    assert f"--out {tmp_path / 'experts'} holds expert trajectories: give the run a folder of its own" in error
+    assert sorted(p.name for p in (tmp_path / "experts").iterdir()) == before
+    assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 1)).returncode == 0
+    error = the_error(mtt("experts", "--dataset", "digits", "--epochs", 1, "--width", WIDTH, "--num-experts", 1,
+                          "--out", tmp_path / "run", "--device", "cpu", "--no-progress"))
+    assert "is not an mtt expert-buffer shard" in error and "not at a run's" in error
 
 
 def test_an_unwritable_plot_fails_before_the_evaluation(tmp_path):
