@@ -684,6 +684,10 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
         loss = summed[-1].item()
     where = f"(experts {experts}, start epochs {starts})"
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
+        if not (torch.isfinite(theta_start).all() and torch.isfinite(theta_target).all()):
+            raise ValueError(f"the experts' parameters are not finite {where}: these buffers hold diverged or damaged "
+                             f"experts, which no distillation setting mends; train them again with a lower --lr "
+                             f"(python -m mtt experts), or use other --buffers")
         _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
     # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean over every rank's).

@@ -535,6 +535,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                         trajectories, test_acc = train_group(dataset, config, group, device, bar, scores)
                 except KeyboardInterrupt:
                     _interrupted(out_dir, len(done) + len(final), len(ids), world)
+                _check_finite(trajectories, group, config)
                 # One shard per group as soon as it is done: a crash loses at most this group.
                 write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
                 final.update(zip(group, test_acc[:, -1].tolist()))
@@ -550,6 +551,17 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
     return {"experts": len(ids), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,
             "out": str(out_dir)}
+
+
+def _check_finite(trajectories: Tensor, group: Sequence[int], config: ExpertConfig) -> None:
+    """Refuse to save experts whose training diverged: distilling from them fails with a non-finite loss that
+    no distillation setting can mend."""
+    broken = ~torch.isfinite(trajectories).all(-1)  # [experts, epochs + 1]
+    for k, epochs in zip(group, broken.tolist()):
+        if any(epochs):
+            raise ValueError(f"expert {k} diverged: its parameters are not finite from epoch {epochs.index(True)} "
+                             f"on (lr {config.lr:g}, momentum {config.momentum:g}); lower --lr (the paper's experts "
+                             f"use 0.01). Experts finished before it are kept")
 
 
 def _interrupted(out_dir: Path, finished: int, wanted: int, world: int) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mtt.buffers import ExpertBuffers
+from mtt.buffers import ExpertBuffers, write_index, write_shard
 from mtt.data import load_dataset
 from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, EvaluationFailed, OutOfMemory,
                          best_evaluation, distill, load_snapshots, preset)
@@ -126,6 +126,17 @@ def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_record
                                                                 "iterations": [3, 5]}}]
     assert len(history["loss"]) == 5
     assert json.loads((tmp_path / "config.json").read_text())["lr_img"] == 5
+
+
+def test_experts_with_non_finite_parameters_are_blamed_not_the_settings(digits, experts, tmp_path):
+    buffers = ExpertBuffers.open(experts)
+    damaged = torch.stack([buffers.trajectory(0)])
+    damaged[0, 1:, :5] = float("nan")  # diverged after epoch 0
+    write_shard(tmp_path / "bad" / "experts_00000-00000.safetensors", damaged, buffers.meta, [0])
+    write_index(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"the experts' parameters are not finite \(experts \[0\], start epochs "
+                                         r"\[\d\]\): these buffers hold diverged or damaged experts"):
+        distill(small_config(), digits, ExpertBuffers.open(tmp_path / "bad"), tmp_path / "run", progress=False)
 
 
 def test_a_diverged_run_continues_with_the_advice_it_gives(digits, experts, tmp_path):

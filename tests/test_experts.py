@@ -121,6 +121,14 @@ def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
     assert len(ExpertBuffers.open(tmp_path)) == 3
 
 
+def test_an_expert_that_diverges_is_not_saved(digits, tmp_path):
+    with pytest.raises(ValueError, match=r"expert 0 diverged: its parameters are not finite from epoch 1 on "
+                                         r"\(lr 1e\+06, momentum 0\); lower --lr"):
+        train_experts(digits, replace(TINY, num_experts=1, epochs=1, lr=1e6), tmp_path, device="cpu",
+                      progress=False)
+    assert not list(tmp_path.glob("experts_*.safetensors"))
+
+
 def test_zca_is_recorded(digits, tmp_path):
     train_experts(digits.with_zca(), replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
     assert ExpertBuffers.open(tmp_path, zca=True).meta.zca
