@@ -416,16 +416,20 @@ class RunFolder:
             tensors = state.variables() | state.derived()
             atomic_save_safetensors(tensors, self.path / SNAPSHOTS / f"iter_{state.iteration:06d}.safetensors")
 
-    def remove_earlier_run(self) -> int:
-        """Delete the snapshots and best set an earlier run left without a checkpoint (killed before its first,
-        or the checkpoint deleted), so that a fresh run's files are its own; returns how many were removed."""
+    def clear_for_a_fresh_run(self) -> int:
+        """Refuse a folder holding an earlier run's sets without its checkpoint (results, not to be overwritten);
+        delete the snapshots a run killed before its first checkpoint left, so that a fresh run's plots show its
+        own alone. Returns how many were removed."""
         if not self.writes:
             return 0
-        earlier = [*(self.path / SNAPSHOTS).glob("iter_*.safetensors"), self.path / BEST_SYNTHETIC]
-        removed = [p for p in earlier if p.is_file()]
-        for path in removed:
+        results = [name for name in (FINAL_SYNTHETIC, BEST_SYNTHETIC) if (self.path / name).is_file()]
+        if results:
+            raise ValueError(f"--out {self.path} holds an earlier run's {' and '.join(results)} but no {CHECKPOINT} "
+                             f"to resume from: choose another --out, or move them away to start afresh there")
+        snapshots = list((self.path / SNAPSHOTS).glob("iter_*.safetensors"))
+        for path in snapshots:
             path.unlink()
-        return len(removed)
+        return len(snapshots)
 
     def save_json(self, name: str, obj: Any) -> None:
         if self.writes:
@@ -576,9 +580,9 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
         return load_checkpoint(folder.checkpoint, config, device, folder.experts)
     if resume and folder.writes:
         print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
-    if removed := folder.remove_earlier_run():
-        print(f"starting afresh in {folder.path}: removed {removed} snapshots and sets of an earlier run that "
-              f"left no checkpoint", file=sys.stderr)
+    if removed := folder.clear_for_a_fresh_run():
+        print(f"starting afresh in {folder.path}: removed the {removed} snapshots of an earlier run that left no "
+              f"checkpoint", file=sys.stderr)
     return initial_state(config, dataset, device, student, buffers)
 
 

@@ -184,15 +184,19 @@ def test_a_failed_evaluation_saves_the_run_and_says_how_to_go_on(digits, experts
     assert torch.equal(resumed.images, straight.images) and resumed.syn_lr == straight.syn_lr
 
 
-def test_a_fresh_run_removes_what_an_earlier_run_left_without_a_checkpoint(digits, experts, tmp_path, capsys):
+def test_a_fresh_run_in_a_folder_an_earlier_run_left_without_a_checkpoint(digits, experts, tmp_path, capsys):
+    """Its sets are results: refused, not overwritten. Snapshots alone are what a run killed before its first
+    checkpoint leaves: removed, so that the plots show the new run alone."""
     buffers = ExpertBuffers.open(experts)
     distill(small_config(iterations=10, snapshot_every=5), digits, buffers, tmp_path, progress=False)
-    SyntheticSet.load(tmp_path / "synthetic.safetensors").save(tmp_path / BEST_SYNTHETIC)
-    (tmp_path / "checkpoint.safetensors").unlink()  # as a run killed before its first checkpoint leaves it
+    (tmp_path / "checkpoint.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds an earlier run's synthetic.safetensors but no checkpoint.safetensors "
+                                         r"to resume from: choose another --out"):
+        distill(small_config(), digits, buffers, tmp_path, progress=False)
+    (tmp_path / "synthetic.safetensors").unlink()
     distill(small_config(), digits, buffers, tmp_path, progress=False)
     assert [it for it, _ in load_snapshots(tmp_path)] == [0, 2, 4, 6]  # not 5 and 10 of the earlier run
-    assert not (tmp_path / BEST_SYNTHETIC).exists()
-    assert f"starting afresh in {tmp_path}: removed 4 snapshots and sets of an earlier run" in capsys.readouterr().err
+    assert f"starting afresh in {tmp_path}: removed the 3 snapshots of an earlier run" in capsys.readouterr().err
 
 
 def test_resume_into_an_empty_folder_says_it_starts_afresh(digits, experts, tmp_path, capsys):
