@@ -530,7 +530,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             try:
                 with stop.abandonable():  # Ctrl-C here drops this iteration; it is redone on resume
                     evaluation = None
-                    if evaluator is not None and config.eval_every and state.iteration % config.eval_every == 0:
+                    if _evaluation_due(state, config, evaluator):
                         evaluation = {"iteration": state.iteration, **evaluator(state)}
                     if state.iteration % config.snapshot_every == 0:
                         folder.save_snapshot(state)
@@ -559,16 +559,26 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 _interrupted(state, config, folder)
         bar.close()
 
-        evals = state.history["evals"]
-        if evaluator is not None and not (evals and evals[-1]["iteration"] == state.iteration):
+        if evaluator is not None and not _evaluated_already(state):
             try:
                 with stop.abandonable():
                     evaluation = {"iteration": state.iteration, **evaluator(state)}
             except KeyboardInterrupt:
                 _interrupted(state, config, folder)
-            evals.append(evaluation)
+            state.history["evals"].append(evaluation)
         folder.save_snapshot(state)
         folder.save(state, config)
+
+
+def _evaluated_already(state: DistillState) -> bool:
+    """This state was evaluated: the run that reached this iteration ended here, and is now resumed for more."""
+    evals = state.history["evals"]
+    return bool(evals) and evals[-1]["iteration"] == state.iteration
+
+
+def _evaluation_due(state: DistillState, config: DistillConfig, evaluator: Evaluator | None) -> bool:
+    return (evaluator is not None and config.eval_every > 0 and state.iteration % config.eval_every == 0
+            and not _evaluated_already(state))
 
 
 def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder, device: torch.device,

@@ -166,6 +166,21 @@ def test_resuming_with_other_experts_is_refused(digits, experts, tmp_path):
                 progress=False)
 
 
+def test_a_finished_run_extended_is_not_evaluated_twice_where_it_ended(digits, experts, tmp_path):
+    evaluated = []
+
+    def evaluator(state):
+        evaluated.append(state.iteration)
+        return {"mean": 50.0, "runs": [50.0]}
+
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(iterations=4, eval_every=2), digits, buffers, tmp_path, evaluator=evaluator, progress=False)
+    distill(small_config(iterations=6, eval_every=2), digits, buffers, tmp_path, evaluator=evaluator, resume=True,
+            progress=False)
+    assert evaluated == [0, 2, 4, 6]
+    assert [e["iteration"] for e in json.loads((tmp_path / "history.json").read_text())["evals"]] == [0, 2, 4, 6]
+
+
 def test_a_failed_evaluation_saves_the_run_and_says_how_to_go_on(digits, experts, tmp_path):
     def evaluator(state):
         if state.iteration == 4:  # as evaluate() says when the learned step size makes its networks diverge
