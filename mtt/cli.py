@@ -359,6 +359,9 @@ def _check_plot(args: argparse.Namespace) -> None:
     """The chart's folder must be writable before hours of training, not after."""
     if args.plot:
         from mtt.io import ensure_writable_dir
+        if Path(args.plot).is_dir():
+            raise ValueError(f"--plot {args.plot} is a folder: give the chart's file name, e.g. "
+                             f"{Path(args.plot) / 'accuracy.png'}")
         ensure_writable_dir(Path(args.plot).parent, "--plot")
 
 
@@ -404,6 +407,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                          "best evaluated)")
     if not Path(args.synthetic).is_file():
         raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")
+    if args.original_zca and not args.original_labels:  # an mtt set carries its own ZCA, applied to the test set
+        raise ValueError("--original-zca is for an original-MTT set (with --original-labels): an mtt set records "
+                         "whether it was distilled with ZCA and whitens the test set itself")
     if args.original_labels:
         if args.dataset is None or args.lr is None:
             raise ValueError("an original-MTT set (--original-labels) needs --dataset and --lr "

@@ -74,6 +74,7 @@ def distill_args(experts, out, *extra):
     (["experts", "--dataset", "digits", "--out", "x", "--parallel", "two"], "--parallel"),
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
+    (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
@@ -98,6 +99,12 @@ def test_a_dataset_goes_by_its_canonical_name_whatever_the_preset(preset):
     assert config.loss_threshold == 1.1 if preset != "cifar10:10" else config.current_max_start_epoch == 10
     with pytest.raises(ValueError, match="unknown dataset 'CIFAR-11'"):
         distill_config(build_parser().parse_args(list(map(str, args[:2] + ["CIFAR-11"] + args[3:]))))
+
+
+def test_original_zca_is_refused_for_an_mtt_set(tmp_path):
+    SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01, "digits").save(tmp_path / "set.safetensors")
+    error = the_error(mtt("evaluate", "--synthetic", tmp_path / "set.safetensors", "--original-zca"))
+    assert "--original-zca is for an original-MTT set (with --original-labels)" in error
 
 
 def test_help_shows_defaults():
