@@ -330,6 +330,9 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         saved = json.loads(metadata["config"])
+        for name in ("generator", "labels", "var.images", "var.syn_lr"):
+            if name not in tensors:
+                raise KeyError(f"it holds no {name!r}")
     except (ValueError, KeyError) as err:
         raise ValueError(f"{path} is not a checkpoint mtt can read ({err}). Move it away (or delete it) and "
                          "run without --resume to start afresh, or choose another --out") from None

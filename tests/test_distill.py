@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from mtt.buffers import ExpertBuffers, write_index, write_shard
 from mtt.data import load_dataset
@@ -223,6 +224,15 @@ def test_a_checkpoint_that_is_not_one_says_how_to_go_on(digits, experts, tmp_pat
     (tmp_path / "checkpoint.safetensors").write_text('{"not": "a checkpoint"}')
     with pytest.raises(ValueError, match="not a checkpoint mtt can read .*run without --resume to start afresh"):
         distill(small_config(), digits, ExpertBuffers.open(experts), tmp_path, resume=True, progress=False)
+    # A safetensors file with a config but not a checkpoint's tensors (a synthetic set copied over it, say).
+    distill(small_config(iterations=1), digits, ExpertBuffers.open(experts), tmp_path / "run", progress=False)
+    tensors = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file({k: v for k, v in tensors.items() if k != "generator"}, tmp_path / "run" / "checkpoint.safetensors",
+              metadata)
+    with pytest.raises(ValueError, match="not a checkpoint mtt can read \\(.it holds no .generator..\\)"):
+        distill(small_config(), digits, ExpertBuffers.open(experts), tmp_path / "run", resume=True, progress=False)
 
 
 def test_experts_too_short_for_the_settings(digits, experts, tmp_path):
