@@ -590,7 +590,13 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
         if not resume:
             raise ValueError(f"{folder.path} already holds a run ({CHECKPOINT}): add --resume (resume=True) "
                              f"to continue it, or choose another --out to start afresh")
-        return load_checkpoint(folder.checkpoint, config, device, folder.experts)
+        state = load_checkpoint(folder.checkpoint, config, device, folder.experts)
+        changes = state.history.get("changes", [])
+        if folder.writes and changes and changes[-1]["iteration"] == state.iteration:
+            said = ", ".join(f"{k} {before} -> {now}" for k, (before, now) in changes[-1]["changed"].items())
+            print(f"resuming at iteration {state.iteration} with settings other than the checkpoint's: {said} "
+                  f"(a flag left out takes the preset's value, not the run's)", file=sys.stderr)
+        return state
     if resume and folder.writes:
         print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
     if removed := folder.clear_for_a_fresh_run():
