@@ -152,7 +152,9 @@ class DistillConfig:
         if self.label_init not in LABEL_INITS:
             raise ValueError(f"label_init must be one of {LABEL_INITS}, got {self.label_init!r}")
         if self.label_init != "onehot" and not self.soft_labels:
-            raise ValueError(f"label_init={self.label_init!r} initialises learned soft labels: add --soft-labels")
+            raise ValueError(f"label_init={self.label_init!r} (--label-init; DATM's recipe sets 'experts') "
+                             f"initialises learned soft labels: add --soft-labels, or, to keep the labels fixed, "
+                             f"--label-init onehot")
         if self.teacher_labels and self.soft_labels:
             raise ValueError("teacher_labels (TESLA: fixed targets from the expert) and soft_labels (learned "
                              "targets) exclude each other: choose one")

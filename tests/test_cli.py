@@ -75,6 +75,8 @@ def distill_args(experts, out, *extra):
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--method", "datm",
+      "--no-soft-labels"], "--label-init onehot"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-img", 0], "--lr-img"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
