@@ -343,8 +343,14 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _names(text: str) -> list[str]:
+    """'ConvNet, ResNet18,' -> ['ConvNet', 'ResNet18']: spaces and empty entries are no names."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:
-    p.add_argument("--models", default="ConvNet", help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
+    p.add_argument("--models", type=_names, default="ConvNet",
+                   help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
     p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (seeds seed..seed+repeats-1)")
     p.add_argument("--epochs", type=NON_NEGATIVE, default=1000, help="training epochs per network")
     p.add_argument("--lr", type=RATE, default=lr_default, help=lr_help)
@@ -405,6 +411,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--synthetic: {args.synthetic} is a run folder: pass one of its sets, "
                          f"{Path(args.synthetic) / FINAL_SYNTHETIC} (the final one) or {BEST_SYNTHETIC} (the "
                          "best evaluated)")
+    if Path(args.synthetic).is_dir():
+        raise ValueError(f"--synthetic: {args.synthetic} is a folder without a {FINAL_SYNTHETIC}: pass a set's file "
+                         f"(a run that was stopped writes its set when it ends: resume it to the end)")
     if not Path(args.synthetic).is_file():
         raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")
     if args.original_zca and not args.original_labels:  # an mtt set carries its own ZCA, applied to the test set
@@ -429,7 +438,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
                         width=args.width or synthetic.width, depth=args.depth or synthetic.depth,
                         progress=not args.no_progress)
-    results = evaluate_synthetic(synthetic, dataset, args.models.split(","), config, args.device)
+    results = evaluate_synthetic(synthetic, dataset, args.models, config, args.device)
     return _eval_summary(results, args)
 
 
@@ -458,7 +467,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.with_zca()
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
                         progress=not args.no_progress)
-    results = evaluate_baseline(dataset, args.ipc, args.method, args.models.split(","), config, args.device)
+    results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)
     return _eval_summary(results, args)
 
 

@@ -75,6 +75,7 @@ def distill_args(experts, out, *extra):
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
+    (["evaluate", "--synthetic", "."], "--synthetic: . is a folder without a synthetic.safetensors"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--method", "datm",
       "--no-soft-labels"], "--label-init onehot"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
@@ -107,6 +108,12 @@ def test_original_zca_is_refused_for_an_mtt_set(tmp_path):
     SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01, "digits").save(tmp_path / "set.safetensors")
     error = the_error(mtt("evaluate", "--synthetic", tmp_path / "set.safetensors", "--original-zca"))
     assert "--original-zca is for an original-MTT set (with --original-labels)" in error
+
+
+def test_models_are_a_comma_separated_list_spaces_allowed():
+    parse = build_parser().parse_args
+    assert parse(["evaluate", "--synthetic", "s", "--models", "ConvNet, MLP,"]).models == ["ConvNet", "MLP"]
+    assert parse(["baseline", "--dataset", "digits", "--ipc", "1"]).models == ["ConvNet"]
 
 
 def test_help_shows_defaults():
