@@ -601,7 +601,8 @@ class ExpertBuffers:
             value = {"im_size": _hw, "dataset": _canonical_dataset, "zca": bool}.get(field, lambda v: v)(value)
             have = getattr(self.meta, field)
             if value != have:
-                wrong.append(f"{field}={value!r} (buffer has {have!r})")
+                flag = f" (--{'zca' if have else 'no-zca'} to match)" if field == "zca" else ""
+                wrong.append(f"{field}={value!r} (buffer has {have!r}{flag})")
         if wrong:
             raise ValueError(f"{self.source}: the buffer was made for {self.meta.describe()}, requested "
                              f"{', '.join(wrong)}; use buffers made for this setting or {TRAIN_HINT}")

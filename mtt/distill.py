@@ -470,6 +470,9 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
+        if state.iteration > config.iterations:  # or config.json and the saved set would say it ran fewer
+            raise ValueError(f"{folder.path} holds a run of {state.iteration} iterations, more than --iterations "
+                             f"{config.iterations}: raise --iterations to go on with it")
         folder.save_json("config.json", dataclasses.asdict(config))
         if evaluator is not None:
             evaluator = _keeping_the_best(_saving_if_it_fails(evaluator, folder, config), folder, config, dataset)

@@ -10,6 +10,7 @@ Baselines (random real subset, herding, full training set) go through the same p
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -90,9 +91,12 @@ def build_network(config: EvalConfig, channels: int, num_classes: int, im_size: 
 def train_network(net: nn.Module, images: Tensor, targets: Tensor, config: EvalConfig,
                   generator: torch.Generator, on_epoch: EpochHook | None = None) -> nn.Module:
     """Train `net` in place with the protocol; targets are class indices [N] or soft-label logits [N, K]."""
-    if config.lr is None or config.lr <= 0:
+    if config.lr is None or not 0 < config.lr < math.inf:
         raise ValueError(f"evaluation needs a positive learning rate, got {config.lr!r}: pass --lr (lr=) "
-                         "(the synthetic set holds no learned syn_lr)")
+                         "(the synthetic set holds no usable learned syn_lr)")
+    if not (torch.isfinite(images).all() and torch.isfinite(targets.float()).all()):
+        raise ValueError("the synthetic images (or label logits) are not all finite: the set is damaged, or was "
+                         "saved from a run that diverged; evaluate an earlier snapshot or best set instead")
     device = next(net.parameters()).device
     images, targets = images.to(device), targets.to(device)
     if targets.dim() == 2:  # soft labels: cross-entropy against the softmax of the logits

@@ -168,7 +168,7 @@ def test_mismatched_model_is_refused(folder):
         ExpertBuffers.open(folder, model="ConvNetD4")
     with pytest.raises(ValueError, match=r"channels=3 \(buffer has 1\).*im_size=\(32, 32\)"):
         ExpertBuffers.open(folder, channels=3, im_size=32)
-    with pytest.raises(ValueError, match=r"zca=True \(buffer has False\)"):
+    with pytest.raises(ValueError, match=r"zca=True \(buffer has False \(--no-zca to match\)\)"):
         ExpertBuffers.open(folder, zca=True)
     # a network with other shapes: names which parameter and what the buffer was made for
     with pytest.raises(ValueError, match=r"for model ConvNet on digits.*parameter 0.*\(16, 1, 3, 3\).*\(16, 3, 3, 3\)"):

@@ -130,6 +130,9 @@ def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_record
                                                                 "iterations": [3, 5]}}]
     assert len(history["loss"]) == 5
     assert json.loads((tmp_path / "config.json").read_text())["lr_img"] == 5
+    with pytest.raises(ValueError, match="holds a run of 5 iterations, more than --iterations 4: raise --iterations"):
+        distill(small_config(iterations=4), digits, buffers, tmp_path, resume=True, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["iterations"] == 5
 
 
 def test_experts_with_non_finite_parameters_are_blamed_not_the_settings(digits, experts, tmp_path):

@@ -111,6 +111,12 @@ def test_bad_configs_are_refused(small):
     images, labels, test_x, test_y = small
     with pytest.raises(ValueError, match="positive learning rate"):
         train_and_test(images, labels, test_x, test_y, replace(QUICK, lr=None), seed=0, device="cpu")
+    with pytest.raises(ValueError, match="positive learning rate, got nan"):
+        train_and_test(images, labels, test_x, test_y, replace(QUICK, lr=float("nan")), seed=0, device="cpu")
+    damaged = images.clone()
+    damaged[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the synthetic images \\(or label logits\\) are not all finite"):
+        train_and_test(damaged, labels, test_x, test_y, QUICK, seed=0, device="cpu")
     with pytest.raises(ValueError, match="repeats >= 1"):
         EvalConfig(repeats=0)
     with pytest.raises(ValueError, match="unknown network 'ConvNot'"):
