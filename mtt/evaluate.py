@@ -245,6 +245,10 @@ def evaluate_synthetic(synthetic: SyntheticSet, dataset: Dataset, models: list[s
     config = replace(config, lr=lr)
     test_images = matching_test_images(synthetic, dataset)
     targets = synthetic.label_logits if synthetic.label_logits is not None else synthetic.labels
+    classes = int(synthetic.labels.max()) + 1 if synthetic.label_logits is None else synthetic.label_logits.shape[1]
+    if classes > dataset.num_classes or (synthetic.label_logits is not None and classes != dataset.num_classes):
+        raise ValueError(f"the synthetic set's labels name {classes} classes but {dataset.name} has "
+                         f"{dataset.num_classes}: is it a set of another dataset?")
     check_models(models, config, dataset.channels, dataset.num_classes, dataset.im_size)
     return {m: evaluate(synthetic.images, targets, test_images, dataset.test_labels, replace(config, model=m), device)
             for m in models}

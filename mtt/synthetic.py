@@ -36,6 +36,20 @@ class SyntheticSet:
     zca: ZCA | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """A set evaluation can use: images [N, C, H, W] with N >= 1, a class index >= 0 per image, and soft labels
+        (when present) one row per image."""
+        n = len(self.images)
+        if self.images.dim() != 4 or n == 0 or not self.images.is_floating_point():
+            raise ValueError(f"synthetic images must be float [N, C, H, W] with N >= 1, got "
+                             f"{self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (n,) or self.labels.is_floating_point() or (n and int(self.labels.min()) < 0):
+            raise ValueError(f"synthetic labels must be one class index >= 0 per image ({n}), got "
+                             f"{self.labels.dtype} {tuple(self.labels.shape)}")
+        if self.label_logits is not None and (self.label_logits.dim() != 2 or len(self.label_logits) != n):
+            raise ValueError(f"label logits must be [N, classes] with N = {n} images, got "
+                             f"{tuple(self.label_logits.shape)}")
+
     @property
     def ipc(self) -> int:
         return int(torch.bincount(self.labels).max()) if len(self.labels) else 0
@@ -74,15 +88,21 @@ class SyntheticSet:
         tensors = load_safetensors(path)
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT or "images" not in tensors or "labels" not in tensors:
+        if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not an mtt synthetic set (format {metadata.get('format')!r}); "
                              "for the original MTT's images_best.pt pass --original-labels labels_best.pt, --dataset and --lr "
                              "(mtt.synthetic.load_original_mtt in Python)")
+        missing = [name for name in ("images", "labels") if name not in tensors]
+        if missing:
+            raise ValueError(f"{path} is a damaged synthetic set: it holds no {' and no '.join(missing)}")
         zca = ZCA.from_state_dict(tensors) if "zca.mean" in tensors else None
         syn_lr = float(tensors["syn_lr"]) if "syn_lr" in tensors else None
-        return cls(tensors["images"], tensors["labels"], syn_lr, metadata.get("dataset", ""),
-                   metadata.get("model", "ConvNet"), tensors.get("label_logits"), zca,
-                   json.loads(metadata.get("config", "{}")))
+        try:
+            return cls(tensors["images"], tensors["labels"], syn_lr, metadata.get("dataset", ""),
+                       metadata.get("model", "ConvNet"), tensors.get("label_logits"), zca,
+                       json.loads(metadata.get("config", "{}")))
+        except ValueError as err:
+            raise ValueError(f"{path} is a damaged synthetic set: {err}") from None
 
 
 def load_original_mtt(images_path: str | os.PathLike, labels_path: str | os.PathLike, dataset: str,

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import mtt.evaluate as ev
 from mtt.augment import DSA
@@ -128,6 +129,25 @@ def test_bad_configs_are_refused(small):
 def _synthetic(small, syn_lr=0.02, **kw) -> SyntheticSet:
     images, labels, _, _ = small
     return SyntheticSet(images.clone(), labels.clone(), syn_lr, "digits", **kw)
+
+
+def test_a_set_that_cannot_be_one_is_refused_when_made_or_loaded(small, digits, tmp_path):
+    images, labels, _, _ = small
+    for bad, said in [(dict(images=images[:0], labels=labels[:0]), "N >= 1"),
+                      (dict(labels=labels[:5]), "one class index >= 0 per image"),
+                      (dict(labels=labels.float()), "one class index >= 0 per image"),
+                      (dict(labels=labels - 1), "one class index >= 0 per image"),
+                      (dict(label_logits=torch.zeros(3, 10)), "label logits must be \\[N, classes\\]")]:
+        with pytest.raises(ValueError, match=said):
+            SyntheticSet(**({"images": images, "labels": labels, "syn_lr": 0.01, "dataset": "digits"} | bad))
+    # A file with a set's format written by something else: one message naming the file.
+    save_file({"images": images, "labels": labels[:5]}, tmp_path / "bad.safetensors", {"format": "mtt-synthetic/1"})
+    with pytest.raises(ValueError, match="bad.safetensors is a damaged synthetic set: synthetic labels must be"):
+        SyntheticSet.load(tmp_path / "bad.safetensors")
+    # Classes the dataset does not have: refused, not a silent 0 %.
+    with pytest.raises(ValueError, match="labels name 12 classes but digits has 10"):
+        evaluate_synthetic(SyntheticSet(images, labels + 2, 0.01, "digits"), digits, ["ConvNet"],
+                           QUICK, "cpu")
 
 
 @pytest.mark.parametrize("epochs, caught_by", [(3, 3), (60, ev.FINITE_CHECK_EVERY)])
