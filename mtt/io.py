@@ -86,6 +86,15 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    """Save a matplotlib figure atomically, in the format its suffix names (.png, .pdf, .svg, ...; none: png)."""
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    if kind not in fig.canvas.get_supported_filetypes():
+        raise ValueError(f"cannot save a figure as {path}: use one of "
+                         f"{', '.join('.' + k for k in sorted(fig.canvas.get_supported_filetypes()))}")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=dpi))
+
+
 def reachable(url: str, timeout: float = 3.0) -> bool:
     """A quick TCP check of `url`'s host, so that an offline machine fails in seconds instead of after retries."""
     u = urlparse(url)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mtt.io import atomic_write
+from mtt.io import atomic_save_figure
 
 # method -> dataset -> (acc at IPC 1, 10, 50); None where the paper has no number
 _TABLE: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {
@@ -234,4 +234,4 @@ def plot_cross_arch(results: Mapping[str, Any], paper: Mapping[str, float] | Non
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return atomic_save_figure(fig, path, 120)

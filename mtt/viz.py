@@ -31,7 +31,7 @@ from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
 from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, load_snapshots
-from mtt.io import atomic_write
+from mtt.io import atomic_save_figure, atomic_write
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import Student, plan_steps, student_path
@@ -53,7 +53,7 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: PathLike | None) -> Figure:
     if path is not None:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+        atomic_save_figure(fig, path, DPI)
     return fig
 
 
@@ -556,15 +556,17 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
                     path: PathLike | None = None, title: str = "Cross-architecture evaluation") -> Figure:
     """Accuracy per architecture, ours with std error bars and the paper's beside it.
 
-    The chart is mtt.paper.plot_cross_arch's, which draws straight to a PNG (written to `path`
-    when given); the Figure returned shows that PNG, so notebooks get all plots from here.
+    The chart is mtt.paper.plot_cross_arch's, which draws straight to a file (to `path` when
+    given); the Figure returned shows it as a PNG, so notebooks get all plots from here.
     """
     from matplotlib.image import imread
 
     from mtt.paper import plot_cross_arch
 
     with tempfile.TemporaryDirectory() as tmp:
-        png = imread(plot_cross_arch(results, paper, path or Path(tmp) / "cross_arch.png", title))
+        png = imread(plot_cross_arch(results, paper, Path(tmp) / "cross_arch.png", title))
+    if path is not None:  # in the format its suffix names
+        plot_cross_arch(results, paper, path, title)
     dpi = 120  # plot_cross_arch's: the figure then has the chart's own size
     fig = Figure(figsize=(png.shape[1] / dpi, png.shape[0] / dpi), dpi=dpi)
     FigureCanvasAgg(fig)

@@ -75,6 +75,7 @@ def distill_args(experts, out, *extra):
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
+    (["evaluate", "--synthetic", "x.safetensors", "--plot", "x.xyz"], "--plot x.xyz: name the chart's format"),
     (["evaluate", "--synthetic", "."], "--synthetic: . is a folder without a synthetic.safetensors"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--method", "datm",
       "--no-soft-labels"], "--label-init onehot"),

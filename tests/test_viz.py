@@ -174,6 +174,13 @@ def test_cross_arch_bars(tmp_path):
     assert isinstance(fig, Figure)
     assert_png(tmp_path / "bars.png")
     assert isinstance(viz.cross_arch_bars(results), Figure)
+    # The format the suffix names: PDF and SVG for papers, not PNG bytes under another name.
+    viz.cross_arch_bars(results, path=tmp_path / "bars.pdf")
+    viz.training_curves({"loss": [1.0, 0.5], "syn_lr": [0.01, 0.02], "evals": []}, path=tmp_path / "curves.svg")
+    assert (tmp_path / "bars.pdf").read_bytes().startswith(b"%PDF")
+    assert b"<svg" in (tmp_path / "curves.svg").read_bytes()[:1000]
+    with pytest.raises(ValueError, match="cannot save a figure as .*curves.xyz: use one of .*\\.pdf"):
+        viz.training_curves({"loss": [1.0], "syn_lr": [0.01], "evals": []}, path=tmp_path / "curves.xyz")
 
 
 def test_synthetic_set_round_trip_feeds_the_plots(run, tmp_path):
