@@ -456,6 +456,9 @@ def add_baseline(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["random", "herding", "full"], default="random",
                    help="real images: random per class, herding in feature space, or the whole training set")
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the dataset (eps 0.1)")
+    p.add_argument("--width", type=POSITIVE, default=128,
+                   help="ConvNet-family width: that of the distilled sets it is compared with")
+    p.add_argument("--depth", type=POSITIVE, default=3, help="ConvNet-family depth")
     _eval_flags(p, "learning rate (real-data baselines train with 0.01)", 0.01)
     p.set_defaults(run=run_baseline)
 
@@ -470,8 +473,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.resized(args.image_size)
     if args.zca:
         dataset = dataset.with_zca()
-    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
-                        progress=not args.no_progress)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=args.width,
+                        depth=args.depth, progress=not args.no_progress)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)
     return _eval_summary(results, args)
 

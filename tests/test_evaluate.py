@@ -455,6 +455,16 @@ def test_cli_baseline_round_trip(capsys):
     assert len(out["ConvNet"]["runs"]) == 2 and 0 <= out["ConvNet"]["mean"] <= 100
 
 
+def test_cli_baseline_on_the_distilled_sets_network(digits, capsys):
+    """--width/--depth: a narrow distillation (ConvNet-64 on Fashion-MNIST) is compared with random real images
+    on the same network; the CLI's numbers are evaluate_baseline's at that width."""
+    out = _run_json(capsys, ["baseline", "--dataset", "digits", "--ipc", "1", "--width", "8", "--depth", "2",
+                             "--repeats", "2", "--epochs", "2", "--device", "cpu", "--json", "--no-progress"])
+    direct = evaluate_baseline(digits, 1, "random", ["ConvNet"], EvalConfig(width=8, depth=2, epochs=2, repeats=2,
+                                                                              progress=False), "cpu")
+    assert out["ConvNet"]["runs"] == direct["ConvNet"].runs
+
+
 def test_cli_no_progress_silences_the_training_bars(small, tmp_path, capsys):
     _synthetic(small).save(tmp_path / "synthetic.safetensors")
     for argv in (["evaluate", "--synthetic", str(tmp_path / "synthetic.safetensors")],
