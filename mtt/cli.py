@@ -364,15 +364,14 @@ def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | No
 def _check_plot(args: argparse.Namespace) -> None:
     """The chart's folder must be writable before hours of training, not after."""
     if args.plot:
-        from mtt.io import ensure_writable_dir
-        from matplotlib.backend_bases import FigureCanvasBase
+        from mtt.io import ensure_writable_dir, figure_format
         if Path(args.plot).is_dir():
             raise ValueError(f"--plot {args.plot} is a folder: give the chart's file name, e.g. "
                              f"{Path(args.plot) / 'accuracy.png'}")
-        kinds = FigureCanvasBase.get_supported_filetypes()
-        if (Path(args.plot).suffix.lstrip(".").lower() or "png") not in kinds:
-            raise ValueError(f"--plot {args.plot}: name the chart's format by its suffix, one of "
-                             f"{', '.join('.' + k for k in sorted(kinds))}")
+        try:
+            figure_format(args.plot)
+        except ValueError as err:
+            raise ValueError(f"--plot {args.plot}: name the chart's format by its suffix ({err})") from None
         ensure_writable_dir(Path(args.plot).parent, "--plot")
 
 

@@ -405,10 +405,10 @@ class RunFolder:
     def __init__(self, path: str | Path, experts: dict[str, Any], writes: bool = True) -> None:
         self.path, self.experts, self.writes = Path(path), experts, writes
         self.checkpoint = self.path / CHECKPOINT
-        if writes and holds_experts(self.path):  # its config.json and *.safetensors would spoil the experts
-            raise ValueError(f"--out {self.path} holds expert trajectories: give the run a folder of its own "
-                             f"(e.g. runs/NAME), not the experts' (--buffers)")
         if writes:
+            if holds_experts(self.path):  # its config.json and *.safetensors would spoil the experts
+                raise ValueError(f"--out {self.path} holds expert trajectories: give the run a folder of its own "
+                                 f"(e.g. runs/NAME), not the experts' (--buffers)")
             ensure_writable_dir(self.path)
             remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now
 

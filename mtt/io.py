@@ -86,12 +86,19 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure saved at `path` takes: the one its suffix names (.png, .pdf, .svg, ...; none: png)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kind, kinds = Path(path).suffix.lstrip(".").lower() or "png", FigureCanvasBase.get_supported_filetypes()
+    if kind not in kinds:
+        raise ValueError(f"cannot save a figure as {path}: use one of {', '.join('.' + k for k in sorted(kinds))}")
+    return kind
+
+
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
-    """Save a matplotlib figure atomically, in the format its suffix names (.png, .pdf, .svg, ...; none: png)."""
-    kind = Path(path).suffix.lstrip(".").lower() or "png"
-    if kind not in fig.canvas.get_supported_filetypes():
-        raise ValueError(f"cannot save a figure as {path}: use one of "
-                         f"{', '.join('.' + k for k in sorted(fig.canvas.get_supported_filetypes()))}")
+    """Save a matplotlib figure atomically, in the format its suffix names (figure_format)."""
+    kind = figure_format(path)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=dpi))
 
 
