@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -178,7 +180,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("distill", help="distil a dataset by matching expert trajectories (torchrun-aware)",
                               formatter_class=_Formatter,
                               description="Unset hyper-parameters come from the preset (--preset); the network "
-                                          "(--model/--width/--depth) from the experts.")
+                                          "(--model/--width/--depth) from the experts. With --resume they stay "
+                                          "at the run's: only the flags given change them.")
     p.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, svhn, ...")
     p.add_argument("--ipc", type=POSITIVE, required=True, help="synthetic images per class")
     p.add_argument("--buffers", required=True,
@@ -187,12 +190,14 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, config.json, "
                                                 "synthetic.safetensors, synthetic_best.safetensors (the best "
                                                 "evaluated set)")
-    p.add_argument("--preset", default="paper",
-                   help="'paper': the preset for --dataset/--ipc (the paper's table, ours for digits/fashion-mnist); "
-                        "'none': library defaults; or another preset as DATASET:IPC")
-    p.add_argument("--method", choices=METHODS, default="mtt",
-                   help="recipe over the preset: mtt, or a successor's options with its published hyper-parameters "
-                        "(tesla, ftd, datm, att, pad; see mtt/recipes.py); flags given still override it")
+    p.add_argument("--preset", default=None,
+                   help="'paper' (default): the preset for --dataset/--ipc (the paper's table, ours for "
+                        "digits/fashion-mnist); 'none': library defaults (CIFAR-scale learning rates); or another "
+                        "preset as DATASET:IPC. Not read on --resume: the run keeps its settings")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="recipe over the preset: mtt (default), or a successor's options with its published "
+                        "hyper-parameters (tesla, ftd, datm, att, pad; see mtt/recipes.py); flags given still "
+                        "override it")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     p.add_argument("--model", default=None, help="student network; default: the experts'")
     p.add_argument("--width", type=POSITIVE, default=None, help="ConvNet width; default: the experts'")
@@ -252,11 +257,12 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=POSITIVE, default=None, help="iterations between checkpoints")
     p.add_argument("--snapshot-every", type=POSITIVE, default=None, help="iterations between image snapshots")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (learning rates and other settings that do "
-                        "not change the learned state's shape may change)")
+                   help="continue the run in --out from its checkpoint, with its settings; flags given change them "
+                        "(learning rates and other settings that do not change the learned state's shape)")
     p.add_argument("--log", choices=TRACKERS, default=None,
                    help="also log loss, step size, accuracy and image grids (needs that package)")
     _common(p)
+    p.set_defaults(seed=None)  # 0 for a fresh run; on --resume the run's, unless given
     p.set_defaults(run=run_distill)
 
 
@@ -269,25 +275,44 @@ CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "
 
 
 def distill_config(args: argparse.Namespace) -> DistillConfig:
-    """The preset named by --preset for --dataset/--ipc, with every flag given applied over it."""
+    """The preset named by --preset for --dataset/--ipc, with every flag given applied over it; on --resume,
+    the run's settings with the flags given applied over them."""
+    from mtt.distill import checkpoint_settings
+
+    given = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS + ("seed",)
+             if getattr(args, name) is not None}
+    saved = checkpoint_settings(args.out) if args.resume else None
+    config = _preset_config(args, given) if saved is None else _resumed_config(args, saved, given)
+    config.validate()
+    return config
+
+
+def _preset_config(args: argparse.Namespace, given: dict[str, Any]) -> DistillConfig:
     from mtt.distill import DistillConfig, preset
     from mtt.recipes import apply_recipe
 
-    overrides = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS if getattr(args, name) is not None}
-    overrides |= {"seed": args.seed, "device": args.device}
-    if args.preset == "paper":
-        config = preset(args.dataset, args.ipc, args.method, **overrides)
-    elif args.preset == "none":
+    overrides = given | {"device": args.device}
+    method, preset_name = args.method or "mtt", args.preset or "paper"
+    if preset_name == "paper":
+        return preset(args.dataset, args.ipc, method, **overrides)
+    if preset_name == "none":
         config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **overrides)
-        config = dataclasses.replace(apply_recipe(config, args.method), **overrides)
-    else:
-        dataset_name, _, ipc = args.preset.partition(":")
-        if not ipc.isdigit():
-            raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {args.preset!r}")
-        config = dataclasses.replace(preset(dataset_name, int(ipc), args.method, **overrides), dataset=args.dataset,
-                                     ipc=args.ipc)
-    config.validate()
-    return config
+        return dataclasses.replace(apply_recipe(config, method), **overrides)
+    dataset_name, _, ipc = preset_name.partition(":")
+    if not ipc.isdigit():
+        raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {preset_name!r}")
+    return dataclasses.replace(preset(dataset_name, int(ipc), method, **overrides), dataset=args.dataset, ipc=args.ipc)
+
+
+def _resumed_config(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> DistillConfig:
+    """The run's settings, as its checkpoint recorded them, with the flags given over them: a flag left out keeps
+    the run's value, not the preset's. --dataset and --ipc are given always, and checked against the run's."""
+    from mtt.distill import DistillConfig
+
+    if args.method is not None and args.method != saved.get("method", "mtt"):
+        raise ValueError(f"--resume: the run in {args.out} follows --method {saved.get('method', 'mtt')}, not "
+                         f"{args.method}: leave --method out to continue it, or choose another --out to start afresh")
+    return DistillConfig(**saved | given | {"dataset": args.dataset, "ipc": args.ipc, "device": args.device})
 
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,7 +334,9 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
     buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca, model=args.model, width=args.width,
                            depth=args.depth)
-    config = network_from_buffers(config, buffers, keep=[k for k in NETWORK_FLAGS if getattr(args, k) is not None])
+    resumed = args.resume and (Path(args.out) / CHECKPOINT).is_file()  # then the run's network, not the experts'
+    config = network_from_buffers(config, buffers, keep=[k for k in NETWORK_FLAGS
+                                                         if resumed or getattr(args, k) is not None])
     if not main:
         args.json = False
         distill(config, dataset, buffers, args.out, resume=args.resume, progress=False)
@@ -507,6 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _continue_with(command: str, argv: list[str]) -> str:
+    """The command line that continues an interrupted distillation: this one, with --resume."""
+    if command != "distill":
+        return ""  # experts: the same command trains the rest
+    launcher = f"torchrun --nproc-per-node {os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "python"
+    resume = [] if "--resume" in argv else ["--resume"]
+    return f"; continue with: {launcher} -m mtt {shlex.join([*argv, *resume])}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from mtt.interrupt import Interrupted
 
@@ -520,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
-        print(err, file=sys.stderr)
+        print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:
         print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)

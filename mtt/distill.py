@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -324,6 +324,26 @@ _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--de
           "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels"}
 
 
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} is not a checkpoint mtt can read ({err}). Move it away (or delete it) and run "
+                      "without --resume to start afresh, or choose another --out")
+
+
+def checkpoint_settings(out_dir: str | Path) -> dict[str, Any] | None:
+    """The settings of the run whose checkpoint `out_dir` holds (None: no checkpoint there): on resume, what a
+    setting not given again stays at."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            saved = json.loads((f.metadata() or {})["config"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise _unreadable(path, err) from None
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    return {k: v for k, v in saved.items() if k in known}  # a setting an older version had, and this one lacks
+
+
 def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
                     experts: dict[str, Any] | None = None) -> DistillState:
     """The state saved at `path`; refuses a checkpoint of another kind of run or of other experts."""
@@ -336,8 +356,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
             if name not in tensors:
                 raise KeyError(f"it holds no {name!r}")
     except (ValueError, KeyError) as err:
-        raise ValueError(f"{path} is not a checkpoint mtt can read ({err}). Move it away (or delete it) and "
-                         "run without --resume to start afresh, or choose another --out") from None
+        raise _unreadable(path, err) from None
     fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
     if fixed:
         diffs = ", ".join(f"{_FLAGS[k]}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed)
@@ -593,14 +612,14 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
                      resume: bool, student: Student, buffers: ExpertBuffers) -> DistillState:
     if folder.checkpoint.exists():
         if not resume:
-            raise ValueError(f"{folder.path} already holds a run ({CHECKPOINT}): add --resume (resume=True) "
-                             f"to continue it, or choose another --out to start afresh")
+            raise ValueError(f"{folder.path} already holds a run ({CHECKPOINT}): add --resume to continue it "
+                             f"(the flags given then change its settings), or choose another --out to start afresh")
         state = load_checkpoint(folder.checkpoint, config, device, folder.experts)
         changes = state.history.get("changes", [])
         if folder.writes and changes and changes[-1]["iteration"] == state.iteration:
             said = ", ".join(f"{k} {before} -> {now}" for k, (before, now) in changes[-1]["changed"].items())
-            print(f"resuming at iteration {state.iteration} with settings other than the checkpoint's: {said} "
-                  f"(a flag left out takes the preset's value, not the run's)", file=sys.stderr)
+            print(f"resuming at iteration {state.iteration} with settings other than the checkpoint's: {said}",
+                  file=sys.stderr)
         return state
     if resume and folder.writes:
         print(f"--resume: no checkpoint in {folder.path} yet, starting afresh", file=sys.stderr)
@@ -613,7 +632,7 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
 def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) -> None:
     folder.save(state, config)
     raise Interrupted(f"interrupted at iteration {state.iteration} of {config.iterations}: checkpoint saved in "
-                      f"{folder.path}; run the same command with --resume (resume=True) to continue") from None
+                      f"{folder.path}, from which a resumed run continues exactly") from None
 
 
 def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder, err: torch.OutOfMemoryError) -> None:

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -179,6 +180,33 @@ def test_a_checkpoint_that_is_not_one(experts, tmp_path):
     assert "not a checkpoint mtt can read" in message and "run without --resume" in message
 
 
+def test_resume_keeps_the_runs_settings_where_no_flag_is_given(experts, tmp_path):
+    """`--resume --iterations N` extends the run as it was: the flags left out keep the run's values (here far
+    from the digits preset's: 5 steps, lr_img 7, seed 3, checkpointed), not the preset's."""
+    settings = ["--lr-img", 7, "--seed", 3]
+    assert mtt(*distill_args(experts, tmp_path / "straight", "--iterations", 4, *settings)).returncode == 0
+    assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 2, *settings)).returncode == 0
+    resumed = mtt("distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", tmp_path / "run",
+                  "--resume", "--iterations", 4, "--device", "cpu", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at iteration 2 with settings other than the checkpoint's: iterations 2 -> 4" in resumed.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert (config["syn_steps"], config["lr_img"], config["seed"], config["backward"]) == (5, 7, 3, "checkpointed")
+    a, b = (SyntheticSet.load(tmp_path / d / "synthetic.safetensors") for d in ("straight", "run"))
+    assert torch.equal(a.images, b.images) and a.syn_lr == b.syn_lr
+
+
+def test_resume_changes_what_is_given_and_refuses_another_method(experts, tmp_path):
+    assert mtt(*distill_args(experts, tmp_path, "--iterations", 2)).returncode == 0
+    base = ["distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", tmp_path, "--resume",
+            "--device", "cpu", "--no-progress"]
+    assert "follows --method mtt, not datm" in the_error(mtt(*base, "--method", "datm"))
+    assert mtt(*base, "--iterations", 3, "--lr-img", 20, "--method", "mtt").returncode == 0
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["changes"] == [{"iteration": 2, "changed": {"lr_img": [10, 20], "iterations": [2, 3]}}]
+
+
 def test_resuming_with_other_experts_is_refused(experts, tmp_path):
     others = tmp_path / "others"
     train_experts(load_dataset("digits"), ExpertConfig(num_experts=2, epochs=4, width=WIDTH, seed=9), others,
@@ -231,13 +259,15 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(expert
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("interrupted at iteration ")
-    assert "--resume" in stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted at iteration ")
     with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
         stopped_at = int(f.metadata()["iteration"])
     assert 5 <= stopped_at < 40  # checkpoint_every is 1000: this checkpoint was written by the interrupt
 
-    resumed = mtt(*distill_args(experts, run, *args, "--resume"))
+    command = shlex.split(last.split("; continue with: ")[1])  # the command it prints is the one that continues
+    assert command[:3] == ["python", "-m", "mtt"] and command[-1] == "--resume"
+    resumed = mtt(*command[3:])
     assert resumed.returncode == 0, resumed.stderr
     a = SyntheticSet.load(tmp_path / "straight" / "synthetic.safetensors")
     b = SyntheticSet.load(run / "synthetic.safetensors")

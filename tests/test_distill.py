@@ -124,7 +124,7 @@ def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_record
     distill(small_config(iterations=5, lr_img=5, syn_steps=4), digits, buffers, tmp_path, resume=True,
             progress=False)
     assert ("resuming at iteration 3 with settings other than the checkpoint's: syn_steps 5 -> 4, lr_img 10 -> 5, "
-            "iterations 3 -> 5 (a flag left out takes the preset's value" in capsys.readouterr().err)
+            "iterations 3 -> 5\n" in capsys.readouterr().err)
     history = json.loads((tmp_path / "history.json").read_text())
     assert history["changes"] == [{"iteration": 3, "changed": {"lr_img": [10, 5], "syn_steps": [5, 4],
                                                                 "iterations": [3, 5]}}]
