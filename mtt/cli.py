@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from mtt.data import Dataset
     from mtt.distill import DistillConfig
+    from mtt.synthetic import SyntheticSet
 
 class _Parser(argparse.ArgumentParser):
     """Bad flags end with one `error:` line naming the flag, like every other error here."""
@@ -433,24 +435,29 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
-    from mtt.distill import BEST_SYNTHETIC, FINAL_SYNTHETIC
+    from mtt.distill import BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, SNAPSHOTS
     from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
-    if (Path(args.synthetic) / FINAL_SYNTHETIC).is_file():
-        raise ValueError(f"--synthetic: {args.synthetic} is a run folder: pass one of its sets, "
-                         f"{Path(args.synthetic) / FINAL_SYNTHETIC} (the final one) or {BEST_SYNTHETIC} (the "
-                         "best evaluated)")
-    if Path(args.synthetic).is_dir():
-        raise ValueError(f"--synthetic: {args.synthetic} is a folder without a {FINAL_SYNTHETIC}: pass a set's file "
-                         f"(a run that was stopped writes its set when it ends: resume it to the end)")
-    if not Path(args.synthetic).is_file():
-        raise FileNotFoundError(f"--synthetic: no such file: {args.synthetic}")
+    path = Path(args.synthetic)
+    if (path / FINAL_SYNTHETIC).is_file():
+        raise ValueError(f"--synthetic: {path} is a run folder: pass one of its sets, {path / FINAL_SYNTHETIC} (the "
+                         f"final one) or {BEST_SYNTHETIC} (the best evaluated)")
+    if (path / CHECKPOINT).is_file():  # a run that stopped before its end: its set is in the checkpoint
+        path = path / CHECKPOINT
+    elif path.is_dir():
+        raise ValueError(f"--synthetic: {path} is a folder without a {FINAL_SYNTHETIC} or a run's {CHECKPOINT}: "
+                         "pass a set's file")
+    if not path.is_file():
+        raise FileNotFoundError(f"--synthetic: no such file: {path}")
     if args.original_zca and not args.original_labels:  # an mtt set carries its own ZCA, applied to the test set
         raise ValueError("--original-zca is for an original-MTT set (with --original-labels): an mtt set records "
                          "whether it was distilled with ZCA and whitens the test set itself")
-    if args.original_labels:
+    dataset = None
+    if path.name == CHECKPOINT or path.parent.name == SNAPSHOTS:
+        synthetic, dataset = _stored_set(path, args)
+    elif args.original_labels:
         if args.dataset is None or args.lr is None:
             raise ValueError("an original-MTT set (--original-labels) needs --dataset and --lr "
                              "(the learned syn_lr its run logged)")
@@ -460,7 +467,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                          "--original-labels labels_best.pt, --dataset and --lr")
     else:
         synthetic = SyntheticSet.load(args.synthetic)
-    dataset = load_dataset(args.dataset or synthetic.dataset, args.data_root)
+    dataset = dataset or load_dataset(args.dataset or synthetic.dataset, args.data_root)
     if args.original_zca:
         dataset = with_original_zca(dataset)
     if args.image_size:
@@ -471,6 +478,22 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                         progress=not args.no_progress)
     results = evaluate_synthetic(synthetic, dataset, args.models, config, args.device)
     return _eval_summary(results, args)
+
+
+def _stored_set(path: Path, args: argparse.Namespace) -> tuple[SyntheticSet, Dataset]:
+    """The set in a run's checkpoint or snapshot, with its dataset as the run distilled it (ZCA included)."""
+    from mtt.data import load_dataset
+    from mtt.distill import stored_config, stored_set
+
+    if args.original_labels or args.dataset:
+        raise ValueError(f"--synthetic {path} is a file of an mtt run, which names its dataset: drop "
+                         f"{'--original-labels' if args.original_labels else '--dataset'}")
+    config = stored_config(path)
+    dataset = load_dataset(config.dataset, args.data_root, zca=config.zca)
+    synthetic, iteration = stored_set(path, config, dataset)
+    print(f"evaluating the set at iteration {iteration} of the run's {config.iterations} (from {path})",
+          file=sys.stderr)
+    return synthetic, dataset
 
 
 @command

@@ -268,6 +268,11 @@ class DistillState:
         return images.detach(), targets.detach()
 
 
+def class_labels(dataset: Dataset, ipc: int) -> Tensor:
+    """The synthetic images' classes, in the order they are kept: ipc images of class 0, then of class 1, ..."""
+    return torch.arange(dataset.num_classes).repeat_interleave(ipc)
+
+
 def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device, student: Student | None = None,
                   buffers: ExpertBuffers | None = None) -> DistillState:
     """The state at iteration 0. init="correct" and label_init="experts" (DATM) read the experts: give
@@ -275,7 +280,7 @@ def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device,
     if (config.init == "correct" or config.label_init == "experts") and (student is None or buffers is None):
         raise ValueError("init='correct' and label_init='experts' read the experts: pass student and buffers")
     generator = torch.Generator().manual_seed(config.seed)
-    labels = torch.arange(dataset.num_classes, device=device).repeat_interleave(config.ipc)
+    labels = class_labels(dataset, config.ipc).to(device)
     if config.init == "real":
         images = torch.cat([dataset.sample_real(c, config.ipc, generator) for c in range(dataset.num_classes)])
     elif config.init == "correct":
@@ -340,8 +345,13 @@ def checkpoint_settings(out_dir: str | Path) -> dict[str, Any] | None:
             saved = json.loads((f.metadata() or {})["config"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise _unreadable(path, err) from None
+    return _known_settings(saved)
+
+
+def _known_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config without the settings an older version had and this one lacks."""
     known = {f.name for f in dataclasses.fields(DistillConfig)}
-    return {k: v for k, v in saved.items() if k in known}  # a setting an older version had, and this one lacks
+    return {k: v for k, v in saved.items() if k in known}
 
 
 def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
@@ -861,3 +871,33 @@ def load_snapshots(run_dir: str | Path) -> list[tuple[int, Tensor]]:
     """(iteration, images) of every snapshot a run saved, in order (for the image-evolution plots)."""
     paths = sorted((Path(run_dir) / SNAPSHOTS).glob("iter_*.safetensors"))
     return [(int(p.stem.removeprefix("iter_")), load_safetensors(p)["images"]) for p in paths]
+
+
+def stored_config(path: str | Path) -> DistillConfig:
+    """The settings of the run a checkpoint or a snapshot (snapshots/iter_*.safetensors) belongs to."""
+    path = Path(path)
+    if path.name == CHECKPOINT:
+        return DistillConfig(**checkpoint_settings(path.parent))
+    record = path.parent.parent / "config.json"
+    try:
+        saved = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is a run's snapshot, read with the run's {record}, which is unreadable "
+                         f"({err})") from None
+    return DistillConfig(**_known_settings(saved))
+
+
+def stored_set(path: str | Path, config: DistillConfig, dataset: Dataset) -> tuple[SyntheticSet, int]:
+    """The set a run's checkpoint or snapshot holds, as synthetic.safetensors would hold it had the run ended there,
+    and that iteration: to evaluate a run that was stopped, or an earlier point of one. `config` is
+    stored_config(path); `dataset` is config.dataset, loaded with config.zca."""
+    path = Path(path)
+    if path.name == CHECKPOINT:
+        state = load_checkpoint(path, config, torch.device("cpu"))
+        return _synthetic_set(state, config, dataset), state.iteration
+    tensors = load_safetensors(path)  # a snapshot: the variables and derived state; the labels are fixed
+    if "images" not in tensors or "syn_lr" not in tensors:
+        raise ValueError(f"{path} is not a snapshot mtt wrote (it holds no images and step size)")
+    state = DistillState(tensors["images"], class_labels(dataset, config.ipc), tensors["syn_lr"], tensors.get("label_logits"), {},
+                         torch.Generator(), **{k: tensors[k] for k in DERIVED if k in tensors})
+    return _synthetic_set(state, config, dataset), int(path.stem.removeprefix("iter_"))

@@ -88,6 +88,9 @@ class SyntheticSet:
         tensors = load_safetensors(path)
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+        if metadata.get("format", "").startswith("mtt-buffer"):
+            raise ValueError(f"{path} is a shard of expert trajectories, not a synthetic set: pass a run's "
+                             "synthetic.safetensors (or its folder's checkpoint.safetensors, for a run that stopped)")
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not an mtt synthetic set (format {metadata.get('format')!r}); "
                              "for the original MTT's images_best.pt pass --original-labels labels_best.pt, --dataset and --lr "

@@ -112,6 +112,11 @@ def test_original_zca_is_refused_for_an_mtt_set(tmp_path):
     assert "--original-zca is for an original-MTT set (with --original-labels)" in error
 
 
+def test_an_experts_shard_is_not_taken_for_a_synthetic_set(experts):
+    shard = next(experts.glob("experts_*.safetensors"))
+    assert "is a shard of expert trajectories, not a synthetic set" in the_error(mtt("evaluate", "--synthetic", shard))
+
+
 def test_models_are_a_comma_separated_list_spaces_allowed():
     parse = build_parser().parse_args
     assert parse(["evaluate", "--synthetic", "s", "--models", "ConvNet, MLP,"]).models == ["ConvNet", "MLP"]
@@ -264,6 +269,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(expert
     with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
         stopped_at = int(f.metadata()["iteration"])
     assert 5 <= stopped_at < 40  # checkpoint_every is 1000: this checkpoint was written by the interrupt
+
+    stopped = mtt("evaluate", "--synthetic", run, "--epochs", 2, "--repeats", 1, "--device", "cpu", "--no-progress")
+    assert stopped.returncode == 0 and f"evaluating the set at iteration {stopped_at} of the run's 40" in stopped.stderr
 
     command = shlex.split(last.split("; continue with: ")[1])  # the command it prints is the one that continues
     assert command[:3] == ["python", "-m", "mtt"] and command[-1] == "--resume"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from mtt.buffers import ExpertBuffers, write_index, write_shard
 from mtt.data import load_dataset
 from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, EvaluationFailed, OutOfMemory,
-                         best_evaluation, distill, load_snapshots, preset)
+                         best_evaluation, distill, load_snapshots, preset, stored_config, stored_set)
 from mtt.experts import ExpertConfig, train_experts
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import BackwardChoice
@@ -115,6 +115,26 @@ def test_existing_run_needs_resume_and_the_same_kind_of_run(digits, experts, tmp
         distill(small_config(iterations=3), digits, buffers, tmp_path, progress=False)
     with pytest.raises(ValueError, match="--ipc: checkpoint 1 vs now 2"):
         distill(small_config(iterations=6, ipc=2), digits, buffers, tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("options", [{}, {"soft_labels": True, "ema_decay": 0.5, "ipc": 2}])
+def test_a_runs_checkpoint_and_snapshots_hold_the_set_it_would_have_saved(digits, experts, tmp_path, options):
+    """What `evaluate` reads from a stopped run: at the run's end the checkpoint and the last snapshot give exactly
+    synthetic.safetensors (soft labels and FTD's EMA included), and the first snapshot the starting images."""
+    buffers = ExpertBuffers.open(experts)
+    final = distill(small_config(iterations=4, **options), digits, buffers, tmp_path, progress=False)
+    for stored, iteration in [(tmp_path / "checkpoint.safetensors", 4),
+                              (tmp_path / "snapshots" / "iter_000004.safetensors", 4)]:
+        config = stored_config(stored)
+        assert config == small_config(iterations=4, **options)
+        synthetic, at = stored_set(stored, config, digits)
+        assert at == iteration and synthetic.syn_lr == final.syn_lr and synthetic.config == final.config
+        assert torch.equal(synthetic.images, final.images) and torch.equal(synthetic.labels, final.labels)
+        assert (synthetic.label_logits is None) == (final.label_logits is None)
+        if final.label_logits is not None:
+            assert torch.equal(synthetic.label_logits, final.label_logits)
+    first, at = stored_set(tmp_path / "snapshots" / "iter_000000.safetensors", config, digits)
+    assert at == 0 and torch.equal(first.images, load_snapshots(tmp_path)[0][1]) and first.syn_lr == pytest.approx(0.01)
 
 
 def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_recorded(digits, experts, tmp_path,
