@@ -286,7 +286,21 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
     saved = checkpoint_settings(args.out) if args.resume else None
     config = _preset_config(args, given) if saved is None else _resumed_config(args, saved, given)
     config.validate()
+    _check_flags_apply(config, given)
     return config
+
+
+# Flags that act only with another setting on: given without it, they would be silently ignored.
+ACTS_ONLY_WITH = {"lr_labels": "soft_labels", "label_momentum": "soft_labels",
+                  "expansion_end": "current_max_start_epoch"}
+
+
+def _check_flags_apply(config: DistillConfig, given: dict[str, Any]) -> None:
+    for name, needed in ACTS_ONLY_WITH.items():
+        if name in given and not getattr(config, needed):
+            flag, needed_flag = (f"--{n.replace('_', '-')}" for n in (name, needed))
+            raise ValueError(f"{flag} acts only with {needed_flag}, which this run does not use: add "
+                             f"{needed_flag}, or drop {flag}")
 
 
 def _preset_config(args: argparse.Namespace, given: dict[str, Any]) -> DistillConfig:
@@ -381,7 +395,7 @@ def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | No
     p.add_argument("--models", type=_names, default="ConvNet",
                    help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
     p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (seeds seed..seed+repeats-1)")
-    p.add_argument("--epochs", type=NON_NEGATIVE, default=1000, help="training epochs per network")
+    p.add_argument("--epochs", type=POSITIVE, default=1000, help="training epochs per network")
     p.add_argument("--lr", type=RATE, default=lr_default, help=lr_help)
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     p.add_argument("--image-size", type=POSITIVE, default=None, metavar="N",
@@ -557,6 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remove_if_empty(out: Path | None) -> None:
+    """A command that failed leaves no empty --out behind (it creates --out early, to fail before long work)."""
+    try:
+        if out is not None and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass  # a folder it cannot remove is no reason to hide the error that ended the command
+
+
 def _continue_with(command: str, argv: list[str]) -> str:
     """The command line that continues an interrupted distillation: this one, with --resume."""
     if command != "distill":
@@ -569,20 +592,24 @@ def _continue_with(command: str, argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from mtt.interrupt import Interrupted
 
-    command = "the command"
+    command, new_out = "the command", None
     try:  # from the start: Ctrl-C while torch is still importing is no traceback either
         args = build_parser().parse_args(argv)
         command = args.command
+        if getattr(args, "out", None) and not Path(args.out).exists():
+            new_out = Path(args.out)
         result = args.run(args)
     except (ValueError, OSError) as err:
         # Bad input and known failure modes end with one readable line, not a stack trace.
         print(f"error: {err}", file=sys.stderr)
+        _remove_if_empty(new_out)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
         print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:
         print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)
+        _remove_if_empty(new_out)
         return Interrupted.exit_code
     if args.json:
         print(json.dumps(result))

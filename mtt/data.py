@@ -308,11 +308,11 @@ def _find_or_download(name: str, root, marker: str, subfolders: list[str], downl
             return _download(name, target)
         except OSError as err:  # network errors from urllib are OSErrors too
             problem = f"downloading into {target} failed: {err}"
-    looked = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
-    raise DatasetNotFoundError(
-        f"dataset {name!r} not found and {problem}.\nLooked for {marker!r} in:\n  {looked}\n"
-        f"Provide the files in the official format: put them in ./data/{name} or in a folder "
-        f"named by $MTT_DATA or by the root argument ({_HOW_TO_GET[name]})."
+    looked = ", ".join(str(c) for c in dict.fromkeys(candidates))
+    raise DatasetNotFoundError(  # one line: the CLI's errors are one `error:` line each
+        f"dataset {name!r} not found and {problem}. Looked for {marker!r} in: {looked}. Provide the files in the "
+        f"official format: put them in ./data/{name} or in a folder named by --data-root (root= in Python) or "
+        f"$MTT_DATA ({_HOW_TO_GET[name]})."
     )
 
 

@@ -287,6 +287,9 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
 def _check_baseline(dataset: Dataset, method: str, ipc: int | None) -> None:
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}: use one of {', '.join(BASELINE_METHODS)}")
+    if method == "full" and ipc is not None:
+        raise ValueError(f"the full baseline trains on the whole training set: drop the ipc ({ipc}), which only "
+                         "the random and herding baselines take")
     if method != "full":
         if ipc is None or ipc < 1:
             raise ValueError(f"the {method} baseline needs a positive ipc (images per class), got {ipc!r}")

@@ -85,6 +85,12 @@ def distill_args(experts, out, *extra):
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--backward", "exact"],
      "--backward"),
     (["distill", "--dataset", "digits", "--ipc", 3, "--buffers", "b", "--out", "o"], "--preset none"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--lr-labels", 5],
+     "--lr-labels acts only with --soft-labels"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--expansion-end", 5],
+     "--expansion-end acts only with --current-max-start-epoch"),
+    (["evaluate", "--synthetic", "x.safetensors", "--epochs", 0], "--epochs"),
+    (["baseline", "--dataset", "digits", "--method", "full", "--ipc", 5], "drop the ipc (5)"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", "cifar10"],
      "--preset"),
 ])
@@ -139,6 +145,16 @@ def test_out_that_is_a_file_fails_before_any_work(tmp_path, command):
     result = mtt(*command, "--out", tmp_path / "taken", "--device", "cpu", "--no-progress")
     assert "--out" in the_error(result) and "is an existing file" in the_error(result)
     assert time.monotonic() - started < 30  # failed at once, not after training
+
+
+@pytest.mark.parametrize("command", [["experts", "--dataset", "no-such-dataset"],
+                                     ["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "nowhere"]])
+def test_a_failed_command_leaves_no_empty_out_behind(tmp_path, command):
+    the_error(mtt(*command, "--out", tmp_path / "new", "--device", "cpu"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before is the user's
+    the_error(mtt(*command, "--out", tmp_path / "kept", "--device", "cpu"))
+    assert (tmp_path / "kept").is_dir()
 
 
 def test_unwritable_out_fails_before_any_work(tmp_path):
