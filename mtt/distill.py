@@ -663,9 +663,12 @@ def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers
                          f"use matching experts, or set zca to match them")
     last_target = config.max_start_epoch - 1 + config.expert_epochs  # start epochs are drawn below max_start_epoch
     if last_target > meta.epochs:
-        raise ValueError(f"max_start_epoch ({config.max_start_epoch}) and expert_epochs ({config.expert_epochs}) "
-                         f"match up to epoch {last_target}, beyond the {meta.epochs} epochs the experts were trained "
-                         f"for; lower them or train longer experts")
+        expert_epochs = min(config.expert_epochs, meta.epochs)
+        raise ValueError(f"--max-start-epoch {config.max_start_epoch} and --expert-epochs {config.expert_epochs} "
+                         f"(the preset's, where not given) match up to epoch {last_target}, beyond the {meta.epochs} "
+                         f"epochs the experts were trained for: pass e.g. --max-start-epoch "
+                         f"{meta.epochs + 1 - expert_epochs} --expert-epochs {expert_epochs}, or train experts for "
+                         f"{last_target} epochs or more")
     net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size, config.width, config.depth)
     meta.check_network(net)
     return Student(net.to(device))

@@ -262,9 +262,10 @@ def test_a_checkpoint_that_is_not_one_says_how_to_go_on(digits, experts, tmp_pat
 
 
 def test_experts_too_short_for_the_settings(digits, experts, tmp_path):
-    with pytest.raises(ValueError, match="match up to epoch 5, beyond the 4 epochs the experts were trained for"):
+    with pytest.raises(ValueError, match="match up to epoch 5, beyond the 4 epochs the experts were trained for: "
+                                         "pass e.g. --max-start-epoch 3 --expert-epochs 2, or train experts for 5"):
         distill(small_config(max_start_epoch=4, expert_epochs=2), digits, ExpertBuffers.open(experts), tmp_path)
-    # Start epochs 0..2 with targets 2 epochs on: the last target is the experts' last snapshot, epoch 4.
+    # What it suggests runs: start epochs 0..2 with targets 2 epochs on, the last the experts' last snapshot, epoch 4.
     distill(small_config(max_start_epoch=3, expert_epochs=2, iterations=1), digits, ExpertBuffers.open(experts),
             tmp_path)
 
