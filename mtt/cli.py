@@ -422,8 +422,8 @@ def _eval_summary(results: dict, args: argparse.Namespace) -> dict[str, Any]:
     for model, result in results.items():
         print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
     if args.plot:
-        from mtt.paper import plot_cross_arch
-        plot_cross_arch(results, path=args.plot)
+        from mtt.viz import cross_arch_bars
+        cross_arch_bars(results, path=args.plot)
         print(f"saved: {args.plot}", file=sys.stderr)
     return {model: result.to_dict() for model, result in results.items()}
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mtt.io import atomic_save_figure
 
 # method -> dataset -> (acc at IPC 1, 10, 50); None where the paper has no number
 _TABLE: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {
@@ -58,7 +57,7 @@ def published(method: str, dataset: str, ipc: int | None) -> float | None:
     return PUBLISHED.get((method, dataset, None if method == "full dataset" else ipc))
 
 
-def _mean_std(value: Any) -> tuple[float, float | None]:
+def mean_and_std(value: Any) -> tuple[float, float | None]:
     """Accept an EvalResult, a {"mean", "std"} dict, a (mean, std) pair or a bare number."""
     if isinstance(value, Mapping):
         return float(value["mean"]), value.get("std")
@@ -78,7 +77,7 @@ def comparison_table(ours: Mapping[str, Any], dataset: str, ipc: int | None) -> 
     """
     rows = []
     for method, value in ours.items():
-        mean, std = _mean_std(value)
+        mean, std = mean_and_std(value)
         rows.append((ALIASES.get(method, method), mean, std, published(method, dataset, ipc)))
     seen = {r[0] for r in rows}
     rows += [(m, None, None, acc) for (m, d, i), acc in PUBLISHED.items()
@@ -126,7 +125,7 @@ def successors_table(results: Mapping[tuple[str, str, int], Any] | None = None,
     result of ours (`datasets` picks and orders the datasets). CSV: one row per method,
     dataset and IPC with a number, published or ours.
     """
-    ours = {(ALIASES.get(m, m), d, i): _mean_std(v) for (m, d, i), v in (results or {}).items()}
+    ours = {(ALIASES.get(m, m), d, i): mean_and_std(v) for (m, d, i), v in (results or {}).items()}
     rows = list(dict.fromkeys([*(ALIASES.get(m, m) for m in methods), *(m for m, _, _ in ours)]))
     keys = [(d, i) for (m, d, i) in PUBLISHED if m in rows and i is not None] + [(d, i) for _, d, i in ours]
     if datasets is not None:
@@ -199,39 +198,3 @@ def load_method_results(path: str | os.PathLike) -> dict[tuple[str, str, int], t
         std = record.get("std")
         results[key], where[key] = (float(record["mean"]), None if std is None else float(std)), n
     return results
-
-
-def plot_cross_arch(results: Mapping[str, Any], paper: Mapping[str, float] | None = None,
-                    path: str | os.PathLike = "cross_arch.png", title: str = "Cross-architecture evaluation") -> Path:
-    """Bar chart of accuracy per architecture (ours with std error bars, paper beside it); saves a PNG.
-
-    Uses matplotlib's Figure with the Agg canvas directly, so it never touches pyplot's global
-    backend (notebooks keep their inline one).
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    models = list(results)
-    means, stds = zip(*(_mean_std(results[m]) for m in models))
-    fig = Figure(figsize=(1.4 * len(models) + 2.5, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.38 if paper else 0.6
-    xs = range(len(models))
-    offset = -width / 2 if paper else 0.0
-    bars = ax.bar([x + offset for x in xs], means, width, yerr=[float("nan") if s is None else s for s in stds], capsize=3,
-                  label="ours", color="tab:blue")
-    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
-    if paper:
-        published_accs = [paper.get(m) for m in models]
-        known = [(x + width / 2, acc) for x, acc in zip(xs, published_accs) if acc is not None]
-        if known:
-            pbars = ax.bar(*zip(*known), width, label="paper", color="tab:orange")
-            ax.bar_label(pbars, labels=[f"{acc:.1f}" for _, acc in known], padding=2, fontsize=8)
-    ax.set_xticks(list(xs), models, rotation=20 if len(models) > 5 else 0)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, min(100, max([*means, *(paper or {}).values()]) * 1.18 + 2))
-    ax.set_title(title)
-    ax.legend(loc="upper right", fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    return atomic_save_figure(fig, path, 120)

@@ -3,7 +3,7 @@
 Every function builds a matplotlib Figure on the Agg canvas directly, never through pyplot:
 notebooks keep their own backend, figures are not shown twice, and nothing piles up in
 pyplot's figure list. A notebook shows the returned Figure as the value of a cell; given
-`path`, the figure is also saved atomically as a PNG.
+`path`, the figure is also saved atomically, in the format its suffix names.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from mtt.device import DeviceLike, resolve_device
 from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, load_snapshots
 from mtt.io import atomic_save_figure, atomic_write
 from mtt.networks import get_network
+from mtt.paper import mean_and_std
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import Student, plan_steps, student_path
 
@@ -554,23 +554,27 @@ def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
 
 def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | None = None,
                     path: PathLike | None = None, title: str = "Cross-architecture evaluation") -> Figure:
-    """Accuracy per architecture, ours with std error bars and the paper's beside it.
-
-    The chart is mtt.paper.plot_cross_arch's, which draws straight to a file (to `path` when
-    given); the Figure returned shows it as a PNG, so notebooks get all plots from here.
-    """
-    from matplotlib.image import imread
-
-    from mtt.paper import plot_cross_arch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        png = imread(plot_cross_arch(results, paper, Path(tmp) / "cross_arch.png", title))
-    if path is not None:  # in the format its suffix names
-        plot_cross_arch(results, paper, path, title)
-    dpi = 120  # plot_cross_arch's: the figure then has the chart's own size
-    fig = Figure(figsize=(png.shape[1] / dpi, png.shape[0] / dpi), dpi=dpi)
+    """Accuracy per architecture, ours with std error bars (results: EvalResults, {"mean", "std"} dicts,
+    (mean, std) pairs or numbers) and the paper's beside it."""
+    models = list(results)
+    means, stds = zip(*(mean_and_std(results[m]) for m in models))
+    fig = Figure(figsize=(1.4 * len(models) + 2.5, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(png, interpolation="nearest")
-    ax.set_axis_off()
-    return fig
+    ax = fig.add_subplot()
+    width = 0.38 if paper else 0.6
+    xs = range(len(models))
+    offset = -width / 2 if paper else 0.0
+    bars = ax.bar([x + offset for x in xs], means, width, yerr=[float("nan") if s is None else s for s in stds],
+                  capsize=3, label="ours", color=BLUE)
+    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
+    known = [(x + width / 2, paper[m]) for x, m in zip(xs, models) if paper and paper.get(m) is not None]
+    if known:
+        published = ax.bar(*zip(*known), width, label="paper", color=ORANGE)
+        ax.bar_label(published, labels=[f"{acc:.1f}" for _, acc in known], padding=2, fontsize=8)
+    ax.set_xticks(list(xs), models, rotation=20 if len(models) > 5 else 0)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, min(100, max([*means, *(paper or {}).values()]) * 1.18 + 2))
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -19,7 +19,7 @@ from mtt.evaluate import (EvalConfig, EvalResult, baseline_images, check_models,
                           train_network, with_original_zca)
 from mtt.networks import get_network
 from mtt.paper import (MTT_CROSS_ARCH_CIFAR10_IPC10, SUCCESSORS, comparison_table, load_method_results,
-                       plot_cross_arch, published, successors_table)
+                       published, successors_table)
 from mtt.synthetic import SyntheticSet
 
 QUICK = EvalConfig(epochs=2, lr=0.01, repeats=1)
@@ -411,13 +411,6 @@ def test_load_method_results_missing_and_malformed(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)) as error:
             load_method_results(path)
         assert str(path) in str(error.value)
-
-
-def test_cross_arch_chart_is_written(tmp_path):
-    results = {"ConvNet": EvalResult(62.1, 0.8, []), "ResNet18": EvalResult(45.0, 1.2, []),
-               "VGG11": {"mean": 48.0, "std": 0.9}, "AlexNet": 30.5, "SwinT": 28.0}
-    path = plot_cross_arch(results, paper=MTT_CROSS_ARCH_CIFAR10_IPC10, path=tmp_path / "chart" / "cross.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------------------- CLI

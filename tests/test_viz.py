@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -12,6 +13,7 @@ from mtt import viz
 from mtt.buffers import ExpertBuffers
 from mtt.data import load_dataset
 from mtt.distill import DistillConfig, distill, load_snapshots
+from mtt.evaluate import EvalResult
 from mtt.experts import ExpertConfig, train_experts
 from mtt.synthetic import SyntheticSet
 
@@ -168,11 +170,19 @@ def test_trajectory_pca_plots(run, tmp_path):
     assert len(raw.axes[0].lines) > 0
 
 
+def bar_heights(fig: Figure) -> list[list[float]]:
+    return [[bar.get_height() for bar in c] for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+
+
 def test_cross_arch_bars(tmp_path):
     results = {"ConvNet": {"mean": 60.0, "std": 1.0}, "ResNet18": {"mean": 41.0, "std": 2.0}}
     fig = viz.cross_arch_bars(results, {"ConvNet": 64.3, "ResNet18": 46.4}, path=tmp_path / "bars.png")
     assert isinstance(fig, Figure)
     assert_png(tmp_path / "bars.png")
+    assert bar_heights(fig) == [[60.0, 41.0], [64.3, 46.4]]  # ours, then the paper's
+    # Every way an evaluation is written down; a model the paper has no number for gets no paper bar.
+    mixed = {"ConvNet": EvalResult(62.1, 0.8, []), "VGG11": (48.0, 0.9), "AlexNet": 30.5, "SwinT": 28.0}
+    assert bar_heights(viz.cross_arch_bars(mixed, {"ConvNet": 64.3})) == [[62.1, 48.0, 30.5, 28.0], [64.3]]
     assert isinstance(viz.cross_arch_bars(results), Figure)
     # The format the suffix names: PDF and SVG for papers, not PNG bytes under another name.
     viz.cross_arch_bars(results, path=tmp_path / "bars.pdf")
