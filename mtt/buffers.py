@@ -740,6 +740,14 @@ def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", rev
     return info.commit_url
 
 
+def _hub_address(url: str) -> str:
+    """hf://OWNER/REPO/SUBPATH@REVISION for a repo's web address (.../OWNER/REPO/tree/REVISION/SUBPATH) or HF://."""
+    parts = url.split("://", 1)[1].removeprefix("huggingface.co/").strip("/").split("/")
+    if len(parts) > 3 and parts[2] == "tree":
+        return f"hf://{'/'.join(parts[:2] + parts[4:])}@{parts[3]}"
+    return f"hf://{'/'.join(parts)}"
+
+
 def _check_where(where: object) -> None:
     if not isinstance(where, (str, os.PathLike)):
         raise TypeError(f"buffers must be a folder, a file or an 'hf://OWNER/REPO' address, "
@@ -753,6 +761,10 @@ def open_buffers(where: str | os.PathLike, **expected) -> ExpertBuffers:
     """
     _check_where(where)
     text = str(where)
+    if text.lower().startswith(("https://huggingface.co/", "http://huggingface.co/", "hf://")) \
+            and not text.startswith("hf://"):
+        raise ValueError(f"{text} is no path: name a Hub repo as {_hub_address(text)} "
+                         "(hf://OWNER/REPO[/SUBPATH][@REVISION])")
     if text.startswith("hf://"):
         location, _, revision = text.removeprefix("hf://").partition("@")
         parts = location.strip("/").split("/")

@@ -34,7 +34,7 @@ from mtt.interrupt import Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
                     remove_stale_temporaries)
 from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
-from mtt.networks import get_network
+from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, Student, UnrollResult,
@@ -125,6 +125,7 @@ class DistillConfig:
             raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
         if not 0 <= self.pad_fraction < 1:
             raise ValueError(f"pad_fraction must be in [0, 1), got {self.pad_fraction!r}")
+        check_network_name(self.model)  # before the experts are opened, which would call it a mismatch
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         self._validate_successors()

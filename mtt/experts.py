@@ -513,9 +513,10 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             _check_compatible(out_dir, meta)
             _check_same_training(out_dir, settings)
         todo = [k for k in ids if k not in done]
+        held = sorted(set(done) | set(ids))  # asking for fewer than the folder holds removes none
         procs.barrier()  # every rank has read the folder before any rank adds to it
         if rank == 0:
-            atomic_write_json(out_dir / EXPERTS_CONFIG, settings)
+            atomic_write_json(out_dir / EXPERTS_CONFIG, settings | {"num_experts": len(held)})
         scores = curriculum_scores(dataset, config, out_dir, procs) if config.curriculum and todo else None
         mine = [k for k in todo if k % world == rank]
         parallel = config.parallel
@@ -548,7 +549,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             buffers = ExpertBuffers.open(out_dir)
             position = {k: i for i, k in enumerate(buffers.expert_ids)}
             final = {k: float(buffers.test_acc(position[k])[-1]) for k in ids}
-    return {"experts": len(ids), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
+    return {"experts": len(held), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,
             "out": str(out_dir)}
 
@@ -605,6 +606,10 @@ def _check_compatible(out_dir: Path, meta: BufferMeta) -> None:
     existing = ExpertBuffers.open(first).meta
     keys = ("dataset", "model", "channels", "im_size", "num_classes", "zca", "lr", "epochs", "param_shapes")
     diff = {k: (getattr(existing, k), getattr(meta, k)) for k in keys if getattr(existing, k) != getattr(meta, k)}
+    sizes = existing.convnet_size(), meta.convnet_size()
+    if "param_shapes" in diff and None not in sizes:  # a ConvNet's shapes say no more than its width and depth
+        diff.pop("param_shapes")
+        diff |= {name: (old, new) for name, old, new in zip(("width", "depth"), *sizes) if old != new}
     if diff:
         detail = ", ".join(f"{k}: {old!r} there vs {new!r} now" for k, (old, new) in diff.items())
         raise ValueError(f"{out_dir} holds experts trained differently ({detail}); use another --out to start afresh")

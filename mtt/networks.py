@@ -431,6 +431,13 @@ _BUILDERS: dict[str, Builder] = {
 NETWORK_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
+def check_network_name(name: str) -> None:
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, NETWORK_NAMES, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown network {name!r}: {hint}available: {', '.join(NETWORK_NAMES)}")
+
+
 def get_network(
     name: str, channels: int, num_classes: int, im_size: ImSize, width: int = 128, depth: int = 3
 ) -> nn.Module:
@@ -439,8 +446,5 @@ def get_network(
     `width` and `depth` apply to the ConvNet family only; a name that fixes one of them
     ('ConvNetD4', 'ConvNetW32') overrides the argument.
     """
-    if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, NETWORK_NAMES, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ValueError(f"unknown network {name!r}: {hint}available: {', '.join(NETWORK_NAMES)}")
+    check_network_name(name)
     return _BUILDERS[name](channels, num_classes, _check_sizes(channels, num_classes, im_size), width, depth)

@@ -426,6 +426,11 @@ def test_download_uses_the_cache_offline(folder, tmp_path_factory, monkeypatch, 
     assert len(open_buffers(f"hf://{REPO}/digits/ConvNet@main", dataset="digits", zca=False)) == 4
     with pytest.raises(ValueError, match="hf://OWNER/REPO"):
         open_buffers("hf://mtt-buffers")
+    # A repo's web address, copied from the browser, is no path: the hf:// address it means is named.
+    with pytest.raises(ValueError, match=f"name a Hub repo as hf://{REPO}/digits/ConvNet@main "):
+        open_buffers(f"https://huggingface.co/{REPO}/tree/main/digits/ConvNet")
+    with pytest.raises(ValueError, match=f"name a Hub repo as hf://{REPO} "):
+        open_buffers(f"HF://{REPO}")
     with pytest.raises(BufferDownloadError, match=r"sub-path 'cifar10'.*python -m mtt experts"):
         download_buffers(REPO, "cifar10", cache_dir=cache)  # cached repo, but not that folder
 

@@ -89,6 +89,8 @@ def distill_args(experts, out, *extra):
      "--lr-labels acts only with --soft-labels"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--expansion-end", 5],
      "--expansion-end acts only with --current-max-start-epoch"),
+    (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--model", "ConvNt"],
+     "unknown network 'ConvNt': did you mean 'ConvNet'?"),
     (["evaluate", "--synthetic", "x.safetensors", "--epochs", 0], "--epochs"),
     (["baseline", "--dataset", "digits", "--method", "full", "--ipc", 5], "drop the ipc (5)"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--preset", "cifar10"],

@@ -119,6 +119,13 @@ def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
     train_experts(digits, replace(first, num_experts=3, parallel=2), tmp_path, device="cpu", progress=False)
     assert json.loads((tmp_path / "config.json").read_text())["num_experts"] == 3
     assert len(ExpertBuffers.open(tmp_path)) == 3
+    # Fewer than the folder holds: nothing trained, nothing removed, and the record still counts them all.
+    result = train_experts(digits, replace(first, num_experts=1), tmp_path, device="cpu", progress=False)
+    assert (result["experts"], result["trained"]) == (3, 0)
+    assert json.loads((tmp_path / "config.json").read_text())["num_experts"] == 3
+    # Another ConvNet width is named as one, not as two lists of parameter shapes.
+    with pytest.raises(ValueError, match=r"trained differently \(width: 16 there vs 8 now\)"):
+        train_experts(digits, replace(first, num_experts=4, width=8), tmp_path, device="cpu", progress=False)
 
 
 def test_an_expert_that_diverges_is_not_saved(digits, tmp_path):
