@@ -24,7 +24,6 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from pickle import UnpicklingError
 from typing import Any
 from urllib.parse import urlparse
 
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from mtt import __version__
 from mtt.data import SPECS
-from mtt.io import atomic_save_safetensors, atomic_write_json, reachable
+from mtt.io import atomic_save_safetensors, atomic_write_json, load_plain_torch_file, reachable
 from mtt.networks import NETWORK_NAMES, get_network
 
 FORMAT = "mtt-buffer/1"
@@ -408,15 +407,7 @@ def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
 def _load_legacy(path: Path) -> object:
     # Zip checkpoints (torch >= 1.6) are memory-mapped: only the pickled structure is read
     # until a tensor's values are used, so checking a file's shapes is cheap.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: it needs arbitrary code to unpickle, not only tensors and "
-                         f"lists ({str(err).splitlines()[0]}). Only load it with weights_only=False if you "
-                         "trust its source") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise _broken(path, err) from None
+    return load_plain_torch_file(path, mmap=zipfile.is_zipfile(path))
 
 
 def _looks_like_trajectories(obj: object) -> bool:
@@ -441,8 +432,8 @@ def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]
             raise bad(f"trajectory {k} has {len(traj)} snapshots, trajectory 0 has {epochs + 1}")
         for t, snap in enumerate(traj):
             if not isinstance(snap, (list, tuple)) or len(snap) != len(shapes):
-                n = len(snap) if isinstance(snap, (list, tuple)) else type(snap).__name__
-                raise ValueError(f"{path.name} holds {n} tensors per snapshot but {what} has {len(shapes)} "
+                n = f"{len(snap)} tensors" if isinstance(snap, (list, tuple)) else f"a {type(snap).__name__}"
+                raise ValueError(f"{path.name} holds {n} per snapshot but {what} has {len(shapes)} "
                                  f"parameters; was it made for another model or dataset? ({path})")
             for j, (p, shape) in enumerate(zip(snap, shapes)):
                 if not isinstance(p, Tensor) or tuple(p.shape) != shape:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import socket
 import tempfile
 from pathlib import Path
@@ -57,6 +59,27 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def load_plain_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """What a torch.save file holds, when that is tensors and plain containers (lists, dicts) only: torch's
+    weights_only unpickler refuses anything that could run code. A missing or unreadable file raises OSError; a
+    file of other objects, or one that is no torch.save file at all, a ValueError that says which."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except (PermissionError, IsADirectoryError):
+        raise  # unreadable: the system's own message says why (a truncated file's mmap fails with EINVAL: below)
+    except pickle.UnpicklingError as err:
+        if found := re.search(r"GLOBAL (\S+)", str(err)):  # torch's words for a class or function to import
+            raise ValueError(f"refusing to load {path}: it needs arbitrary code to unpickle ({found[1]}); mtt reads "
+                             ".pt files of tensors and lists only, as the original MTT code writes them") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+        raise ValueError(f"{path} is truncated or corrupt, or no torch.save file "
+                         f"({reason[1] if reason else 'not a pickle of tensors'})") from None
+    except Exception as err:  # bytes that are no pickle end in RuntimeError, EOFError, IndexError ...
+        raise ValueError(f"{path} is truncated or corrupt, or no torch.save file ({type(err).__name__}: {err})") from None
 
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mtt import __version__
 from mtt.data import ZCA, resize_images
-from mtt.io import atomic_save_safetensors, load_safetensors
+from mtt.io import atomic_save_safetensors, load_plain_torch_file, load_safetensors
 
 FORMAT = "mtt-synthetic/1"
 
@@ -126,14 +126,7 @@ def load_original_mtt(images_path: str | os.PathLike, labels_path: str | os.Path
 
 
 def _load_tensor(path: str | os.PathLike) -> Tensor:
-    try:
-        value = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path}") from None
-    except OSError:
-        raise  # unreadable (permissions, a folder): the system's own message says why
-    except Exception as err:  # torch raises UnpicklingError/RuntimeError for anything not plain tensors
-        raise ValueError(f"{path} is not a plain tensor file (refused to unpickle anything else): {err}") from None
+    value = load_plain_torch_file(path)
     if not isinstance(value, Tensor):
         raise ValueError(f"{path} holds a {type(value).__name__}, expected a tensor")
     return value

@@ -492,8 +492,12 @@ def test_cli_refuses_a_malicious_pt_without_running_it(tmp_path, capsys):
     torch.save(torch.zeros(10, dtype=torch.long), tmp_path / "labels_best.pt")
     code = main(["evaluate", "--synthetic", str(tmp_path / "images_best.pt"), "--original-labels",
                  str(tmp_path / "labels_best.pt"), "--dataset", "digits", "--lr", "0.01", "--device", "cpu"])
-    assert code == 2 and "not a plain tensor file" in capsys.readouterr().err
+    assert code == 2 and "images_best.pt: it needs arbitrary code to unpickle (" in capsys.readouterr().err
     assert not marker.exists()
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)  # no pickle at all: called damaged, not dangerous
+    code = main(["evaluate", "--synthetic", str(tmp_path / "random.pt"), "--original-labels",
+                 str(tmp_path / "labels_best.pt"), "--dataset", "digits", "--lr", "0.01", "--device", "cpu"])
+    assert code == 2 and "random.pt is truncated or corrupt, or no torch.save file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
