@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from mtt.data import Dataset
     from mtt.distill import DistillConfig
+    from mtt.evaluate import EvalConfig
     from mtt.synthetic import SyntheticSet
 
 class _Parser(argparse.ArgumentParser):
@@ -92,8 +93,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
-def _announce(what: str, settings: dict[str, Any]) -> None:
-    """The resolved configuration, printed at the start of every run."""
+def _announce(what: str, settings: dict[str, Any], device: str) -> None:
+    """The resolved configuration, printed at the start of every run, with the device it runs on (not 'auto')."""
+    from mtt.device import resolve_device
+
+    settings = settings | {"device": resolve_device(device)}
     print(f"{what}: " + ", ".join(f"{k}={v}" for k, v in settings.items()), file=sys.stderr)
 
 
@@ -165,7 +169,7 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.take_per_class(args.train_per_class, seed=args.seed)
     if main:
         _announce("experts", {"dataset": dataset.name, "zca": args.zca, "train_images": len(dataset.train_images),
-                              **dataclasses.asdict(config), "out": args.out})
+                              **dataclasses.asdict(config), "out": args.out}, args.device)
     result = train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
     if main:
         print(f"saved: {result['experts']} experts in {args.out} ({result['trained']} trained now)", file=sys.stderr)
@@ -357,7 +361,8 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         args.json = False
         distill(config, dataset, buffers, args.out, resume=args.resume, progress=False)
         return {}
-    _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"})
+    _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"},
+              config.device)
     if config.method in EXPERT_NOTES:
         print(f"note ({config.method}): {EXPERT_NOTES[config.method]}", file=sys.stderr)
     log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
@@ -418,9 +423,18 @@ def _check_plot(args: argparse.Namespace) -> None:
         ensure_writable_dir(Path(args.plot).parent, "--plot")
 
 
-def _eval_summary(results: dict, args: argparse.Namespace) -> dict[str, Any]:
+def _announce_evaluation(what: str, args: argparse.Namespace, config: EvalConfig, **settings: Any) -> None:
+    _announce(what, {**settings, "models": ",".join(args.models), "lr": config.lr, "width": config.width,
+                     "depth": config.depth, "epochs": config.epochs, "repeats": config.repeats}, args.device)
+
+
+def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr: float | None) -> dict[str, Any]:
+    chance = 100 / dataset.num_classes
     for model, result in results.items():
         print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
+        if result.mean < chance + 1:  # a set of any use scores far above chance
+            print(f"note: {model} scored at chance ({chance:.3g} % for {dataset.num_classes} classes): its "
+                  f"networks learned nothing; try another --lr (now {lr:.3g})", file=sys.stderr)
     if args.plot:
         from mtt.viz import cross_arch_bars
         cross_arch_bars(results, path=args.plot)
@@ -487,11 +501,12 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.image_size:
         synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
-    config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed,
-                        width=args.width or synthetic.width, depth=args.depth or synthetic.depth,
-                        progress=not args.no_progress)
+    config = EvalConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else synthetic.syn_lr,
+                        repeats=args.repeats, seed=args.seed, width=args.width or synthetic.width,
+                        depth=args.depth or synthetic.depth, progress=not args.no_progress)
+    _announce_evaluation("evaluate", args, config, set=args.synthetic)
     results = evaluate_synthetic(synthetic, dataset, args.models, config, args.device)
-    return _eval_summary(results, args)
+    return _eval_summary(results, args, dataset, config.lr)
 
 
 def _stored_set(path: Path, args: argparse.Namespace) -> tuple[SyntheticSet, Dataset]:
@@ -538,8 +553,9 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.with_zca()
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=args.width,
                         depth=args.depth, progress=not args.no_progress)
+    _announce_evaluation("baseline", args, config, dataset=dataset.name, method=args.method, ipc=args.ipc)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)
-    return _eval_summary(results, args)
+    return _eval_summary(results, args, dataset, config.lr)
 
 
 @command

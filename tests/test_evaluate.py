@@ -442,6 +442,17 @@ def test_cli_evaluates_on_the_distillation_networks_width(small, tmp_path, capsy
     assert widths == [(16, 2), (32, 3)]
 
 
+def test_cli_says_what_it_runs_and_when_the_networks_learned_nothing(small, tmp_path, capsys):
+    _synthetic(small).save(tmp_path / "synthetic.safetensors")
+    argv = ["evaluate", "--synthetic", str(tmp_path / "synthetic.safetensors"), "--repeats", "1", "--epochs", "3",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--lr", "1e-9"]) == 0  # too small to move the weights: chance
+    err = capsys.readouterr().err
+    assert "lr=1e-09, width=128, depth=3, epochs=3, repeats=1, device=cpu" in err.splitlines()[0]
+    assert "note: ConvNet scored at chance (10 % for 10 classes)" in err and "another --lr (now 1e-09)" in err
+    assert main(argv + ["--lr", "0.01"]) == 0 and "scored at chance" not in capsys.readouterr().err
+
+
 def test_cli_baseline_round_trip(capsys):
     out = _run_json(capsys, ["baseline", "--dataset", "digits", "--ipc", "1", "--method", "random",
                              "--models", "ConvNet", "--repeats", "2", "--epochs", "1", "--device", "cpu", "--json"])
