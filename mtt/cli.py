@@ -379,10 +379,11 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     summary = {"iterations": len(history["loss"]), "final_loss": history["loss"][-1] if history["loss"] else None,
                "syn_lr": synthetic.syn_lr, "seconds": round(time.perf_counter() - started, 2), "out": str(args.out)}
     if history["evals"]:
-        summary["final_eval"], summary["best_eval"] = history["evals"][-1], best_evaluation(history)
-        print(f"accuracy at iteration {summary['final_eval']['iteration']}: {accuracy_text(summary['final_eval'])}",
-              file=sys.stderr)
-        if summary["best_eval"] is not summary["final_eval"]:
+        last = history["evals"][-1]  # the final set's, unless a resume with --eval-repeats 0 went on after it
+        summary["final_eval" if last["iteration"] == summary["iterations"] else "last_eval"] = last
+        summary["best_eval"] = best_evaluation(history)
+        print(f"accuracy at iteration {last['iteration']}: {accuracy_text(last)}", file=sys.stderr)
+        if summary["best_eval"] is not last:
             print(f"best: {accuracy_text(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
                   f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "
                   "images_best.pt; the final set's accuracy is the unbiased one)", file=sys.stderr)

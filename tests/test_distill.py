@@ -531,6 +531,13 @@ def test_cli_reports_and_keeps_the_best_evaluated_set(experts, tmp_path):
     best = summary["best_eval"]["iteration"]
     assert torch.equal(SyntheticSet.load(tmp_path / BEST_SYNTHETIC).images, dict(load_snapshots(tmp_path))[best])
     assert (f"best: {summary['best_eval']['mean']:.2f}" in result.stderr) == (best != 6)
+    # Extended without evaluations: the last evaluation is no longer the final set's, and is not called that.
+    extended = subprocess.run(cli("--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", tmp_path,
+                                  "--resume", "--iterations", 8, "--eval-repeats", 0, "--device", "cpu",
+                                  "--no-progress", "--json"), capture_output=True, text=True)
+    assert extended.returncode == 0, extended.stderr
+    summary = json.loads(extended.stdout.strip().splitlines()[-1])
+    assert "final_eval" not in summary and summary["last_eval"] == evals[-1] and summary["iterations"] == 8
 
 
 def test_cli_reports_bad_input_without_a_traceback(experts, tmp_path):
