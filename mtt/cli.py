@@ -560,6 +560,56 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @command
+def add_plot(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("plot", help="a distillation run's figures: its images, their evolution, the curves "
+                                           "and, with --buffers, the trajectories (PCA)", formatter_class=_Formatter)
+    p.add_argument("run_dir", metavar="RUN", help="run folder (distill --out); a run that stopped is drawn as its "
+                                                  "checkpoint holds it")
+    p.add_argument("--out", default=None, help="folder for the figures (default: RUN/plots)")
+    p.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="the figures' file format")
+    p.add_argument("--buffers", default=None,
+                   help="the run's experts: also their trajectories, with a student trained on the set (PCA)")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset files")
+    p.add_argument("--device", default="auto", help="for the student's training with --buffers")
+    p.add_argument("--seed", type=int, default=0, help="the student's minibatches and augmentations")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.set_defaults(run=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> dict[str, Any]:
+    from mtt import viz
+    from mtt.buffers import open_buffers
+    from mtt.data import load_dataset
+    from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, stored_config, stored_set
+    from mtt.io import ensure_writable_dir
+    from mtt.synthetic import SyntheticSet
+
+    run = Path(args.run_dir)
+    if (run / FINAL_SYNTHETIC).is_file():
+        synthetic = SyntheticSet.load(run / FINAL_SYNTHETIC)
+        # the set carries its ZCA, so a name is enough to draw it; the student's training needs the data
+        dataset = load_dataset(synthetic.dataset, args.data_root) if args.buffers else synthetic.dataset
+    elif (run / CHECKPOINT).is_file():
+        config = stored_config(run / CHECKPOINT)
+        dataset = load_dataset(config.dataset, args.data_root, zca=config.zca)  # the run's space, its ZCA included
+        synthetic, iteration = stored_set(run / CHECKPOINT, config, dataset)
+        print(f"{run} holds no {FINAL_SYNTHETIC} yet: drawing the set at iteration {iteration}, from its "
+              f"{CHECKPOINT}", file=sys.stderr)
+    else:
+        raise ValueError(f"{run} holds no distillation run (no {FINAL_SYNTHETIC} or {CHECKPOINT}): pass the --out "
+                         "of python -m mtt distill")
+    buffers = None
+    if args.buffers:
+        buffers = open_buffers(args.buffers, dataset=dataset.name, zca=synthetic.zca is not None,
+                               model=synthetic.model)
+    out = ensure_writable_dir(args.out or run / "plots")
+    paths = viz.run_figures(run, synthetic, dataset, out, buffers, f".{args.format}", args.seed, args.device)
+    for path in paths:
+        print(f"saved: {path}", file=sys.stderr)
+    return {"figures": [str(path) for path in paths]}
+
+
+@command
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline on digits (offline, a few CPU minutes)",
                               formatter_class=_Formatter)

@@ -116,10 +116,7 @@ def run_demo(out_dir: str | Path = "demo", device: str = "auto", config: QuickCo
                "config": dataclasses.asdict(config)}
     atomic_write_json(out / "results.json", results)
 
-    viz.image_grid(synthetic, dataset, path=out / "synthetic.png")
-    viz.training_curves(run.run_dir, path=out / "curves.png")
-    student = viz.student_paths_for(run.run_dir, run.buffers, dataset, expert=0, start_epoch=0)
-    viz.trajectory_pca(run.buffers, experts=[0], student_paths=[student], path=out / "trajectories.png")
+    viz.run_figures(run.run_dir, synthetic, dataset, out, run.buffers)
     atomic_write_text(out / "report.md", _report(results, config))
     return results
 
@@ -152,6 +149,9 @@ Distillation: {config.iterations} iterations of {config.syn_steps} unrolled step
 {curve}
 ## Distilled images
 ![synthetic images](synthetic.png)
+
+## The images over distillation
+![evolution](evolution.png)
 
 ## Matching loss, learned step size and accuracy during distillation
 ![curves](curves.png)

@@ -578,3 +578,23 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def run_figures(run_dir: PathLike, synthetic: SyntheticSet, dataset: Dataset | DatasetSpec | str, out_dir: PathLike,
+                buffers: ExpertBuffers | None = None, suffix: str = ".png", seed: int = 0,
+                device: DeviceLike = "cpu") -> list[Path]:
+    """A run's figures, as `python -m mtt plot` and the demo save them into out_dir: synthetic (the set), evolution
+    (its images over the snapshots), curves (loss, step size, accuracy) and, given the experts, trajectories (their
+    PCA, with a student trained on the set from expert 0's start; `dataset` must then be a loaded Dataset)."""
+    figures = {"synthetic": lambda path: image_grid(synthetic, dataset, path=path)}
+    if load_snapshots(run_dir):
+        figures["evolution"] = lambda path: image_evolution(run_dir, dataset, path=path)
+    figures["curves"] = lambda path: training_curves(run_dir, path=path)
+    if buffers is not None:
+        figures["trajectories"] = lambda path: trajectory_pca(buffers, experts=[0], student_paths=[
+            student_paths_for(synthetic, buffers, dataset, expert=0, start_epoch=0, seed=seed, device=device)],
+            path=path)
+    paths = [Path(out_dir) / f"{name}{suffix}" for name in figures]
+    for draw, path in zip(figures.values(), paths):
+        draw(path)
+    return paths

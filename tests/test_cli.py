@@ -454,3 +454,23 @@ def test_torchrun_teacher_labels_are_the_mean_over_all_segments(experts, tmp_pat
     a, b = (SyntheticSet.load(tmp_path / d / "synthetic.safetensors") for d in ("single", "double"))
     assert a.label_logits is not None
     torch.testing.assert_close(b.label_logits, a.label_logits, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- plot
+
+def test_plot_draws_a_runs_figures_finished_or_stopped(experts, tmp_path):
+    run = tmp_path / "run"
+    assert mtt(*distill_args(experts, run, "--iterations", 4, "--snapshot-every", 2)).returncode == 0
+    result = mtt("plot", run, "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])["figures"]
+    assert [Path(f).name for f in figures] == ["synthetic.png", "evolution.png", "curves.png"]
+    assert all(Path(f).parent == run / "plots" and Path(f).read_bytes()[:4] == b"\x89PNG" for f in figures)
+
+    (run / "synthetic.safetensors").unlink()  # as a run stopped before its end leaves it
+    result = mtt("plot", run, "--buffers", experts, "--format", "svg", "--out", tmp_path / "figures", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "drawing the set at iteration 4, from its checkpoint.safetensors" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "curves.svg", "evolution.svg", "synthetic.svg", "trajectories.svg"]
+    assert "holds no distillation run" in the_error(mtt("plot", experts))
