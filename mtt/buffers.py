@@ -305,8 +305,8 @@ def _check_index(folder: Path, shards: list[_Shard]) -> None:
     try:
         listed = json.loads(path.read_text())["shards"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid buffer index ({err}): delete it "
-                         "(mtt.buffers.write_index re-creates it from the shards)") from None
+        raise ValueError(f"{path} is not a valid buffer index ({err}): delete it (the shards are read without "
+                         "it; `python -m mtt experts` into the folder writes it again)") from None
     on_disk = {s.path.name for s in shards}
     missing = sorted(set(listed) - on_disk)
     if missing:

@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -656,7 +657,17 @@ def _continue_with(command: str, argv: list[str]) -> str:
     return f"; continue with: {launcher} -m mtt {shlex.join([*argv, *resume])}"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)  # one line, as the errors: no source path and line
+
+
 def main(argv: list[str] | None = None) -> int:
+    with warnings.catch_warnings():  # which restores the display after: main() also runs in-process (tests)
+        warnings.showwarning = _show_warning
+        return _run_command(argv)
+
+
+def _run_command(argv: list[str] | None) -> int:
     from mtt.interrupt import Interrupted
 
     command, new_out = "the command", None

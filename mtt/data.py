@@ -13,6 +13,7 @@ import io
 import os
 import pickle
 import struct
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -300,6 +301,9 @@ def _find_or_download(name: str, root, marker: str, subfolders: list[str], downl
     candidates.append(Path("/usr/share/datasets") / name)
     for folder in candidates:
         if (folder / marker).is_file() or (folder / (marker + ".gz")).is_file():
+            if root is not None and not folder.is_relative_to(root):  # a mistyped root would go unnoticed
+                warnings.warn(f"{name} is not in {root} (the data root given): using the copy in {folder}",
+                              stacklevel=3)
             return folder
     target = roots[0]
     problem = "downloading is off (download=False)"

@@ -260,3 +260,14 @@ def test_dataset_with_zca_whitens_both_splits_and_denormalizes():
     pixels = white.denormalize(white.train_images[:4])
     assert torch.allclose(pixels, ds.denormalize(ds.train_images[:4]), atol=1e-4)
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+
+
+def test_a_data_root_without_the_dataset_is_said_to_be_passed_over(tmp_path, capsys):
+    """--data-root mistyped: the copy found elsewhere is used, with one `warning:` line saying so."""
+    if not FASHION_DIR.exists():
+        pytest.skip("apt-get install dataset-fashion-mnist to run this test")
+    from mtt.cli import main
+    assert main(["baseline", "--dataset", "fashion-mnist", "--ipc", "1", "--epochs", "1", "--repeats", "1",
+                 "--width", "8", "--data-root", str(tmp_path), "--device", "cpu", "--no-progress"]) == 0
+    warning = capsys.readouterr().err.splitlines()[0]  # the copy: ./data's or the Debian package's
+    assert warning.startswith(f"warning: fashion-mnist is not in {tmp_path} (the data root given): using the copy in ")
