@@ -75,6 +75,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _preset_name(text: str) -> str:
+    dataset, colon, ipc = text.partition(":")
+    if text not in ("paper", "none") and not (dataset and colon and ipc.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {text!r}")
+    return text
+
+
 def _drop_stage(text: str) -> tuple[int, float]:
     """AFTER:SHARE, e.g. 40:0.1: after epoch 40 every class leaves out its easiest 10 %."""
     after, _, share = text.partition(":")
@@ -87,9 +94,9 @@ def _drop_stage(text: str) -> tuple[int, float]:
     return stage
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed") -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (experts: expert k uses seed + k)")
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
@@ -146,7 +153,7 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
                    help="PAD's later stages: in the epochs after AFTER every class leaves out its easiest SHARE "
                         "(PAD: 40:0.1 60:0.2); works with or without --easy-to-hard")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
-    _common(p)
+    _common(p, seed_help="random seed: expert k uses seed + k")
     p.set_defaults(run=run_experts)
 
 
@@ -197,7 +204,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, config.json, "
                                                 "synthetic.safetensors, synthetic_best.safetensors (the best "
                                                 "evaluated set)")
-    p.add_argument("--preset", default=None,
+    p.add_argument("--preset", type=_preset_name, default=None,
                    help="'paper' (default): the preset for --dataset/--ipc (the paper's table, ours for "
                         "digits/fashion-mnist); 'none': library defaults (CIFAR-scale learning rates); or another "
                         "preset as DATASET:IPC. Not read on --resume: the run keeps its settings")
@@ -268,8 +275,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                         "(learning rates and other settings that do not change the learned state's shape)")
     p.add_argument("--log", choices=TRACKERS, default=None,
                    help="also log loss, step size, accuracy and image grids (needs that package)")
-    _common(p)
-    p.set_defaults(seed=None)  # 0 for a fresh run; on --resume the run's, unless given
+    _common(p, seed_help="random seed (default 0; on --resume the run's)")
+    p.set_defaults(seed=None, device=None)  # 0 and auto for a fresh run; on --resume the run's, unless given
     p.set_defaults(run=run_distill)
 
 
@@ -284,14 +291,17 @@ CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "
 def distill_config(args: argparse.Namespace) -> DistillConfig:
     """The preset named by --preset for --dataset/--ipc, with every flag given applied over it; on --resume,
     the run's settings with the flags given applied over them."""
-    from mtt.distill import checkpoint_settings
+    from mtt.distill import START_AFRESH, checkpoint_settings
 
-    given = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS + ("seed",)
+    given = {name: getattr(args, name) for name in NETWORK_FLAGS + CONFIG_FLAGS + ("seed", "device")
              if getattr(args, name) is not None}
-    saved = checkpoint_settings(args.out) if args.resume else None
+    try:
+        saved = checkpoint_settings(args.out) if args.resume else None
+    except ValueError as err:
+        raise ValueError(f"{err}; {START_AFRESH}") from None
     config = _preset_config(args, given) if saved is None else _resumed_config(args, saved, given)
     config.validate()
-    _check_flags_apply(config, given)
+    _check_flags_apply(config, given, resuming=saved is not None)
     return config
 
 
@@ -300,40 +310,41 @@ ACTS_ONLY_WITH = {"lr_labels": "soft_labels", "label_momentum": "soft_labels",
                   "expansion_end": "current_max_start_epoch"}
 
 
-def _check_flags_apply(config: DistillConfig, given: dict[str, Any]) -> None:
+def _check_flags_apply(config: DistillConfig, given: dict[str, Any], resuming: bool) -> None:
+    from mtt.distill import FIXED_ON_RESUME
+
     for name, needed in ACTS_ONLY_WITH.items():
         if name in given and not getattr(config, needed):
             flag, needed_flag = (f"--{n.replace('_', '-')}" for n in (name, needed))
-            raise ValueError(f"{flag} acts only with {needed_flag}, which this run does not use: add "
-                             f"{needed_flag}, or drop {flag}")
+            fix = f"drop {flag}" if resuming and needed in FIXED_ON_RESUME else f"add {needed_flag}, or drop {flag}"
+            raise ValueError(f"{flag} acts only with {needed_flag}, which this run does not use: {fix}")
 
 
 def _preset_config(args: argparse.Namespace, given: dict[str, Any]) -> DistillConfig:
     from mtt.distill import DistillConfig, preset
     from mtt.recipes import apply_recipe
 
-    overrides = given | {"device": args.device}
     method, preset_name = args.method or "mtt", args.preset or "paper"
     if preset_name == "paper":
-        return preset(args.dataset, args.ipc, method, **overrides)
+        return preset(args.dataset, args.ipc, method, **given)
     if preset_name == "none":
-        config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **overrides)
-        return dataclasses.replace(apply_recipe(config, method), **overrides)
-    dataset_name, _, ipc = preset_name.partition(":")
-    if not ipc.isdigit():
-        raise ValueError(f"--preset must be 'paper', 'none' or DATASET:IPC (e.g. cifar10:10), got {preset_name!r}")
-    return dataclasses.replace(preset(dataset_name, int(ipc), method, **overrides), dataset=args.dataset, ipc=args.ipc)
+        config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **given)
+        return dataclasses.replace(apply_recipe(config, method), **given)
+    dataset_name, _, ipc = preset_name.partition(":")  # DATASET:IPC, checked by _preset_name
+    return dataclasses.replace(preset(dataset_name, int(ipc), method, **given), dataset=args.dataset, ipc=args.ipc)
 
 
 def _resumed_config(args: argparse.Namespace, saved: dict[str, Any], given: dict[str, Any]) -> DistillConfig:
     """The run's settings, as its checkpoint recorded them, with the flags given over them: a flag left out keeps
     the run's value, not the preset's. --dataset and --ipc are given always, and checked against the run's."""
-    from mtt.distill import DistillConfig
+    from mtt.distill import CHECKPOINT, DistillConfig, check_fixed_on_resume
 
     if args.method is not None and args.method != saved.get("method", "mtt"):
         raise ValueError(f"--resume: the run in {args.out} follows --method {saved.get('method', 'mtt')}, not "
                          f"{args.method}: leave --method out to continue it, or choose another --out to start afresh")
-    return DistillConfig(**saved | given | {"dataset": args.dataset, "ipc": args.ipc, "device": args.device})
+    config = DistillConfig(**saved | given | {"dataset": args.dataset, "ipc": args.ipc})
+    check_fixed_on_resume(saved, config, Path(args.out) / CHECKPOINT)  # before the data and experts are opened
+    return config
 
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,8 +352,8 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, accuracy_text, best_evaluation, distill,
-                             network_from_buffers)
+    from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, HISTORY, accuracy_text, best_evaluation,
+                             distill, network_from_buffers)
     from mtt.distributed import is_main_process
     from mtt.recipes import EXPERT_NOTES
     from mtt.io import ensure_writable_dir
@@ -371,7 +382,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     try:
         synthetic = distill(config, dataset, buffers, args.out, resume=args.resume, progress=not args.no_progress,
                             callbacks=[log] if log else [])
-        history = json.loads((Path(args.out) / "history.json").read_text())
+        history = json.loads((Path(args.out) / HISTORY).read_text())
         if log and history["evals"]:
             log.log_evaluation(history["evals"][-1])  # the final one comes after the last iteration's callback
     finally:
@@ -436,7 +447,8 @@ def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr:
         print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
         if result.mean < chance + 1:  # a set of any use scores far above chance
             print(f"note: {model} scored at chance ({chance:.3g} % for {dataset.num_classes} classes): its "
-                  f"networks learned nothing; try another --lr (now {lr:.3g})", file=sys.stderr)
+                  f"networks learned nothing (too few --epochs, now {args.epochs}, or a --lr too large or too small, "
+                  f"now {lr:.3g})", file=sys.stderr)
     if args.plot:
         from mtt.viz import cross_arch_bars
         cross_arch_bars(results, path=args.plot)
@@ -465,15 +477,18 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
-    from mtt.distill import BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, SNAPSHOTS
+    from mtt.distill import BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, SNAPSHOTS, checkpoint_progress
     from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
     path = Path(args.synthetic)
     if (path / FINAL_SYNTHETIC).is_file():
+        progress = checkpoint_progress(path)
+        later = (f", or {path / CHECKPOINT} (iteration {progress[0]}: the run was resumed after its end and stopped "
+                 f"there)" if progress and progress[0] < progress[1] else "")
         raise ValueError(f"--synthetic: {path} is a run folder: pass one of its sets, {path / FINAL_SYNTHETIC} (the "
-                         f"final one) or {BEST_SYNTHETIC} (the best evaluated)")
+                         f"final one) or {path / BEST_SYNTHETIC} (the best evaluated){later}")
     if (path / CHECKPOINT).is_file():  # a run that stopped before its end: its set is in the checkpoint
         path = path / CHECKPOINT
     elif path.is_dir():
@@ -545,7 +560,7 @@ def add_baseline(subparsers: argparse._SubParsersAction) -> None:
 
 def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
-    from mtt.evaluate import EvalConfig, evaluate_baseline
+    from mtt.evaluate import EvalConfig, check_baseline, evaluate_baseline
 
     _check_plot(args)
     dataset = load_dataset(args.dataset, args.data_root)
@@ -555,6 +570,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
         dataset = dataset.with_zca()
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=args.width,
                         depth=args.depth, progress=not args.no_progress)
+    check_baseline(dataset, args.method, args.ipc)  # before saying what it runs
     _announce_evaluation("baseline", args, config, dataset=dataset.name, method=args.method, ipc=args.ipc)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)
     return _eval_summary(results, args, dataset, config.lr)
@@ -586,18 +602,21 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.synthetic import SyntheticSet
 
     run = Path(args.run_dir)
-    if (run / FINAL_SYNTHETIC).is_file():
-        synthetic = SyntheticSet.load(run / FINAL_SYNTHETIC)
-        # the set carries its ZCA, so a name is enough to draw it; the student's training needs the data
-        dataset = load_dataset(synthetic.dataset, args.data_root) if args.buffers else synthetic.dataset
-    elif (run / CHECKPOINT).is_file():
+    if not run.is_dir():
+        raise FileNotFoundError(f"no such folder: {run}")
+    if (run / CHECKPOINT).is_file():  # the run's latest state: at its end the final set, before it where it stopped
         config = stored_config(run / CHECKPOINT)
         dataset = load_dataset(config.dataset, args.data_root, zca=config.zca)  # the run's space, its ZCA included
         synthetic, iteration = stored_set(run / CHECKPOINT, config, dataset)
-        print(f"{run} holds no {FINAL_SYNTHETIC} yet: drawing the set at iteration {iteration}, from its "
-              f"{CHECKPOINT}", file=sys.stderr)
+        if iteration < config.iterations:
+            print(f"{run} stopped at iteration {iteration} of {config.iterations}: drawing the set its "
+                  f"{CHECKPOINT} holds", file=sys.stderr)
+    elif (run / FINAL_SYNTHETIC).is_file():  # a run copied without its checkpoint
+        synthetic = SyntheticSet.load(run / FINAL_SYNTHETIC)
+        # the set carries its ZCA, so a name is enough to draw it; the student's training needs the data
+        dataset = load_dataset(synthetic.dataset, args.data_root) if args.buffers else synthetic.dataset
     else:
-        raise ValueError(f"{run} holds no distillation run (no {FINAL_SYNTHETIC} or {CHECKPOINT}): pass the --out "
+        raise ValueError(f"{run} holds no distillation run (no {CHECKPOINT} or {FINAL_SYNTHETIC}): pass the --out "
                          "of python -m mtt distill")
     buffers = None
     if args.buffers:
@@ -639,13 +658,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _remove_if_empty(out: Path | None) -> None:
-    """A command that failed leaves no empty --out behind (it creates --out early, to fail before long work)."""
-    try:
-        if out is not None and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-    except OSError:
-        pass  # a folder it cannot remove is no reason to hide the error that ended the command
+def _missing_folders(args: argparse.Namespace) -> list[Path]:
+    """The folders that --out and --plot name and that do not exist yet, each deepest first: the command makes them
+    early, to fail before long work, and removes them again if it fails while they are empty."""
+    targets = [Path(args.out)] if getattr(args, "out", None) else []
+    if getattr(args, "plot", None):
+        targets.append(Path(args.plot).parent)
+    return [folder for target in targets for folder in [target, *target.parents] if not folder.exists()]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first: a parent is empty once its child is gone
+        try:
+            folder.rmdir()  # refuses a folder with anything in it
+        except OSError:
+            pass  # not made, not empty, or not removable: no reason to hide the error that ended the command
 
 
 def _continue_with(command: str, argv: list[str]) -> str:
@@ -670,24 +697,22 @@ def main(argv: list[str] | None = None) -> int:
 def _run_command(argv: list[str] | None) -> int:
     from mtt.interrupt import Interrupted
 
-    command, new_out = "the command", None
+    command, new_folders = "the command", []
     try:  # from the start: Ctrl-C while torch is still importing is no traceback either
         args = build_parser().parse_args(argv)
-        command = args.command
-        if getattr(args, "out", None) and not Path(args.out).exists():
-            new_out = Path(args.out)
+        command, new_folders = args.command, _missing_folders(args)
         result = args.run(args)
     except (ValueError, OSError) as err:
         # Bad input and known failure modes end with one readable line, not a stack trace.
         print(f"error: {err}", file=sys.stderr)
-        _remove_if_empty(new_out)
+        _remove_if_empty(new_folders)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
         print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:
         print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)
-        _remove_if_empty(new_out)
+        _remove_if_empty(new_folders)
         return Interrupted.exit_code
     if args.json:
         print(json.dumps(result))

@@ -30,7 +30,7 @@ from mtt.buffers import ExpertBuffers, holds_experts
 from mtt.data import Dataset, dataset_key
 from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
-from mtt.interrupt import Interrupted, graceful_stop
+from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
                     remove_stale_temporaries)
 from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
@@ -309,7 +309,6 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
 
     `experts` is ExpertBuffers.identity(): resuming with other experts is refused.
     """
-    atomic_write_json(path.parent / "history.json", state.history)
     tensors = {f"var.{k}": v for k, v in state.variables().items()}
     tensors |= {f"momentum.{k}": v for k, v in state.momenta.items()}
     tensors |= {"labels": state.labels, "generator": state.generator.get_state()}
@@ -318,41 +317,67 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or "",
                 "kept_graphs": str(state.kept_graphs)}
     atomic_save_safetensors(tensors, path, metadata)
+    atomic_write_json(path.parent / HISTORY, state.history)  # after: a history never runs ahead of its checkpoint
 
 
 # What must stay as it was when a run is resumed: the shape and meaning of the learned state.
 # Everything else (learning rates, unroll length, evaluation, ...) may change; the change is
 # recorded in history["changes"].
-FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels", "teacher_labels")
+FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels", "teacher_labels",
+                   "init", "label_init", "seed")  # the last three made iteration 0's state: recorded as they were
 # What `auto`'s choice was timed and sized under: a resume that changes any of these chooses again.
 CHOSEN_UNDER = ("backward", "compile", "syn_steps", "batch_syn", "segments")
 _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
-          "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels"}
+          "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels",
+          "init": "--init", "label_init": "--label-init", "seed": "--seed"}
+
+
+START_AFRESH = "to start afresh, choose another --out (the folder's other files are that run's)"
 
 
 def _unreadable(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path} is not a checkpoint mtt can read ({err}). Move it away (or delete it) and run "
-                      "without --resume to start afresh, or choose another --out")
+    return ValueError(f"{path} is not a checkpoint mtt can read ({err}); {START_AFRESH}")
 
 
 def checkpoint_settings(out_dir: str | Path) -> dict[str, Any] | None:
     """The settings of the run whose checkpoint `out_dir` holds (None: no checkpoint there): on resume, what a
     setting not given again stays at."""
     path = Path(out_dir) / CHECKPOINT
+    return _known_settings(json.loads(_checkpoint_metadata(path)["config"])) if path.is_file() else None
+
+
+def checkpoint_progress(out_dir: str | Path) -> tuple[int, int] | None:
+    """(iteration, iterations) of the run whose checkpoint `out_dir` holds: where it is, and where it was to end."""
+    path = Path(out_dir) / CHECKPOINT
     if not path.is_file():
         return None
+    metadata = _checkpoint_metadata(path)
+    return int(metadata["iteration"]), int(json.loads(metadata["config"])["iterations"])
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), "pt") as f:
-            saved = json.loads((f.metadata() or {})["config"])
+            metadata = f.metadata() or {}
+        json.loads(metadata["config"]), int(metadata["iteration"])  # both read, or it is no checkpoint of ours
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
-        raise _unreadable(path, err) from None
-    return _known_settings(saved)
+        raise ValueError(f"{path} is not a checkpoint mtt can read ({err})") from None
+    return metadata
 
 
 def _known_settings(saved: dict[str, Any]) -> dict[str, Any]:
     """A recorded config without the settings an older version had and this one lacks."""
     known = {f.name for f in dataclasses.fields(DistillConfig)}
     return {k: v for k, v in saved.items() if k in known}
+
+
+def check_fixed_on_resume(saved: dict[str, Any], config: DistillConfig, path: Path) -> None:
+    """Refuse to resume the checkpoint at `path`, whose config was `saved`, with other FIXED_ON_RESUME settings."""
+    fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
+    if fixed:
+        diffs = ", ".join(f"{_FLAGS[k]}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed)
+        raise ValueError(f"cannot resume {path}: the run was started with other settings ({diffs}). "
+                         f"Use the checkpoint's values (leave the flags out), or another --out to start afresh.")
 
 
 def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
@@ -368,11 +393,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
                 raise KeyError(f"it holds no {name!r}")
     except (ValueError, KeyError) as err:
         raise _unreadable(path, err) from None
-    fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
-    if fixed:
-        diffs = ", ".join(f"{_FLAGS[k]}: checkpoint {saved.get(k)!r} vs now {getattr(config, k)!r}" for k in fixed)
-        raise ValueError(f"cannot resume {path}: the run was started with other settings ({diffs}). "
-                         f"Use the checkpoint's values, or another --out to start afresh.")
+    check_fixed_on_resume(saved, config, path)
     saved_experts = json.loads(metadata.get("experts", "null"))
     if saved_experts is not None and experts is not None and saved_experts != experts:
         raise ValueError(f"cannot resume {path}: it was distilled from other experts ({_describe(saved_experts)}; "
@@ -423,6 +444,7 @@ CHECKPOINT = "checkpoint.safetensors"           # the state that --resume contin
 FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends
 BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
 SNAPSHOTS = "snapshots"                         # the images every snapshot_every iterations, for plots
+HISTORY = "history.json"                        # loss, step size, evaluations per iteration, written with checkpoints
 
 
 class RunFolder:
@@ -457,7 +479,8 @@ class RunFolder:
         own alone. Returns how many were removed."""
         if not self.writes:
             return 0
-        results = [name for name in (FINAL_SYNTHETIC, BEST_SYNTHETIC) if (self.path / name).is_file()]
+        # A run's history is written with its checkpoints: one without the other is a run whose checkpoint was moved
+        results = [name for name in (FINAL_SYNTHETIC, BEST_SYNTHETIC, HISTORY) if (self.path / name).is_file()]
         if results:
             raise ValueError(f"--out {self.path} holds an earlier run's {' and '.join(results)} but no {CHECKPOINT} "
                              f"to resume from: choose another --out, or move them away to start afresh there")
@@ -500,9 +523,6 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
-        if state.iteration > config.iterations:  # or config.json and the saved set would say it ran fewer
-            raise ValueError(f"{folder.path} holds a run of {state.iteration} iterations, more than --iterations "
-                             f"{config.iterations}: raise --iterations to go on with it")
         folder.save_json("config.json", dataclasses.asdict(config))
         if evaluator is not None:
             evaluator = _keeping_the_best(_saving_if_it_fails(evaluator, folder, config), folder, config, dataset)
@@ -576,7 +596,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                     update = _iteration(state, config, student, buffers, procs, folder, mask)
             except KeyboardInterrupt:
                 state.generator.set_state(rng)
-                _interrupted(state, config, folder)
+                _interrupted(state, config, folder, stop)
             except torch.OutOfMemoryError as err:
                 state.generator.set_state(rng)
                 _out_of_memory(state, config, folder, err)
@@ -594,7 +614,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             for callback in callbacks:
                 callback(IterationInfo(state.iteration, update.loss, state.syn_lr.item(), state, evaluation))
             if stop.requested:
-                _interrupted(state, config, folder)
+                _interrupted(state, config, folder, stop)
         bar.close()
 
         if evaluator is not None and not _evaluated_already(state):
@@ -602,7 +622,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 with stop.abandonable():
                     evaluation = {"iteration": state.iteration, **evaluator(state)}
             except KeyboardInterrupt:
-                _interrupted(state, config, folder)
+                _interrupted(state, config, folder, stop)
             state.history["evals"].append(evaluation)
         folder.save_snapshot(state)
         folder.save(state, config)
@@ -626,6 +646,9 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
             raise ValueError(f"{folder.path} already holds a run ({CHECKPOINT}): add --resume to continue it "
                              f"(the flags given then change its settings), or choose another --out to start afresh")
         state = load_checkpoint(folder.checkpoint, config, device, folder.experts)
+        if state.iteration > config.iterations:  # or config.json and the saved set would say it ran fewer
+            raise ValueError(f"{folder.path} holds a run of {state.iteration} iterations, more than --iterations "
+                             f"{config.iterations}: raise --iterations to go on with it")
         changes = state.history.get("changes", [])
         if folder.writes and changes and changes[-1]["iteration"] == state.iteration:
             said = ", ".join(f"{k} {before} -> {now}" for k, (before, now) in changes[-1]["changed"].items())
@@ -640,7 +663,8 @@ def _start_or_resume(config: DistillConfig, dataset: Dataset, folder: RunFolder,
     return initial_state(config, dataset, device, student, buffers)
 
 
-def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder) -> None:
+def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder, stop: GracefulStop) -> None:
+    stop.finish()
     folder.save(state, config)
     raise Interrupted(f"interrupted at iteration {state.iteration} of {config.iterations}: checkpoint saved in "
                       f"{folder.path}, from which a resumed run continues exactly") from None
@@ -872,9 +896,11 @@ def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, 
 
 
 def load_snapshots(run_dir: str | Path) -> list[tuple[int, Tensor]]:
-    """(iteration, images) of every snapshot a run saved, in order (for the image-evolution plots)."""
+    """(iteration, images) of every snapshot a run saved, in order (for the image-evolution plots): the images its
+    set would hold there (FTD's EMA of them, when it keeps one)."""
     paths = sorted((Path(run_dir) / SNAPSHOTS).glob("iter_*.safetensors"))
-    return [(int(p.stem.removeprefix("iter_")), load_safetensors(p)["images"]) for p in paths]
+    snapshots = [(int(p.stem.removeprefix("iter_")), load_safetensors(p)) for p in paths]
+    return [(iteration, tensors.get("ema_images", tensors["images"])) for iteration, tensors in snapshots]
 
 
 def stored_config(path: str | Path) -> DistillConfig:

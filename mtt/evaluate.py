@@ -265,7 +265,7 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
     `herding_features(dataset, seed)`; pass them to reuse one feature network for several ipc).
     full: the whole training set.
     """
-    _check_baseline(dataset, method, ipc)
+    check_baseline(dataset, method, ipc)
     if method == "full":
         return dataset.train_images, dataset.train_labels
     labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
@@ -284,7 +284,7 @@ def baseline_images(dataset: Dataset, ipc: int | None, method: str, seed: int = 
     return dataset.train_images[torch.cat(picks)], labels
 
 
-def _check_baseline(dataset: Dataset, method: str, ipc: int | None) -> None:
+def check_baseline(dataset: Dataset, method: str, ipc: int | None) -> None:
     if method not in BASELINE_METHODS:
         raise ValueError(f"unknown baseline {method!r}: use one of {', '.join(BASELINE_METHODS)}")
     if method == "full" and ipc is not None:
@@ -334,7 +334,7 @@ def evaluate_baseline(dataset: Dataset, ipc: int | None, method: str, models: li
     config = config or EvalConfig()
     if config.lr is None:
         config = replace(config, lr=BASELINE_LR)
-    _check_baseline(dataset, method, ipc)
+    check_baseline(dataset, method, ipc)
     check_models(models, config, dataset.channels, dataset.num_classes, dataset.im_size)
     cache: dict[int, tuple[Tensor, Tensor]] = {}
 

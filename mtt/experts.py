@@ -46,7 +46,7 @@ from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_par
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
-from mtt.interrupt import Interrupted, graceful_stop
+from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
                     remove_stale_temporaries)
 from mtt.networks import get_network
@@ -535,13 +535,13 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                     with stop.abandonable():  # Ctrl-C drops the group in training; finished shards stay
                         trajectories, test_acc = train_group(dataset, config, group, device, bar, scores)
                 except KeyboardInterrupt:
-                    _interrupted(out_dir, len(done) + len(final), len(ids), world)
+                    _interrupted(out_dir, len(done) + len(final), len(ids), world, stop)
                 _check_finite(trajectories, group, config)
                 # One shard per group as soon as it is done: a crash loses at most this group.
                 write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
                 final.update(zip(group, test_acc[:, -1].tolist()))
                 if stop.requested:
-                    _interrupted(out_dir, len(done) + len(final), len(ids), world)
+                    _interrupted(out_dir, len(done) + len(final), len(ids), world, stop)
         bar.close()
         procs.barrier()
         if rank == 0:
@@ -565,7 +565,8 @@ def _check_finite(trajectories: Tensor, group: Sequence[int], config: ExpertConf
                              f"use 0.01). Experts finished before it are kept")
 
 
-def _interrupted(out_dir: Path, finished: int, wanted: int, world: int) -> None:
+def _interrupted(out_dir: Path, finished: int, wanted: int, world: int, stop: GracefulStop) -> None:
+    stop.finish()
     if world == 1 and finished:
         write_index(out_dir)  # the finished experts are usable as they are
     raise Interrupted(f"interrupted: {finished} of {wanted} experts are finished and kept in {out_dir}; run the "

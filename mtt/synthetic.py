@@ -91,6 +91,10 @@ class SyntheticSet:
         if metadata.get("format", "").startswith("mtt-buffer"):
             raise ValueError(f"{path} is a shard of expert trajectories, not a synthetic set: pass a run's "
                              "synthetic.safetensors (or its folder's checkpoint.safetensors, for a run that stopped)")
+        if metadata.get("format") is None and {"images", "syn_lr"} <= set(tensors) and "labels" not in tensors:
+            raise ValueError(f"{path} looks like a distillation run's snapshot, which holds no labels or dataset: "
+                             "pass it in its run folder (RUN/snapshots/iter_*.safetensors), where the run's "
+                             "config.json says the rest")
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not an mtt synthetic set (format {metadata.get('format')!r}); "
                              "for the original MTT's images_best.pt pass --original-labels labels_best.pt, --dataset and --lr "

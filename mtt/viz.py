@@ -29,7 +29,7 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, load_snapshots
+from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, HISTORY, load_snapshots
 from mtt.io import atomic_save_figure, atomic_write
 from mtt.networks import get_network
 from mtt.paper import mean_and_std
@@ -293,8 +293,8 @@ def load_history(history_or_run_dir: Mapping[str, Any] | PathLike) -> dict[str, 
     source = Path(history_or_run_dir)
     if source.is_file():
         return json.loads(source.read_text())
-    if (source / "history.json").is_file():
-        return json.loads((source / "history.json").read_text())
+    if (source / HISTORY).is_file():
+        return json.loads((source / HISTORY).read_text())
     if not (source / CHECKPOINT).is_file():
         raise FileNotFoundError(f"no history.json or {CHECKPOINT} in {source}: not a distillation run folder")
     with safe_open(str(source / CHECKPOINT), "pt") as f:

@@ -159,6 +159,12 @@ def test_a_failed_command_leaves_no_empty_out_behind(tmp_path, command):
     assert (tmp_path / "kept").is_dir()
 
 
+def test_a_failed_command_removes_the_empty_parents_it_made_too(tmp_path):
+    the_error(mtt("experts", "--dataset", "no-such-dataset", "--out", tmp_path / "a" / "b" / "c"))
+    the_error(mtt("baseline", "--dataset", "no-such-dataset", "--ipc", 1, "--plot", tmp_path / "d" / "e" / "x.png"))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unwritable_out_fails_before_any_work(tmp_path):
     result = mtt("experts", "--dataset", "digits", "--epochs", 1, "--out", "/proc/mtt-experts", "--no-progress")
     assert "--out /proc/mtt-experts is not writable" in the_error(result)
@@ -200,7 +206,7 @@ def test_a_fresh_run_in_a_used_folder_names_resume(experts, tmp_path):
 def test_a_checkpoint_that_is_not_one(experts, tmp_path):
     (tmp_path / "checkpoint.safetensors").write_text(json.dumps({"iteration": 3}))
     message = the_error(mtt(*distill_args(experts, tmp_path, "--iterations", 1, "--resume")))
-    assert "not a checkpoint mtt can read" in message and "run without --resume" in message
+    assert "not a checkpoint mtt can read" in message and "to start afresh, choose another --out" in message
 
 
 def test_resume_keeps_the_runs_settings_where_no_flag_is_given(experts, tmp_path):
@@ -210,12 +216,13 @@ def test_resume_keeps_the_runs_settings_where_no_flag_is_given(experts, tmp_path
     assert mtt(*distill_args(experts, tmp_path / "straight", "--iterations", 4, *settings)).returncode == 0
     assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 2, *settings)).returncode == 0
     resumed = mtt("distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", tmp_path / "run",
-                  "--resume", "--iterations", 4, "--device", "cpu", "--no-progress")
+                  "--resume", "--iterations", 4, "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming at iteration 2 with settings other than the checkpoint's: iterations 2 -> 4" in resumed.stderr
+    assert "resuming at iteration 2 with settings other than the checkpoint's: iterations 2 -> 4\n" in resumed.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config == json.loads((tmp_path / "straight" / "config.json").read_text())
-    assert (config["syn_steps"], config["lr_img"], config["seed"], config["backward"]) == (5, 7, 3, "checkpointed")
+    assert (config["syn_steps"], config["lr_img"], config["seed"], config["backward"], config["device"]) == (
+        5, 7, 3, "checkpointed", "cpu")
     a, b = (SyntheticSet.load(tmp_path / d / "synthetic.safetensors") for d in ("straight", "run"))
     assert torch.equal(a.images, b.images) and a.syn_lr == b.syn_lr
 
@@ -228,6 +235,21 @@ def test_resume_changes_what_is_given_and_refuses_another_method(experts, tmp_pa
     assert mtt(*base, "--iterations", 3, "--lr-img", 20, "--method", "mtt").returncode == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert history["changes"] == [{"iteration": 2, "changed": {"lr_img": [10, 20], "iterations": [2, 3]}}]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", 5], "--seed: checkpoint 0 vs now 5"),  # what made iteration 0 stays as it was recorded
+    (["--init", "noise"], "--init: checkpoint 'real' vs now 'noise'"),
+    (["--zca"], "--zca/--no-zca: checkpoint False vs now True"),  # named before the experts are opened
+    (["--width", 32], "--width: checkpoint 16 vs now 32"),
+    (["--lr-labels", 5], "--lr-labels acts only with --soft-labels, which this run does not use: drop --lr-labels"),
+    (["--iterations", 1], "holds a run of 2 iterations, more than --iterations 1"),
+])
+def test_resume_refuses_what_cannot_change(experts, tmp_path, flags, message):
+    assert mtt(*distill_args(experts, tmp_path, "--iterations", 2)).returncode == 0
+    result = mtt("distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", tmp_path, "--resume",
+                 *flags)
+    assert message in the_error(result) and "resuming at" not in result.stderr
 
 
 def test_resuming_with_other_experts_is_refused(experts, tmp_path):
@@ -458,7 +480,7 @@ def test_torchrun_teacher_labels_are_the_mean_over_all_segments(experts, tmp_pat
 
 # ----------------------------------------------------------------------------- plot
 
-def test_plot_draws_a_runs_figures_finished_or_stopped(experts, tmp_path):
+def test_plot_draws_a_runs_figures(experts, tmp_path):
     run = tmp_path / "run"
     assert mtt(*distill_args(experts, run, "--iterations", 4, "--snapshot-every", 2)).returncode == 0
     result = mtt("plot", run, "--json")
@@ -467,10 +489,36 @@ def test_plot_draws_a_runs_figures_finished_or_stopped(experts, tmp_path):
     assert [Path(f).name for f in figures] == ["synthetic.png", "evolution.png", "curves.png"]
     assert all(Path(f).parent == run / "plots" and Path(f).read_bytes()[:4] == b"\x89PNG" for f in figures)
 
-    (run / "synthetic.safetensors").unlink()  # as a run stopped before its end leaves it
+    (run / "checkpoint.safetensors").rename(tmp_path / "moved")  # a run copied without it: its final set drawn
     result = mtt("plot", run, "--buffers", experts, "--format", "svg", "--out", tmp_path / "figures", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    assert "drawing the set at iteration 4, from its checkpoint.safetensors" in result.stderr
+    assert result.returncode == 0 and "stopped at" not in result.stderr, result.stderr
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "curves.svg", "evolution.svg", "synthetic.svg", "trajectories.svg"]
     assert "holds no distillation run" in the_error(mtt("plot", experts))
+    assert "no such folder" in the_error(mtt("plot", tmp_path / "nowhere"))
+
+
+def test_a_run_extended_and_stopped_is_drawn_and_named_as_it_stopped(experts, tmp_path):
+    """After a finished run was resumed for more and stopped, its synthetic.safetensors is out of date: plot draws
+    the checkpoint's set, and evaluate names the checkpoint among the sets to choose from."""
+    run = tmp_path / "run"
+    assert mtt(*distill_args(experts, run, "--iterations", 2)).returncode == 0
+    process = start("distill", "--dataset", "digits", "--ipc", 1, "--buffers", experts, "--out", run, "--resume",
+                    "--iterations", 100000, "--checkpoint-every", 100000, "--snapshot-every", 1)
+    wait_for(run / "snapshots" / "iter_000004.safetensors", process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        stopped_at = int(f.metadata()["iteration"])
+    result = mtt("plot", run)
+    assert f"stopped at iteration {stopped_at} of 100000: drawing the set its checkpoint.safetensors holds" in \
+        result.stderr
+    message = the_error(mtt("evaluate", "--synthetic", run))
+    assert f"or {run / 'checkpoint.safetensors'} (iteration {stopped_at}: the run was resumed after its end" in message
+
+
+def test_a_snapshot_out_of_its_run_is_named_as_one(experts, tmp_path):
+    assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 1)).returncode == 0
+    shutil.copy(tmp_path / "run" / "snapshots" / "iter_000000.safetensors", tmp_path / "copy.safetensors")
+    assert "looks like a distillation run's snapshot" in the_error(mtt("evaluate", "--synthetic",
+                                                                        tmp_path / "copy.safetensors"))

@@ -133,6 +133,7 @@ def test_a_runs_checkpoint_and_snapshots_hold_the_set_it_would_have_saved(digits
         assert (synthetic.label_logits is None) == (final.label_logits is None)
         if final.label_logits is not None:
             assert torch.equal(synthetic.label_logits, final.label_logits)
+    assert torch.equal(load_snapshots(tmp_path)[-1][1], final.images)  # what the plots show: FTD's EMA too
     first, at = stored_set(tmp_path / "snapshots" / "iter_000000.safetensors", config, digits)
     assert at == 0 and torch.equal(first.images, load_snapshots(tmp_path)[0][1]) and first.syn_lr == pytest.approx(0.01)
 
@@ -227,15 +228,20 @@ def test_a_failed_evaluation_saves_the_run_and_says_how_to_go_on(digits, experts
 
 
 def test_a_fresh_run_in_a_folder_an_earlier_run_left_without_a_checkpoint(digits, experts, tmp_path, capsys):
-    """Its sets are results: refused, not overwritten. Snapshots alone are what a run killed before its first
-    checkpoint leaves: removed, so that the plots show the new run alone."""
+    """Its sets and history are results: refused, not overwritten (a checkpoint moved away leaves them). Snapshots
+    alone are what a run killed before its first checkpoint leaves: removed, so that the plots show the new run
+    alone."""
     buffers = ExpertBuffers.open(experts)
     distill(small_config(iterations=10, snapshot_every=5), digits, buffers, tmp_path, progress=False)
     (tmp_path / "checkpoint.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"holds an earlier run's synthetic.safetensors but no checkpoint.safetensors "
-                                         r"to resume from: choose another --out"):
+    with pytest.raises(ValueError, match=r"holds an earlier run's synthetic.safetensors and history.json but no "
+                                         r"checkpoint.safetensors to resume from: choose another --out"):
         distill(small_config(), digits, buffers, tmp_path, progress=False)
     (tmp_path / "synthetic.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"holds an earlier run's history.json but no checkpoint"):
+        distill(small_config(), digits, buffers, tmp_path, progress=False)
+    assert len(load_snapshots(tmp_path)) == 3  # kept while the run's history says they are results
+    (tmp_path / "history.json").unlink()
     distill(small_config(), digits, buffers, tmp_path, progress=False)
     assert [it for it, _ in load_snapshots(tmp_path)] == [0, 2, 4, 6]  # not 5 and 10 of the earlier run
     assert f"starting afresh in {tmp_path}: removed the 3 snapshots of an earlier run" in capsys.readouterr().err
@@ -248,7 +254,7 @@ def test_resume_into_an_empty_folder_says_it_starts_afresh(digits, experts, tmp_
 
 def test_a_checkpoint_that_is_not_one_says_how_to_go_on(digits, experts, tmp_path):
     (tmp_path / "checkpoint.safetensors").write_text('{"not": "a checkpoint"}')
-    with pytest.raises(ValueError, match="not a checkpoint mtt can read .*run without --resume to start afresh"):
+    with pytest.raises(ValueError, match="not a checkpoint mtt can read .*to start afresh, choose another --out"):
         distill(small_config(), digits, ExpertBuffers.open(experts), tmp_path, resume=True, progress=False)
     # A safetensors file with a config but not a checkpoint's tensors (a synthetic set copied over it, say).
     distill(small_config(iterations=1), digits, ExpertBuffers.open(experts), tmp_path / "run", progress=False)
