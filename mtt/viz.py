@@ -545,8 +545,11 @@ def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
     else:
         ax.grid(alpha=0.3)
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    where = "from their initialisations" if pca.origins is not None else "in parameter space"
-    ax.set_title(title or f"{buffers.meta.model} experts on {buffers.meta.dataset} {where} (PCA)")
+    one = len(pca.experts) == 1
+    where = ("in parameter space" if pca.origins is None else
+             "from its initialisation" if one else "from their initialisations")
+    noun = "expert" if one else "experts"
+    ax.set_title(title or f"{buffers.meta.model} {noun} on {buffers.meta.dataset} {where} (PCA)")
     return _save(fig, path)
 
 
