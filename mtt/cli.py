@@ -513,8 +513,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         synthetic = SyntheticSet.load(args.synthetic)
     dataset = dataset or load_dataset(args.dataset or synthetic.dataset, args.data_root)
-    if args.original_zca:
+    if args.original_zca:  # the set is in the original's ZCA space, which its test images are put in too
         dataset = with_original_zca(dataset)
+        synthetic = dataclasses.replace(synthetic, zca=dataset.zca)
     if args.image_size:
         synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.

@@ -111,12 +111,16 @@ class DistillConfig:
     def validate(self) -> None:
         positive = ["ipc", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "iterations",
                     "checkpoint_every", "snapshot_every", "width", "depth"]
+        for name in positive + ["seed", "min_start_epoch", "eval_every", "eval_repeats", "eval_epochs"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):  # 2.5 steps would fail deep inside torch
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ["lr_img", "lr_lr", "lr_teacher", "lr_labels"]:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"batch_syn must be >= 1 or None (the whole set), got {self.batch_syn}")
         if self.backward not in BACKWARD_MODES + APPROXIMATE_MODES:
@@ -682,10 +686,13 @@ def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:
     meta = buffers.meta
-    if meta.dataset != config.dataset or meta.zca != config.zca or (dataset.zca is not None) != config.zca:
-        raise ValueError(f"the experts were trained on {meta.dataset} (zca={meta.zca}) but this run distils "
-                         f"{config.dataset} (zca={config.zca}, dataset loaded with zca={dataset.zca is not None}); "
-                         f"use matching experts, or set zca to match them")
+    if meta.dataset != config.dataset or dataset_key(dataset.name) != config.dataset:
+        raise ValueError(f"the experts were trained on {meta.dataset} and the data is {dataset.name}, but this run "
+                         f"distils {config.dataset}: use the experts and data of the dataset it distils")
+    if meta.zca != config.zca or (dataset.zca is not None) != config.zca:
+        raise ValueError(f"the experts were trained with zca={meta.zca} but this run distils with zca={config.zca} "
+                         f"(dataset loaded with zca={dataset.zca is not None}); use matching experts, or set zca "
+                         "to match them")
     last_target = config.max_start_epoch - 1 + config.expert_epochs  # start epochs are drawn below max_start_epoch
     if last_target > meta.epochs:
         expert_epochs = min(config.expert_epochs, meta.epochs)

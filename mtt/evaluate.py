@@ -211,6 +211,9 @@ def matching_test_images(synthetic: SyntheticSet, dataset: Dataset) -> Tensor:
         raise ValueError(f"synthetic images are {tuple(synthetic.images.shape[1:])} but {dataset.name} images "
                          f"are {(dataset.channels, *dataset.im_size)}")
     if synthetic.zca is None:
+        if dataset.zca is not None:
+            raise ValueError("the synthetic set was distilled without ZCA but the dataset is ZCA-whitened: load it "
+                             "with zca=False")
         return dataset.test_images
     if dataset.zca is not None:
         if not torch.equal(dataset.zca.matrix, synthetic.zca.matrix):
@@ -239,6 +242,7 @@ def evaluate_synthetic(synthetic: SyntheticSet, dataset: Dataset, models: list[s
                        config: EvalConfig | None = None, device: DeviceLike = "auto") -> dict[str, EvalResult]:
     """Evaluate a synthetic set on each model; lr = config.lr, else the set's learned syn_lr."""
     config = config or EvalConfig()
+    models = [models] if isinstance(models, str) else models  # "ConvNet" is one name, not seven
     lr = config.lr if config.lr is not None else synthetic.syn_lr
     if lr is None:
         raise ValueError("no learning rate: the synthetic set holds no syn_lr, so pass one (--lr)")

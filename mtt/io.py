@@ -53,6 +53,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file; a missing or corrupt file gets a clear error."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     try:

@@ -90,7 +90,10 @@ class SyntheticSet:
             metadata = f.metadata() or {}
         if metadata.get("format", "").startswith("mtt-buffer"):
             raise ValueError(f"{path} is a shard of expert trajectories, not a synthetic set: pass a run's "
-                             "synthetic.safetensors (or its folder's checkpoint.safetensors, for a run that stopped)")
+                             "synthetic.safetensors")
+        if "var.images" in tensors:
+            raise ValueError(f"{path} is a distillation checkpoint, not a synthetic set: evaluate the set it holds "
+                             "with python -m mtt evaluate --synthetic RUN_FOLDER (mtt.distill.stored_set in Python)")
         if metadata.get("format") is None and {"images", "syn_lr"} <= set(tensors) and "labels" not in tensors:
             raise ValueError(f"{path} looks like a distillation run's snapshot, which holds no labels or dataset: "
                              "pass it in its run folder (RUN/snapshots/iter_*.safetensors), where the run's "

@@ -59,6 +59,10 @@ def _save(fig: Figure, path: PathLike | None) -> Figure:
 
 # ----------------------------------------------------------------------------- pixels
 
+def _name(dataset: Dataset | DatasetSpec | str) -> str:
+    return dataset if isinstance(dataset, str) else dataset.name
+
+
 def _as_dataset(dataset: Dataset | DatasetSpec | str, zca: ZCA | None = None) -> Dataset:
     """A Dataset to denormalise with: the given one (with `zca` in place of its own, if given),
     or an empty one made from a spec or a dataset name."""
@@ -157,11 +161,20 @@ def image_grid(images: Tensor | SyntheticSet, dataset: Dataset | DatasetSpec | s
     caps how many images per class are shown. See display_pixels for `zca` and `clip`.
     """
     if isinstance(images, SyntheticSet):
+        if images.dataset and dataset_key(images.dataset) != dataset_key(_name(dataset)):
+            raise ValueError(f"the set is of {images.dataset}, not {_name(dataset)}: pass its own dataset")
         labels = images.labels if labels is None else labels
         zca = zca or images.zca
         images = images.images
+    if ipc is not None and ipc < 1:
+        raise ValueError(f"ipc must be >= 1 (images shown per class), got {ipc}")
     data = _as_dataset(dataset, zca)
+    if images.shape[1] != data.channels:
+        raise ValueError(f"the images have {images.shape[1]} channels but {data.name} images {data.channels}: pass "
+                         "the dataset they are of")
     names = list(class_names or data.class_names)
+    if len(names) < data.num_classes:
+        raise ValueError(f"{len(names)} class names for {data.num_classes} classes")
     labels = _class_labels(labels, len(images), data.num_classes, ipc)
     pixels = display_pixels(images, data, clip=clip)
     per_class = {c: (labels == c).nonzero().flatten().tolist()[:ipc] for c in labels.unique().tolist()}
@@ -210,6 +223,11 @@ def _run_synthetic(run_dir: PathLike) -> SyntheticSet | None:
     return SyntheticSet.load(path) if path.is_file() else None
 
 
+def _run_config(run_dir: PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _snapshots(run_dir: PathLike) -> list[tuple[int, Tensor]]:
     snapshots = load_snapshots(run_dir)
     if not snapshots:
@@ -222,6 +240,9 @@ def _run_space(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, num_imag
     """The dataset to denormalise a run's images with (the run's own ZCA when it saved one) and their labels."""
     synthetic = _run_synthetic(run_dir)
     data = _as_dataset(dataset, synthetic.zca if synthetic else None)
+    if data.zca is None and _run_config(run_dir).get("zca"):  # no final set yet to bring the run's ZCA
+        raise ValueError(f"{run_dir} distils in ZCA-whitened space and holds no {FINAL_SYNTHETIC} yet: pass its "
+                         f"dataset loaded with ZCA (load_dataset({data.name!r}, zca=True)) to show its images")
     # distill lays the images out class by class; the final set confirms it once written
     labels = synthetic.labels if synthetic else _class_labels(None, num_images, data.num_classes, None)
     return data, labels
@@ -231,6 +252,8 @@ def image_evolution(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, cla
                     max_columns: int = 8, path: PathLike | None = None, *, clip: float | None = 2.5) -> Figure:
     """The first image of each class (rows; default the first 10 classes) across snapshot iterations
     (columns: at most `max_columns`, evenly spread, first and last included)."""
+    if max_columns < 1:
+        raise ValueError(f"max_columns must be >= 1, got {max_columns}")
     snapshots = _snapshots(run_dir)
     data, labels = _run_space(run_dir, dataset, len(snapshots[0][1]))
     classes = list(range(min(data.num_classes, 10)) if classes is None else classes)
@@ -265,6 +288,8 @@ def evolution_gif(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, path:
     """An animated GIF of the whole synthetic set, one frame per snapshot (the last one held longer)."""
     from PIL import Image
 
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
     snapshots = _snapshots(run_dir)
     data, labels = _run_space(run_dir, dataset, len(snapshots[0][1]))
     frames = []
@@ -468,6 +493,9 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
     if tuple(synthetic.images.shape[1:]) != (dataset.channels, *dataset.im_size):
         raise ValueError(f"the synthetic images are {tuple(synthetic.images.shape[1:])} but {dataset.name} "
                          f"images are {(dataset.channels, *dataset.im_size)}")
+    if meta.zca != (synthetic.zca is not None):
+        raise ValueError(f"the experts were trained {'with' if meta.zca else 'without'} ZCA, the set distilled "
+                         f"{'with' if synthetic.zca is not None else 'without'}: pass the experts it was distilled from")
     target_epoch = start_epoch + config.get("expert_epochs", 2)
     if not 0 <= start_epoch < target_epoch <= meta.epochs:
         raise ValueError(f"start epoch {start_epoch} + expert_epochs {target_epoch - start_epoch} must lie within "
@@ -477,7 +505,10 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
     meta.check_network(net)
     device = resolve_device(device)
     images = synthetic.images.to(device)
-    plans = plan_steps(len(images), syn_steps or config.get("syn_steps", 20), config.get("batch_syn"),
+    steps = config.get("syn_steps", 20) if syn_steps is None else syn_steps
+    if steps < 1:
+        raise ValueError(f"syn_steps must be >= 1, got {steps}")
+    plans = plan_steps(len(images), steps, config.get("batch_syn"),
                        tuple(images.shape[1:]), config.get("dsa", DEFAULT_STRATEGY),
                        torch.Generator().manual_seed(seed), device)
     soft = synthetic.label_logits is not None
@@ -523,6 +554,9 @@ def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
         Line2D([], [], ls="", marker="s", ms=7, color=GREY, mec="black", label=f"epoch {buffers.meta.epochs}")]
 
     for raw, student in zip(student_paths, students):
+        if student and student.expert not in pca.experts:
+            raise ValueError(f"a student path starts from expert {student.expert}, which the PCA was not fitted on "
+                             f"(experts {list(pca.experts)}): include it in experts=")
         points = pca.transform(student.params if student else raw, student.expert if student else None)
         _mark(ax, points, color=STUDENT_COLOUR, lw=1.8, ls="--", marker=".", ms=5, zorder=3)
         _mark(ax, points[-1:], ls="", marker="X", ms=10, color=STUDENT_COLOUR, mec="black", zorder=4)
@@ -559,6 +593,8 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
                     path: PathLike | None = None, title: str = "Cross-architecture evaluation") -> Figure:
     """Accuracy per architecture, ours with std error bars (results: EvalResults, {"mean", "std"} dicts,
     (mean, std) pairs or numbers) and the paper's beside it."""
+    if not results:
+        raise ValueError("no results to draw")
     models = list(results)
     means, stds = zip(*(mean_and_std(results[m]) for m in models))
     fig = Figure(figsize=(1.4 * len(models) + 2.5, 3.8), layout="constrained")
@@ -576,7 +612,7 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
         ax.bar_label(published, labels=[f"{acc:.1f}" for _, acc in known], padding=2, fontsize=8)
     ax.set_xticks(list(xs), models, rotation=20 if len(models) > 5 else 0)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, min(100, max([*means, *(paper or {}).values()]) * 1.18 + 2))
+    ax.set_ylim(0, min(100, max([*means, *(acc for _, acc in known)]) * 1.18 + 2))
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)

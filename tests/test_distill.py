@@ -295,6 +295,18 @@ def test_bad_config_values():
         small_config(syn_steps=0).validate()
     with pytest.raises(ValueError, match="backward"):
         small_config(backward="exact").validate()
+    # what would fail deep inside torch, or run with a meaning nobody gave it
+    for field, value in [("ipc", 2.5), ("syn_steps", 2.5), ("seed", 1.5), ("iterations", True)]:
+        with pytest.raises(ValueError, match=f"{field} must be an integer, got {value!r}"):
+            small_config(**{field: value}).validate()
+    with pytest.raises(ValueError, match="lr_img must be > 0 and finite, got inf"):
+        small_config(lr_img=float("inf")).validate()
+
+
+def test_experts_of_another_dataset_are_named_as_such(digits, experts, tmp_path):
+    with pytest.raises(ValueError, match="the experts were trained on digits and the data is digits, but this run "
+                                         "distils mnist"):
+        distill(small_config(dataset="mnist"), digits, ExpertBuffers.open(experts), tmp_path, progress=False)
 
 
 def test_auto_times_both_modes_compiled(digits, experts, tmp_path, monkeypatch):

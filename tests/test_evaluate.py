@@ -131,6 +131,23 @@ def _synthetic(small, syn_lr=0.02, **kw) -> SyntheticSet:
     return SyntheticSet(images.clone(), labels.clone(), syn_lr, "digits", **kw)
 
 
+def test_a_set_without_zca_is_not_tested_on_whitened_images(small, digits):
+    config = EvalConfig(epochs=1, repeats=1, progress=False)
+    with pytest.raises(ValueError, match="distilled without ZCA but the dataset is ZCA-whitened"):
+        evaluate_synthetic(_synthetic(small), digits.with_zca(), ["ConvNet"], config, "cpu")
+    # one model's name is a list of one, not of its letters
+    assert list(evaluate_synthetic(_synthetic(small), digits, "ConvNet", config, "cpu")) == ["ConvNet"]
+
+
+def test_files_that_are_no_set_are_named_for_what_they_are(tmp_path):
+    save_file({"var.images": torch.zeros(2, 1, 8, 8), "generator": torch.zeros(3, dtype=torch.uint8)},
+              tmp_path / "checkpoint.safetensors")
+    with pytest.raises(ValueError, match="is a distillation checkpoint, not a synthetic set"):
+        SyntheticSet.load(tmp_path / "checkpoint.safetensors")
+    with pytest.raises(ValueError, match="is a folder, not a file"):
+        SyntheticSet.load(tmp_path)
+
+
 def test_a_set_that_cannot_be_one_is_refused_when_made_or_loaded(small, digits, tmp_path):
     images, labels, _, _ = small
     for bad, said in [(dict(images=images[:0], labels=labels[:0]), "N >= 1"),

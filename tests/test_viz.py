@@ -197,3 +197,43 @@ def test_synthetic_set_round_trip_feeds_the_plots(run, tmp_path):
     loaded = SyntheticSet.load(run.dir / "synthetic.safetensors")
     viz.image_grid(loaded, "digits", path=tmp_path / "from_name.png")
     assert_png(tmp_path / "from_name.png")
+
+
+def test_figures_of_the_wrong_data_are_refused(run):
+    """A set drawn with another dataset's statistics, or a stopped ZCA run with un-whitened ones, would show noise."""
+    with pytest.raises(ValueError, match="the set is of digits, not cifar10"):
+        viz.image_grid(run.synthetic, "cifar10")
+    with pytest.raises(ValueError, match="the images have 1 channels but cifar10 images 3"):
+        viz.image_grid(run.synthetic.images, "cifar10")
+    with pytest.raises(ValueError, match="ipc must be >= 1"):
+        viz.image_grid(run.synthetic, run.dataset, ipc=0)
+    with pytest.raises(ValueError, match="2 class names for 10 classes"):
+        viz.image_grid(run.synthetic, run.dataset, class_names=["a", "b"])
+    with pytest.raises(ValueError, match="max_columns must be >= 1"):
+        viz.image_evolution(run.dir, run.dataset, max_columns=0)
+
+
+def test_a_stopped_zca_run_is_drawn_in_its_own_space(run, tmp_path):
+    zca = run.dataset.with_zca()
+    train_experts(zca, ExpertConfig(num_experts=1, epochs=3, width=16), tmp_path / "experts", device="cpu",
+                  progress=False)
+    config = DistillConfig(dataset="digits", ipc=1, width=16, syn_steps=2, expert_epochs=1, max_start_epoch=2,
+                           lr_img=10, iterations=2, eval_repeats=0, snapshot_every=1, device="cpu", zca=True)
+    distill(config, zca, ExpertBuffers.open(tmp_path / "experts"), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "synthetic.safetensors").unlink()  # as a run still going has it
+    with pytest.raises(ValueError, match=r"distils in ZCA-whitened space .*\(load_dataset\('digits', zca=True\)\)"):
+        viz.image_evolution(tmp_path / "run", "digits")
+    shown = viz.image_evolution(tmp_path / "run", zca)
+    assert isinstance(shown, Figure)
+    # and plain experts are no match for a ZCA set when a student is unrolled
+    zca_set = SyntheticSet(torch.zeros(10, 1, 8, 8), torch.arange(10), 0.01, "digits", zca=zca.zca,
+                           config={"width": 16})
+    with pytest.raises(ValueError, match="experts were trained without ZCA, the set distilled with"):
+        viz.student_paths_for(zca_set, run.buffers, run.dataset, expert=0, start_epoch=0)
+
+
+def test_cross_arch_bars_without_a_paper_number_or_results():
+    fig = viz.cross_arch_bars({"ConvNet": 50.0, "MLP": 30.0}, paper={"ConvNet": None, "MLP": 40.0})
+    assert bar_heights(fig) == [[50.0, 30.0], [40.0]]
+    with pytest.raises(ValueError, match="no results to draw"):
+        viz.cross_arch_bars({})
