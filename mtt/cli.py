@@ -394,7 +394,6 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         last = history["evals"][-1]  # the final set's, unless a resume with --eval-repeats 0 went on after it
         summary["final_eval" if last["iteration"] == summary["iterations"] else "last_eval"] = last
         summary["best_eval"] = best_evaluation(history)
-        print(f"accuracy at iteration {last['iteration']}: {accuracy_text(last)}", file=sys.stderr)
         if summary["best_eval"] is not last:
             print(f"best: {accuracy_text(summary['best_eval'])} at iteration {summary['best_eval']['iteration']}, "
                   f"saved as {Path(args.out) / BEST_SYNTHETIC} (chosen on the test set, as the original's "

@@ -628,6 +628,8 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             except KeyboardInterrupt:
                 _interrupted(state, config, folder, stop)
             state.history["evals"].append(evaluation)
+            if procs.is_main:
+                print(_describe_evaluation(evaluation, state.history), file=sys.stderr)
         folder.save_snapshot(state)
         folder.save(state, config)
 
