@@ -461,6 +461,7 @@ class RunFolder:
     def __init__(self, path: str | Path, experts: dict[str, Any], writes: bool = True) -> None:
         self.path, self.experts, self.writes = Path(path), experts, writes
         self.checkpoint = self.path / CHECKPOINT
+        self.best_candidates: dict[int, SyntheticSet] = {}  # by iteration, the sets evaluated best so far
         if writes:
             if holds_experts(self.path):  # its config.json and *.safetensors would spoil the experts
                 raise ValueError(f"--out {self.path} holds expert trajectories: give the run a folder of its own "
@@ -469,8 +470,15 @@ class RunFolder:
             remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now
 
     def save(self, state: DistillState, config: DistillConfig) -> None:
+        """The checkpoint, and with it the best set when the history it holds names that set's evaluation best: an
+        evaluation whose iteration an interrupt dropped (it is redone on resume, on CUDA perhaps scoring otherwise)
+        leaves synthetic_best.safetensors as the history says."""
         if self.writes:
             save_checkpoint(state, config, self.checkpoint, self.experts)
+            best = best_evaluation(state.history)
+            if best and best["iteration"] in self.best_candidates:
+                self.save_synthetic(self.best_candidates[best["iteration"]], BEST_SYNTHETIC)
+        self.best_candidates.clear()  # written, beaten, or of an iteration the stop dropped
 
     def save_snapshot(self, state: DistillState) -> None:
         if self.writes:
@@ -537,19 +545,21 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
 
 
 def _synthetic_set(state: DistillState, config: DistillConfig, dataset: Dataset) -> SyntheticSet:
-    images, targets = state.result()
-    return SyntheticSet(images.cpu(), state.labels.cpu(), state.syn_lr.item(), config.dataset, config.model,
-                        None if targets.dtype == torch.long else targets.cpu(), dataset.zca, dataclasses.asdict(config))
+    """The set as the state holds it now: a copy, which the state's later updates leave as it is."""
+    images, targets = (t.to("cpu", copy=True) for t in state.result())
+    return SyntheticSet(images, state.labels.cpu(), state.syn_lr.item(), config.dataset, config.model,
+                        None if targets.dtype == torch.long else targets, dataset.zca, dataclasses.asdict(config))
 
 
 def _keeping_the_best(evaluator: Evaluator, folder: RunFolder, config: DistillConfig, dataset: Dataset) -> Evaluator:
-    """The evaluator, saving the set it scores best so far (by mean accuracy) as synthetic_best.safetensors, as the
-    original code keeps images_best.pt: accuracy can peak and then fall as a run goes on (BENCHMARKS.md). The choice
-    is made on the test set, so the best set's accuracy flatters it; the final set's is the unbiased number."""
+    """The evaluator, keeping the set it scores best so far (by mean accuracy) for synthetic_best.safetensors, which
+    the run folder writes with the checkpoint whose history names it, as the original code keeps images_best.pt:
+    accuracy can peak and then fall as a run goes on (BENCHMARKS.md). The choice is made on the test set, so the
+    best set's accuracy flatters it; the final set's is the unbiased number."""
     def run(state: DistillState) -> dict[str, Any]:
         evaluation, best = evaluator(state), best_evaluation(state.history)
         if best is None or evaluation["mean"] > best["mean"]:
-            folder.save_synthetic(_synthetic_set(state, config, dataset), BEST_SYNTHETIC)
+            folder.best_candidates[state.iteration] = _synthetic_set(state, config, dataset)
         return evaluation
     return run
 

@@ -11,11 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import mtt.distill
 from mtt.buffers import ExpertBuffers, write_index, write_shard
 from mtt.data import load_dataset
 from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, EvaluationFailed, OutOfMemory,
                          best_evaluation, distill, load_snapshots, preset, stored_config, stored_set)
 from mtt.experts import ExpertConfig, train_experts
+from mtt.interrupt import Interrupted
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import BackwardChoice
 
@@ -193,6 +195,33 @@ def test_resuming_with_other_experts_is_refused(digits, experts, tmp_path):
                                          r"2 ConvNet experts on digits, 4 epochs, hash \w+\)\. Pass the same --buffers"):
         distill(small_config(iterations=6), digits, ExpertBuffers.open(others), tmp_path / "run", resume=True,
                 progress=False)
+
+
+def test_the_best_set_is_the_one_the_history_names_after_an_interrupt(digits, experts, tmp_path, monkeypatch):
+    """An interrupt in the iteration after an evaluation drops that evaluation; redone on resume it may score
+    otherwise (CUDA is not deterministic): synthetic_best.safetensors holds the set the history names best."""
+    scores = iter([50.0, 90.0, 40.0, 45.0, 45.0])  # iterations 0, 2 (dropped by the interrupt), 2 again, 4, 6
+
+    def evaluator(state):
+        return {"mean": next(scores), "runs": [0.0]}
+
+    iteration, interrupted = mtt.distill._iteration, []
+
+    def interrupted_once(state, *args):
+        if state.iteration == 2 and not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # as Ctrl-C inside the iteration, after its evaluation
+        return iteration(state, *args)
+
+    monkeypatch.setattr(mtt.distill, "_iteration", interrupted_once)
+    buffers, config = ExpertBuffers.open(experts), small_config(eval_every=2, iterations=6)
+    with pytest.raises(Interrupted):
+        distill(config, digits, buffers, tmp_path, evaluator=evaluator, progress=False)
+    distill(config, digits, buffers, tmp_path, evaluator=evaluator, resume=True, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [e["mean"] for e in history["evals"]] == [50.0, 40.0, 45.0, 45.0]
+    assert best_evaluation(history)["iteration"] == 0
+    assert torch.equal(SyntheticSet.load(tmp_path / BEST_SYNTHETIC).images, dict(load_snapshots(tmp_path))[0])
 
 
 def test_a_finished_run_extended_is_not_evaluated_twice_where_it_ended(digits, experts, tmp_path):
