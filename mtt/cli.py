@@ -527,19 +527,25 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stored_set(path: Path, args: argparse.Namespace) -> tuple[SyntheticSet, Dataset]:
-    """The set in a run's checkpoint or snapshot, with its dataset as the run distilled it (ZCA included)."""
-    from mtt.data import load_dataset
-    from mtt.distill import stored_config, stored_set
-
+    """evaluate's reading of a run's checkpoint or snapshot."""
     if args.original_labels or args.dataset:
         raise ValueError(f"--synthetic {path} is a file of an mtt run, which names its dataset: drop "
                          f"{'--original-labels' if args.original_labels else '--dataset'}")
-    config = stored_config(path)
-    dataset = load_dataset(config.dataset, args.data_root, zca=config.zca)
-    synthetic, iteration = stored_set(path, config, dataset)
-    print(f"evaluating the set at iteration {iteration} of the run's {config.iterations} (from {path})",
-          file=sys.stderr)
+    synthetic, dataset, iteration, iterations = _run_set(path, args.data_root)
+    print(f"evaluating the set at iteration {iteration} of the run's {iterations} (from {path})", file=sys.stderr)
     return synthetic, dataset
+
+
+def _run_set(path: Path, data_root: str | None) -> tuple[SyntheticSet, Dataset, int, int]:
+    """The set a run's checkpoint or snapshot holds, with the dataset as the run distilled it (its ZCA included),
+    the iteration it is of, and the iterations the run was to go to."""
+    from mtt.data import load_dataset
+    from mtt.distill import stored_config, stored_set
+
+    config = stored_config(path)
+    dataset = load_dataset(config.dataset, data_root, zca=config.zca)
+    synthetic, iteration = stored_set(path, config, dataset)
+    return synthetic, dataset, iteration, config.iterations
 
 
 @command
@@ -597,7 +603,7 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     from mtt import viz
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, stored_config, stored_set
+    from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC
     from mtt.io import ensure_writable_dir
     from mtt.synthetic import SyntheticSet
 
@@ -605,12 +611,10 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     if not run.is_dir():
         raise FileNotFoundError(f"no such folder: {run}")
     if (run / CHECKPOINT).is_file():  # the run's latest state: at its end the final set, before it where it stopped
-        config = stored_config(run / CHECKPOINT)
-        dataset = load_dataset(config.dataset, args.data_root, zca=config.zca)  # the run's space, its ZCA included
-        synthetic, iteration = stored_set(run / CHECKPOINT, config, dataset)
-        if iteration < config.iterations:
-            print(f"{run} stopped at iteration {iteration} of {config.iterations}: drawing the set its "
-                  f"{CHECKPOINT} holds", file=sys.stderr)
+        synthetic, dataset, iteration, iterations = _run_set(run / CHECKPOINT, args.data_root)
+        if iteration < iterations:
+            print(f"{run} stopped at iteration {iteration} of {iterations}: drawing the set its {CHECKPOINT} holds",
+                  file=sys.stderr)
     elif (run / FINAL_SYNTHETIC).is_file():  # a run copied without its checkpoint
         synthetic = SyntheticSet.load(run / FINAL_SYNTHETIC)
         # the set carries its ZCA, so a name is enough to draw it; the student's training needs the data

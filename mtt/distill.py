@@ -947,6 +947,7 @@ def stored_set(path: str | Path, config: DistillConfig, dataset: Dataset) -> tup
     tensors = load_safetensors(path)  # a snapshot: the variables and derived state; the labels are fixed
     if "images" not in tensors or "syn_lr" not in tensors:
         raise ValueError(f"{path} is not a snapshot mtt wrote (it holds no images and step size)")
-    state = DistillState(tensors["images"], class_labels(dataset, config.ipc), tensors["syn_lr"], tensors.get("label_logits"), {},
-                         torch.Generator(), **{k: tensors[k] for k in DERIVED if k in tensors})
+    state = DistillState(tensors["images"], class_labels(dataset, config.ipc), tensors["syn_lr"],
+                         tensors.get("label_logits"), {}, torch.Generator(),
+                         **{k: tensors[k] for k in DERIVED if k in tensors})
     return _synthetic_set(state, config, dataset), int(path.stem.removeprefix("iter_"))

@@ -81,7 +81,8 @@ def load_plain_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise ValueError(f"{path} is truncated or corrupt, or no torch.save file "
                          f"({reason[1] if reason else 'not a pickle of tensors'})") from None
     except Exception as err:  # bytes that are no pickle end in RuntimeError, EOFError, IndexError ...
-        raise ValueError(f"{path} is truncated or corrupt, or no torch.save file ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path} is truncated or corrupt, or no torch.save file "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def ensure_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -86,8 +86,8 @@ def _dry_run(
             raise ValueError(
                 f"{channels}x{hw[0]}x{hw[1]} images are too small for {name}: its feature maps shrink below "
                 f"1x1 (or to 1x1 under instance norm, which has nothing to normalise). Use images of at "
-                f"least {side}x{side} (evaluate and baseline resize them with --image-size {side}; .resized({side}) of a Dataset or "
-                f"SyntheticSet in Python), or a network "
+                f"least {side}x{side} (evaluate and baseline resize them with --image-size {side}; "
+                f".resized({side}) of a Dataset or SyntheticSet in Python), or a network "
                 f"that fits, e.g. 'ConvNet'."
             )
         return embed(torch.zeros(1, channels, *hw))[0].numel()

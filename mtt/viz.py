@@ -59,10 +59,6 @@ def _save(fig: Figure, path: PathLike | None) -> Figure:
 
 # ----------------------------------------------------------------------------- pixels
 
-def _name(dataset: Dataset | DatasetSpec | str) -> str:
-    return dataset if isinstance(dataset, str) else dataset.name
-
-
 def _as_dataset(dataset: Dataset | DatasetSpec | str, zca: ZCA | None = None) -> Dataset:
     """A Dataset to denormalise with: the given one (with `zca` in place of its own, if given),
     or an empty one made from a spec or a dataset name."""
@@ -160,15 +156,16 @@ def image_grid(images: Tensor | SyntheticSet, dataset: Dataset | DatasetSpec | s
     without labels they are taken as class-ordered, `ipc` per class. With labels, `ipc`
     caps how many images per class are shown. See display_pixels for `zca` and `clip`.
     """
+    set_of = None
     if isinstance(images, SyntheticSet):
-        if images.dataset and dataset_key(images.dataset) != dataset_key(_name(dataset)):
-            raise ValueError(f"the set is of {images.dataset}, not {_name(dataset)}: pass its own dataset")
         labels = images.labels if labels is None else labels
-        zca = zca or images.zca
+        zca, set_of = zca or images.zca, images.dataset
         images = images.images
     if ipc is not None and ipc < 1:
         raise ValueError(f"ipc must be >= 1 (images shown per class), got {ipc}")
     data = _as_dataset(dataset, zca)
+    if set_of and dataset_key(set_of) != dataset_key(data.name):
+        raise ValueError(f"the set is of {set_of}, not {data.name}: pass its own dataset")
     if images.shape[1] != data.channels:
         raise ValueError(f"the images have {images.shape[1]} channels but {data.name} images {data.channels}: pass "
                          "the dataset they are of")
@@ -494,8 +491,9 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
         raise ValueError(f"the synthetic images are {tuple(synthetic.images.shape[1:])} but {dataset.name} "
                          f"images are {(dataset.channels, *dataset.im_size)}")
     if meta.zca != (synthetic.zca is not None):
+        distilled = "with" if synthetic.zca is not None else "without"
         raise ValueError(f"the experts were trained {'with' if meta.zca else 'without'} ZCA, the set distilled "
-                         f"{'with' if synthetic.zca is not None else 'without'}: pass the experts it was distilled from")
+                         f"{distilled}: pass the experts it was distilled from")
     target_epoch = start_epoch + config.get("expert_epochs", 2)
     if not 0 <= start_epoch < target_epoch <= meta.epochs:
         raise ValueError(f"start epoch {start_epoch} + expert_epochs {target_epoch - start_epoch} must lie within "

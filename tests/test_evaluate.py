@@ -466,7 +466,8 @@ def test_cli_says_what_it_runs_and_when_the_networks_learned_nothing(small, tmp_
     assert main(argv + ["--lr", "1e-9"]) == 0  # too small to move the weights: chance
     err = capsys.readouterr().err
     assert "lr=1e-09, width=128, depth=3, epochs=3, repeats=1, device=cpu" in err.splitlines()[0]
-    assert "note: ConvNet scored at chance (10 % for 10 classes)" in err and "--lr too large or too small, now 1e-09" in err
+    assert "note: ConvNet scored at chance (10 % for 10 classes)" in err
+    assert "--lr too large or too small, now 1e-09" in err
     assert main(argv + ["--lr", "0.01"]) == 0 and "scored at chance" not in capsys.readouterr().err
 
 
