@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -210,8 +211,9 @@ PRESETS: dict[tuple[str, int], dict[str, Any]] = {**_PAPER, **_OURS}
 def preset(dataset: str, ipc: int, method: str = "mtt", **overrides: Any) -> DistillConfig:
     """The preset for (dataset, ipc) — the paper's where it has one — with `method`'s recipe
     (mtt.recipes: mtt, tesla, ftd, datm, att, pad) and then the overrides applied."""
-    if not isinstance(dataset, str) or isinstance(ipc, bool) or not isinstance(ipc, int):
+    if not isinstance(dataset, str) or isinstance(ipc, bool) or not isinstance(ipc, numbers.Integral):
         raise TypeError(f"preset(dataset, ipc) takes a dataset name and an int, got {dataset!r}, {ipc!r}")
+    ipc = int(ipc)  # a numpy integer finds its preset and is recorded as a plain int
     dataset = dataset_key(dataset)  # 'CIFAR-10' finds cifar10's preset; an unknown name is said to be one
     if (dataset, ipc) not in PRESETS:
         known = ", ".join(f"{d}:{i}" for d, i in PRESETS)

@@ -20,7 +20,7 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
   of `python -m mtt experts` (--easy-to-hard, --drop-easy).
 
 Where the authors give no values (digits, Fashion-MNIST, ...) ours are scaled to the preset: FTD's
-EMA averages over about a tenth of the run (decay 1 - 10 / iterations), DATM's window is
+EMA averages over about a tenth of the run (`_ftd_decay`), DATM's window is
 `_datm_window`. Any field can still be overridden after the recipe.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
     if method == "tesla":
         fields = dict(backward="tesla", teacher_labels=True)
     elif method == "ftd":
-        fields = dict(ema_decay=_FTD_DECAY.get(key, max(0.0, 1 - 10 / config.iterations)))
+        fields = dict(ema_decay=_FTD_DECAY.get(key, _ftd_decay(config.iterations)))
     elif method == "att":
         fields = dict(match="closest")
     elif method in ("datm", "pad"):
@@ -83,6 +83,12 @@ def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
         if method == "pad":
             fields["pad_fraction"] = _PAD_FRACTION.get(config.ipc, 0.5)
     return dataclasses.replace(config, method=method, **fields)
+
+
+def _ftd_decay(iterations: int) -> float:
+    """FTD's decay where its authors give none (ours): the EMA averages over the last tenth of the run,
+    and over at least the last two iterations, so that a short run still has the EMA the method is."""
+    return 1 - 1 / max(2.0, iterations / 10)
 
 
 def _datm_window(config: DistillConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 from safetensors import safe_open
@@ -244,6 +245,9 @@ def test_every_recipe_is_a_valid_config_and_overrides_win():
             config.validate()
             assert config.method == method
     assert preset("cifar10", 10, method="ftd").ema_decay == 0.9995
+    assert preset("digits", 1, method="ftd", iterations=1000).ema_decay == pytest.approx(0.99)
+    assert preset("digits", 1, method="ftd", iterations=5).ema_decay == 0.5  # a short run keeps its EMA
+    assert preset("digits", numpy.int64(1)) == preset("digits", 1)
     assert preset("cifar10", 1, method="tesla").backward == "tesla"
     assert preset("cifar10", 1, method="att").match == "closest"
     assert preset("cifar10", 10, method="pad").pad_fraction == 0.5
