@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from mtt import __version__
-from mtt.data import SPECS
+from mtt.data import SPECS, check_same_space
 from mtt.io import atomic_save_safetensors, atomic_write_json, load_plain_torch_file, reachable
 from mtt.networks import NETWORK_NAMES, get_network
 
@@ -526,6 +526,8 @@ class ExpertBuffers:
         if path.is_dir() and (path / INDEX).exists():
             _check_index(path, shards)
         meta, where = _check_shards(shards)
+        check_same_space(meta.version, meta.dataset, meta.zca, f"the experts in {folder}",
+                         "train them again with this version (python -m mtt experts ...)")
         return cls(meta, _ShardReader(where), path)
 
     @classmethod

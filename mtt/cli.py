@@ -477,7 +477,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.data import load_dataset
     from mtt.distill import BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, SNAPSHOTS, checkpoint_progress
-    from mtt.evaluate import EvalConfig, evaluate_synthetic, with_original_zca
+    from mtt.evaluate import EvalConfig, evaluate_synthetic
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
@@ -512,8 +512,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         synthetic = SyntheticSet.load(args.synthetic)
     dataset = dataset or load_dataset(args.dataset or synthetic.dataset, args.data_root)
-    if args.original_zca:  # the set is in the original's ZCA space, which its test images are put in too
-        dataset = with_original_zca(dataset)
+    if args.original_zca:  # the set is in the ZCA space of its run's training set, which its test images are put in
+        dataset = dataset.with_zca()
         synthetic = dataclasses.replace(synthetic, zca=dataset.zca)
     if args.image_size:
         synthetic, dataset = synthetic.resized(args.image_size), dataset.resized(args.image_size)

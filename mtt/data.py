@@ -41,7 +41,8 @@ class DatasetSpec:
     std: tuple[float, ...]
 
 
-# Means and stds are the original MTT code's (utils.get_dataset); digits' are measured on
+# Means and stds are the original MTT code's (utils.get_dataset), CIFAR-100's included: it normalises CIFAR-100 with
+# CIFAR-10's statistics, and its presets and experts are tuned on and trained in that space. digits' are measured on
 # its training split after scaling pixels from [0, 16] to [0, 1].
 SPECS: dict[str, DatasetSpec] = {
     spec.name: spec
@@ -50,7 +51,7 @@ SPECS: dict[str, DatasetSpec] = {
         DatasetSpec("mnist", 1, (28, 28), 10, (0.1307,), (0.3081,)),
         DatasetSpec("fashion-mnist", 1, (28, 28), 10, (0.2861,), (0.3530,)),
         DatasetSpec("cifar10", 3, (32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-        DatasetSpec("cifar100", 3, (32, 32), 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+        DatasetSpec("cifar100", 3, (32, 32), 100, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
         DatasetSpec("svhn", 3, (32, 32), 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
         DatasetSpec("tiny-imagenet", 3, (64, 64), 200, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     ]
@@ -65,7 +66,7 @@ FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 @dataclass
 class ZCA:
-    """ZCA whitening as the paper uses it (kornia's ZCAWhitening, eps 0.1, unbiased cov).
+    """ZCA whitening as the paper uses it (kornia's ZCAWhitening, eps 0.1, unbiased cov), of [0, 1] pixels.
 
     transform(x) = (x - mean) @ W with W = U diag(1/sqrt(S + eps)) U^T, inverse undoes it
     exactly (up to round-off) with U diag(sqrt(S + eps)) U^T, then adds the mean back.
@@ -136,7 +137,7 @@ class Dataset:
 
     spec: DatasetSpec
     class_names: list[str]
-    train_images: Tensor  # [N, C, H, W] float32, normalised (and ZCA-whitened if zca is set)
+    train_images: Tensor  # [N, C, H, W] float32: normalised, or the ZCA-whitened pixels when zca is set
     train_labels: Tensor  # [N] int64
     test_images: Tensor
     test_labels: Tensor
@@ -196,12 +197,16 @@ class Dataset:
                        _class_indices=None)
 
     def with_zca(self, eps: float = 0.1) -> Dataset:
-        """A copy with both splits ZCA-whitened by a ZCA fitted on the training set."""
+        """A copy with both splits ZCA-whitened by a ZCA fitted on the training set. As the original code, the
+        whitening is of [0, 1] pixels, not normalised ones: after normalising, eps 0.1 would regularise as an eps
+        of 0.1 * std^2 on pixels (0.004 on CIFAR-10), a space the paper's presets and experts were not made in."""
         if self.zca is not None:
             return self
-        zca = ZCA.fit(self.train_images, eps)
-        return replace(self, train_images=_chunked(zca.transform, self.train_images),
-                       test_images=_chunked(zca.transform, self.test_images), zca=zca, _class_indices=None)
+        train_pixels = _chunked(self.denormalize, self.train_images)
+        zca = ZCA.fit(train_pixels, eps)
+        return replace(self, train_images=_chunked(zca.transform, train_pixels),
+                       test_images=_chunked(lambda x: zca.transform(self.denormalize(x)), self.test_images),
+                       zca=zca, _class_indices=None)
 
     def resized(self, size: int) -> Dataset:
         """A copy with both splits resized to size x size, so that networks needing larger inputs
@@ -212,14 +217,10 @@ class Dataset:
         return replace(self, spec=spec, train_images=resize_images(self.train_images, size),
                        test_images=resize_images(self.test_images, size), _class_indices=None)
 
-    def normalize(self, pixels: Tensor) -> Tensor:
-        """Pixels in [0, 1] -> the normalised space (before ZCA)."""
-        return (pixels - self._stat(self.spec.mean, pixels)) / self._stat(self.spec.std, pixels)
-
     def denormalize(self, images: Tensor) -> Tensor:
-        """Images in the training space -> pixels (ZCA undone first if present); not clipped."""
+        """Images in the training space -> [0, 1] pixels (ZCA undone, or the normalisation); not clipped."""
         if self.zca is not None:
-            images = self.zca.inverse(images)
+            return self.zca.inverse(images)
         return images * self._stat(self.spec.std, images) + self._stat(self.spec.mean, images)
 
     @staticmethod
@@ -276,6 +277,32 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, zca: bool 
     dataset = Dataset(spec, classes, _normalise(train_x, spec), train_y.long(),
                       _normalise(test_x, spec), test_y.long())
     return dataset.with_zca() if zca else dataset
+
+
+# mtt 0.2 puts the images in the original code's space where 0.1 had its own: ZCA of [0, 1] pixels (0.1 whitened
+# normalised ones), CIFAR-100 normalised with CIFAR-10's statistics, Tiny ImageNet's classes in sorted order. Files
+# that 0.1 wrote for those datasets and settings are in another space; the others are unchanged.
+_SPACE_CHANGED = {"cifar100", "tiny-imagenet"}
+
+
+def check_same_space(version: str | None, dataset: str, zca: bool, what: str, remedy: str) -> None:
+    """Refuse `what` (experts, a set, a run), written by mtt `version`, where its images were in another space than
+    this version's for (dataset, zca)."""
+    if not (zca or dataset in _SPACE_CHANGED) or not _before_0_2(version):
+        return
+    setting = "ZCA-whitened " if zca else ""
+    raise ValueError(f"{what} was written by mtt {version or '< 0.2'}, whose {setting}{dataset} images lived in "
+                     f"another space than now (mtt 0.2 follows the original code: ZCA of [0, 1] pixels, CIFAR-100 "
+                     f"normalised with CIFAR-10's statistics, Tiny ImageNet's classes sorted); {remedy}")
+
+
+def _before_0_2(version: str | None) -> bool:
+    if version is None:
+        return True
+    try:
+        return tuple(int(part) for part in version.split(".")[:2]) < (0, 2)
+    except ValueError:  # not a release number: a development build of this version or later
+        return False
 
 
 def _normalise(pixels_uint8: Tensor, spec: DatasetSpec) -> Tensor:
@@ -473,7 +500,7 @@ def _read_tiny_imagenet(folder: Path):
     def load(paths):
         return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
 
-    wnids = (folder / "wnids.txt").read_text().split()
+    wnids = sorted((folder / "wnids.txt").read_text().split())  # the original's ImageFolder numbers them sorted
     words = dict(line.split("\t", 1) for line in (folder / "words.txt").read_text().splitlines()) \
         if (folder / "words.txt").exists() else {}
     index = {w: i for i, w in enumerate(wnids)}

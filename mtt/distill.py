@@ -26,9 +26,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mtt import __version__
 from mtt.augment import DEFAULT_STRATEGY, parse_strategy
 from mtt.buffers import ExpertBuffers, holds_experts
-from mtt.data import Dataset, dataset_key
+from mtt.data import Dataset, check_same_space, dataset_key
 from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
@@ -321,7 +322,7 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors |= state.derived()
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or "",
-                "kept_graphs": str(state.kept_graphs)}
+                "kept_graphs": str(state.kept_graphs), "mtt_version": __version__}
     atomic_save_safetensors(tensors, path, metadata)
     atomic_write_json(path.parent / HISTORY, state.history)  # after: a history never runs ahead of its checkpoint
 
@@ -365,10 +366,17 @@ def _checkpoint_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-        json.loads(metadata["config"]), int(metadata["iteration"])  # both read, or it is no checkpoint of ours
+        saved = json.loads(metadata["config"])
+        int(metadata["iteration"])  # both read, or it is no checkpoint of ours
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a checkpoint mtt can read ({err})") from None
+    _check_run_space(metadata.get("mtt_version"), saved, path.parent)
     return metadata
+
+
+def _check_run_space(version: str | None, saved: dict[str, Any], run: Path) -> None:
+    check_same_space(version, str(saved.get("dataset")), bool(saved.get("zca")), f"the run in {run}",
+                     "start it afresh with this version (another --out), or go on with the version that wrote it")
 
 
 def _known_settings(saved: dict[str, Any]) -> dict[str, Any]:
@@ -399,6 +407,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
                 raise KeyError(f"it holds no {name!r}")
     except (ValueError, KeyError) as err:
         raise _unreadable(path, err) from None
+    _check_run_space(metadata.get("mtt_version"), saved, path.parent)
     check_fixed_on_resume(saved, config, path)
     saved_experts = json.loads(metadata.get("experts", "null"))
     if saved_experts is not None and experts is not None and saved_experts != experts:
@@ -537,7 +546,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
-        folder.save_json("config.json", dataclasses.asdict(config))
+        folder.save_json("config.json", dataclasses.asdict(config) | {"mtt_version": __version__})
         if evaluator is not None:
             evaluator = _keeping_the_best(_saving_if_it_fails(evaluator, folder, config), folder, config, dataset)
         _loop(state, config, student, buffers, folder, procs, callbacks, evaluator, progress)
@@ -935,6 +944,7 @@ def stored_config(path: str | Path) -> DistillConfig:
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is a run's snapshot, read with the run's {record}, which is unreadable "
                          f"({err})") from None
+    _check_run_space(saved.get("mtt_version"), saved, path.parent.parent)
     return DistillConfig(**_known_settings(saved))
 
 

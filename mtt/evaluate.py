@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, DSA
-from mtt.data import ZCA, Dataset, _chunked
+from mtt.data import Dataset, _chunked
 from mtt.device import DeviceLike, resolve_device, to_device
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
@@ -220,22 +220,7 @@ def matching_test_images(synthetic: SyntheticSet, dataset: Dataset) -> Tensor:
             raise ValueError("the dataset is whitened with another ZCA than the synthetic set's: "
                              "load it with zca=False and the set's own ZCA is applied")
         return dataset.test_images
-    return _chunked(synthetic.zca.transform, dataset.test_images)
-
-
-def with_original_zca(dataset: Dataset, eps: float = 0.1) -> Dataset:
-    """The dataset in the original MTT code's ZCA space, for its ZCA-preset `images_best.pt`.
-
-    The original whitens un-normalised [0, 1] pixels (ToTensor only, then kornia's ZCA fitted
-    on the training set), unlike our ZCA, which follows the per-channel normalisation.
-    """
-    if dataset.zca is not None:
-        raise ValueError("pass the dataset without ZCA (zca=False): the original's ZCA is fitted here")
-    train_pixels = _chunked(dataset.denormalize, dataset.train_images)
-    zca = ZCA.fit(train_pixels, eps)
-    return replace(dataset, train_images=_chunked(zca.transform, train_pixels),
-                   test_images=_chunked(zca.transform, _chunked(dataset.denormalize, dataset.test_images)),
-                   zca=zca, _class_indices=None)
+    return _chunked(lambda x: synthetic.zca.transform(dataset.denormalize(x)), dataset.test_images)  # of pixels
 
 
 def evaluate_synthetic(synthetic: SyntheticSet, dataset: Dataset, models: list[str],

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mtt import __version__
-from mtt.data import ZCA, resize_images
+from mtt.data import ZCA, check_same_space, resize_images
 from mtt.io import atomic_save_safetensors, load_plain_torch_file, load_safetensors
 
 FORMAT = "mtt-synthetic/1"
@@ -105,6 +105,9 @@ class SyntheticSet:
         missing = [name for name in ("images", "labels") if name not in tensors]
         if missing:
             raise ValueError(f"{path} is a damaged synthetic set: it holds no {' and no '.join(missing)}")
+        check_same_space(metadata.get("mtt_version"), metadata.get("dataset", ""), "zca.mean" in tensors,
+                         f"the synthetic set {path}", "distil it again with this version, or evaluate it with the "
+                         "version that wrote it")
         zca = ZCA.from_state_dict(tensors) if "zca.mean" in tensors else None
         syn_lr = float(tensors["syn_lr"]) if "syn_lr" in tensors else None
         try:

@@ -1,4 +1,5 @@
 """Expert buffers: native shards, original MTT .pt files, the Hub offline; real files, real networks."""
+import dataclasses
 import functools
 import os
 import pickle
@@ -161,6 +162,23 @@ def test_snapshot_reads_one_row_only(tmp_path):
     everything = load_safetensors(path)
     assert torch.isfinite(sum(t.sum() for t in everything.values()))
     assert rss() - before > size / 2
+
+
+@pytest.mark.parametrize("settings, refused", [(dict(zca=True), True), (dict(dataset="cifar100"), True),
+                                               (dict(zca=False), False)])
+def test_experts_of_mtt_0_1_in_a_space_that_changed_are_refused(tmp_path, settings, refused):
+    """mtt 0.1 whitened normalised images and normalised CIFAR-100 with its own statistics; the space is the
+    original code's since 0.2, so such experts would be matched on other images than they were trained on."""
+    meta = dataclasses.replace(meta_for(small_net(), **settings), version="0.1.0")
+    write_shard(tmp_path / "a.safetensors", trajectories([0]), meta, [0])
+    if not refused:
+        assert ExpertBuffers.open(tmp_path).meta.version == "0.1.0"
+        return
+    with pytest.raises(ValueError, match=r"written by mtt 0\.1\.0, whose .*another space.*train them again"):
+        ExpertBuffers.open(tmp_path)
+    current = dataclasses.replace(meta, version="0.2.0")
+    write_shard(tmp_path / "a.safetensors", trajectories([0]), current, [0])
+    assert len(ExpertBuffers.open(tmp_path)) == 1
 
 
 def test_mismatched_model_is_refused(folder):

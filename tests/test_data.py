@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtt.data import ZCA, DatasetNotFoundError, load_dataset, read_idx
+from mtt.data import SPECS, ZCA, DatasetNotFoundError, _read_tiny_imagenet, load_dataset, read_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -256,10 +256,50 @@ def test_dataset_with_zca_whitens_both_splits_and_denormalizes():
     ds = load_dataset("digits")
     white = load_dataset("digits", zca=True)
     assert white.zca is not None
-    assert torch.allclose(white.zca.transform(ds.test_images), white.test_images, atol=1e-5)
+    assert torch.allclose(white.zca.transform(ds.denormalize(ds.test_images)), white.test_images, atol=1e-5)
     pixels = white.denormalize(white.train_images[:4])
     assert torch.allclose(pixels, ds.denormalize(ds.train_images[:4]), atol=1e-4)
     assert pixels.min() >= -1e-4 and pixels.max() <= 1 + 1e-4
+
+
+def test_zca_whitens_pixels_as_the_original_code_does():
+    """The original fits kornia's ZCA (eps 0.1) on [0, 1] pixels, not normalised ones (which would regularise
+    as eps 0.1 * std^2 on pixels): the whitened training set, from an independent computation on pixels."""
+    white = load_dataset("digits", zca=True)
+    train_pixels = white.denormalize(white.train_images).double()
+    assert (train_pixels * 16 - (train_pixels * 16).round()).abs().max() < 1e-3  # the 17 grey levels of digits
+    flat = train_pixels.flatten(1)
+    centred = flat - flat.mean(0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / (len(flat) - 1))
+    matrix = eigenvectors @ torch.diag(1 / torch.sqrt(eigenvalues.clamp_min(0) + 0.1)) @ eigenvectors.T
+    assert torch.allclose(white.train_images.flatten(1).double(), centred @ matrix, atol=1e-4)
+
+
+def test_cifar100_is_normalised_with_the_original_codes_statistics():
+    """The original normalises CIFAR-100 with CIFAR-10's mean and std; its presets and experts live there."""
+    assert SPECS["cifar100"].mean == SPECS["cifar10"].mean == (0.4914, 0.4822, 0.4465)
+    assert SPECS["cifar100"].std == SPECS["cifar10"].std == (0.2023, 0.1994, 0.2010)
+
+
+def test_tiny_imagenet_classes_are_numbered_in_sorted_order(tmp_path):
+    """The original reads Tiny ImageNet with torchvision's ImageFolder, which numbers the class folders sorted;
+    wnids.txt lists them in another order."""
+    from PIL import Image
+    wnids = ["n03", "n01", "n02"]
+    (tmp_path / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    (tmp_path / "words.txt").write_text("n01\tgoldfish, Carassius auratus\nn02\tbullfrog\nn03\ttabby, cat\n")
+    annotations = []
+    for k, wnid in enumerate(wnids):
+        (tmp_path / "train" / wnid / "images").mkdir(parents=True)
+        Image.new("RGB", (64, 64), (80 * k, 0, 0)).save(tmp_path / "train" / wnid / "images" / f"{wnid}_0.JPEG")
+        (tmp_path / "val" / "images").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (80 * k, 0, 0)).save(tmp_path / "val" / "images" / f"val_{k}.JPEG")
+        annotations.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t64\t64")
+    (tmp_path / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    train_x, train_y, test_x, test_y, classes = _read_tiny_imagenet(tmp_path)
+    assert classes == ["goldfish", "bullfrog", "tabby"]
+    assert train_y.tolist() == [0, 1, 2] and [round(int(x[0, 0, 0]) / 80) for x in train_x] == [1, 2, 0]
+    assert test_y.tolist() == [2, 0, 1]
 
 
 def test_a_data_root_without_the_dataset_is_said_to_be_passed_over(tmp_path, capsys):

@@ -4,7 +4,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -60,6 +60,29 @@ def test_distill_writes_every_output(digits, experts, tmp_path):
     assert not torch.equal(snapshots[0][1], snapshots[-1][1])  # the images moved
     assert synthetic.syn_lr != 0.01  # and so did the step size
     assert not (tmp_path / BEST_SYNTHETIC).exists()  # nothing evaluated, nothing to choose from
+    # The version that wrote them, should the space images live in change again (it did in 0.2).
+    assert json.loads((tmp_path / "config.json").read_text())["mtt_version"] == mtt.__version__
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["mtt_version"] == mtt.__version__
+
+
+def test_a_run_of_mtt_0_1_in_a_space_that_changed_is_refused(tmp_path):
+    """mtt 0.1 whitened normalised images (0.2: pixels, as the original code): its ZCA runs cannot be resumed,
+    evaluated or drawn as if their images were in today's space. Its other runs can."""
+    for zca, refused in [(True, True), (False, False)]:
+        run = tmp_path / str(zca)
+        config = replace(small_config(), zca=zca)
+        metadata = {"config": json.dumps(asdict(config)), "iteration": "2"}
+        (run / "snapshots").mkdir(parents=True)
+        save_file({"var.images": torch.zeros(10, 1, 8, 8)}, run / "checkpoint.safetensors", metadata)
+        (run / "config.json").write_text(metadata["config"])  # 0.1 recorded no version
+        for path in [run / "checkpoint.safetensors", run / "snapshots" / "iter_000000.safetensors"]:
+            if refused:
+                with pytest.raises(ValueError, match=f"the run in {run} was written by mtt < 0.2, whose ZCA-whitened "
+                                                     "digits images lived in another space"):
+                    stored_config(path)
+            else:
+                assert stored_config(path).zca is False
 
 
 def test_the_best_evaluated_set_is_kept_and_resume_goes_on_choosing(digits, experts, tmp_path, capsys):

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import mtt.evaluate as ev
 from mtt.augment import DSA
@@ -16,7 +17,7 @@ from mtt.cli import main
 from mtt.data import ZCA, load_dataset
 from mtt.evaluate import (EvalConfig, EvalResult, baseline_images, check_models, evaluate, evaluate_baseline,
                           evaluate_synthetic, herding, lr_at, accuracy, matching_test_images, train_and_test,
-                          train_network, with_original_zca)
+                          train_network)
 from mtt.networks import get_network
 from mtt.paper import (MTT_CROSS_ARCH_CIFAR10_IPC10, SUCCESSORS, comparison_table, load_method_results,
                        published, successors_table)
@@ -167,6 +168,20 @@ def test_a_set_that_cannot_be_one_is_refused_when_made_or_loaded(small, digits, 
                            QUICK, "cpu")
 
 
+def test_a_zca_set_of_mtt_0_1_is_refused(small, digits, tmp_path):
+    """mtt 0.1's ZCA whitened normalised images; since 0.2 it whitens pixels, as the original code."""
+    zca = ZCA.fit(digits.denormalize(digits.train_images[:500]))
+    for name, synthetic in [("zca", _synthetic(small, zca=zca)), ("plain", _synthetic(small))]:
+        path = synthetic.save(tmp_path / f"{name}.safetensors")
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() | {"mtt_version": "0.1.0"}
+        save_file(load_file(path), path, metadata)
+    with pytest.raises(ValueError, match=r"the synthetic set .*zca.safetensors was written by mtt 0\.1\.0, whose "
+                                         "ZCA-whitened digits images lived in another space than now"):
+        SyntheticSet.load(tmp_path / "zca.safetensors")
+    assert SyntheticSet.load(tmp_path / "plain.safetensors").zca is None  # digits without ZCA: the same space
+
+
 @pytest.mark.parametrize("epochs, caught_by", [(3, 3), (60, ev.FINITE_CHECK_EVERY)])
 def test_a_diverging_network_is_one_clear_error(small, epochs, caught_by):
     """The loss is checked every FINITE_CHECK_EVERY passes and at the last one (each check waits for the GPU)."""
@@ -187,23 +202,14 @@ def test_learned_lr_is_used_unless_one_is_given(small, digits, monkeypatch):
 
 
 def test_test_set_is_whitened_with_the_sets_own_zca(small, digits):
-    zca = ZCA.fit(digits.train_images[:500])  # deliberately not the ZCA a re-fit would give
+    zca = ZCA.fit(digits.denormalize(digits.train_images[:500]))  # deliberately not the ZCA a re-fit would give
     whitened = matching_test_images(_synthetic(small, zca=zca), digits)
-    assert torch.allclose(whitened, zca.transform(digits.test_images))
+    assert torch.allclose(whitened, zca.transform(digits.denormalize(digits.test_images)))  # a ZCA of pixels
     assert matching_test_images(_synthetic(small), digits) is digits.test_images
     with pytest.raises(ValueError, match="another ZCA"):
         matching_test_images(_synthetic(small, zca=zca), digits.with_zca())
     with pytest.raises(ValueError, match="not 'digits'"):
         matching_test_images(replace(_synthetic(small), dataset="mnist"), digits)
-
-
-def test_original_zca_whitens_raw_pixels(digits):
-    original = with_original_zca(digits)
-    pixels = digits.denormalize(digits.test_images)
-    assert torch.allclose(original.zca.inverse(original.test_images), pixels, atol=1e-3)
-    assert original.train_images.mean().abs() < 1e-4
-    with pytest.raises(ValueError, match="without ZCA"):
-        with_original_zca(digits.with_zca())
 
 
 # ----------------------------------------------------------------------------- architectures
