@@ -39,6 +39,7 @@ from mtt.networks import NETWORK_NAMES, get_network
 
 FORMAT = "mtt-buffer/1"
 INDEX = "index.json"
+EXPERTS_CONFIG = "config.json"  # how the folder's experts were trained (mtt.experts writes it)
 TRAIN_HINT = "train them with `python -m mtt experts ... --out DIR` and pass that folder (--buffers DIR)"
 
 # The original code names its buffer folders after its own dataset names.
@@ -340,6 +341,9 @@ class _ShardReader:
     def test_acc(self, i: int) -> Tensor | None:
         return self._file(i).get_tensor(_acc_key(i)) if i in self.where[i].with_acc else None
 
+    def locate(self, i: int) -> str:
+        return f"expert {i} in {self.where[i].path}"
+
 
 # ----------------------------------------------------------------------------- legacy .pt files
 
@@ -417,28 +421,38 @@ def _looks_like_trajectories(obj: object) -> bool:
 
 def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]], what: str) -> int:
     """Check a loaded replay_buffer file snapshot by snapshot; return its number of epochs."""
-    def bad(msg: str) -> ValueError:
+    def not_a_buffer(msg: str) -> ValueError:
+        return ValueError(f"{path.name} is not a replay buffer of the original code: {msg} ({path})")
+
+    def other_network(msg: str) -> ValueError:
         return ValueError(f"{path.name}: {msg}; was it made for another model or dataset? ({path})")
 
+    def kind(obj: object) -> str:
+        name = type(obj).__name__
+        return f"an empty {name}" if isinstance(obj, (list, tuple, dict)) and not obj else \
+            f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
     if not isinstance(trajectories, list) or not trajectories:
-        raise bad(f"expected a non-empty list of trajectories, found {type(trajectories).__name__}")
+        raise not_a_buffer(f"it holds {kind(trajectories)}, not a list of trajectories")
     epochs = None
     for k, traj in enumerate(trajectories):
         if not isinstance(traj, (list, tuple)) or len(traj) < 2:
-            raise bad(f"trajectory {k} is not a list of at least 2 snapshots")
+            raise not_a_buffer(f"trajectory {k} is {kind(traj)}, not a list of at least 2 snapshots")
         if epochs is None:
             epochs = len(traj) - 1
         elif len(traj) != epochs + 1:
-            raise bad(f"trajectory {k} has {len(traj)} snapshots, trajectory 0 has {epochs + 1}")
+            raise not_a_buffer(f"trajectory {k} has {len(traj)} snapshots, trajectory 0 has {epochs + 1}")
         for t, snap in enumerate(traj):
-            if not isinstance(snap, (list, tuple)) or len(snap) != len(shapes):
-                n = f"{len(snap)} tensors" if isinstance(snap, (list, tuple)) else f"a {type(snap).__name__}"
-                raise ValueError(f"{path.name} holds {n} per snapshot but {what} has {len(shapes)} "
-                                 f"parameters; was it made for another model or dataset? ({path})")
+            if not isinstance(snap, (list, tuple)):
+                raise not_a_buffer(f"trajectory {k}, snapshot {t} is {kind(snap)}, not a list of parameters")
+            if len(snap) != len(shapes):
+                raise other_network(f"it holds {len(snap)} tensors per snapshot but {what} has {len(shapes)} "
+                                    "parameters")
             for j, (p, shape) in enumerate(zip(snap, shapes)):
                 if not isinstance(p, Tensor) or tuple(p.shape) != shape:
-                    found = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                    raise bad(f"trajectory {k}, snapshot {t}, parameter {j} is {found} but {what} expects {shape}")
+                    found = tuple(p.shape) if isinstance(p, Tensor) else kind(p)
+                    raise other_network(f"trajectory {k}, snapshot {t}, parameter {j} is {found} but {what} "
+                                        f"expects {shape}")
     return epochs
 
 
@@ -463,6 +477,10 @@ class _LegacyReader:
 
     def test_acc(self, i: int) -> Tensor | None:
         return None  # the original format does not store it
+
+    def locate(self, i: int) -> str:
+        path, k = self.where[i]
+        return f"trajectory {k} of {path}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -643,6 +661,20 @@ class ExpertBuffers:
         """Expert i's test accuracy after each epoch [epochs], or None if not recorded."""
         return self._reader.test_acc(self._id(i))
 
+    def locate(self, i: int) -> str:
+        """Where expert i is stored, in words: its id and file (to name a damaged one)."""
+        return self._reader.locate(self._id(i))
+
+    def training(self) -> dict[str, Any]:
+        """How these experts were trained, as their folder's config.json records it (mtt.experts writes it); {}
+        where there is none (the original's files, a shard on its own)."""
+        folder = self.source if self.source.is_dir() else self.source.parent
+        try:
+            record = json.loads((folder / EXPERTS_CONFIG).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
 
 # ----------------------------------------------------------------------------- Hugging Face Hub
 
@@ -725,7 +757,7 @@ def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", rev
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=sub or None, revision=revision,
-                                 allow_patterns=["*.safetensors", INDEX],
+                                 allow_patterns=["*.safetensors", INDEX, EXPERTS_CONFIG],
                                  commit_message=f"Expert buffers: {len(buffers)} experts, {buffers.meta.describe()}")
     except Exception as err:  # see download_buffers
         raise BufferUploadError(f"cannot push {folder} to the Hugging Face Hub ({where}): {type(err).__name__}: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shlex
 import sys
@@ -130,8 +131,8 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-per-class", type=POSITIVE, default=None,
                    help="keep N training images per class (quick runs; default: all)")
     p.add_argument("--model", default="ConvNet", help="network (ConvNet, ConvNetD4, ResNet18, ...)")
-    p.add_argument("--width", type=POSITIVE, default=128, help="ConvNet width")
-    p.add_argument("--depth", type=POSITIVE, default=3, help="ConvNet depth")
+    p.add_argument("--width", type=POSITIVE, default=None, help="ConvNet width (default: 128)")
+    p.add_argument("--depth", type=POSITIVE, default=None, help="ConvNet depth (default: 3)")
     p.add_argument("--num-experts", type=POSITIVE, default=10, help="trajectories to train")
     p.add_argument("--epochs", type=POSITIVE, default=50, help="epochs per trajectory (snapshots: epochs + 1)")
     p.add_argument("--lr", type=RATE, default=0.01, help="SGD learning rate (the paper's lr_teacher)")
@@ -162,13 +163,18 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.distributed import is_main_process
     from mtt.experts import ExpertConfig, train_experts
     from mtt.io import ensure_writable_dir
+    from mtt.networks import check_network_name, check_sizes_apply, fixed_sizes
 
     main = is_main_process()  # under torchrun rank 0 reports
     if not main:
         args.json = False
+    check_network_name(args.model)
+    check_sizes_apply(args.model, args.width, args.depth)
+    sizes = {"width": 128, "depth": 3} | fixed_sizes(args.model)  # recorded as the network has them
     config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
-                          dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width, depth=args.depth,
+                          dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width or sizes["width"],
+                          depth=args.depth or sizes["depth"],
                           sam_rho=args.sam_rho, gsam_alpha=args.gsam_alpha, easy_to_hard=args.easy_to_hard,
                           easy_to_hard_epochs=args.easy_to_hard_epochs, drop_easy=args.drop_easy)
     ensure_writable_dir(args.out)  # before loading data and training, not after
@@ -221,7 +227,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-epochs", type=POSITIVE, default=None, help="target = expert epoch start + M (M)")
     p.add_argument("--max-start-epoch", type=POSITIVE, default=None, help="start epoch drawn from [0, T) (T)")
     p.add_argument("--segments", type=POSITIVE, default=None,
-                   help="(expert, start epoch) segments per iteration, unrolled together (default: 1)")
+                   help="(expert, start epoch) segments per iteration, unrolled together (default: 1; under "
+                        "torchrun, the number of processes)")
     p.add_argument("--batch-syn", type=POSITIVE, default=None, help="synthetic minibatch per step (default: all)")
     p.add_argument("--lr-img", type=RATE, default=None, help="learning rate of the images")
     p.add_argument("--lr-lr", type=RATE, default=None, help="learning rate of the learned step size")
@@ -300,9 +307,18 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
     except ValueError as err:
         raise ValueError(f"{err}; {START_AFRESH}") from None
     config = _preset_config(args, given) if saved is None else _resumed_config(args, saved, given)
+    if "segments" not in given:
+        config = _segments_for_processes(config)
     config.validate()
     _check_flags_apply(config, given, resuming=saved is not None)
     return config
+
+
+def _segments_for_processes(config: DistillConfig) -> DistillConfig:
+    """Under torchrun, without --segments: the fewest segments at or above the config's that every process gets
+    an equal share of (one each, from the presets' one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return dataclasses.replace(config, segments=world * math.ceil(config.segments / world))
 
 
 # Flags that act only with another setting on: given without it, they would be silently ignored.
@@ -355,7 +371,7 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, HISTORY, accuracy_text, best_evaluation,
                              distill, network_from_buffers)
     from mtt.distributed import is_main_process
-    from mtt.recipes import EXPERT_NOTES
+    from mtt.recipes import expert_note
     from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
 
@@ -375,8 +391,8 @@ def run_distill(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     _announce("distill", {**dataclasses.asdict(config), "buffers": f"{len(buffers)} experts in {buffers.source}"},
               config.device)
-    if config.method in EXPERT_NOTES:
-        print(f"note ({config.method}): {EXPERT_NOTES[config.method]}", file=sys.stderr)
+    if note := expert_note(config.method, buffers.training()):
+        print(f"note ({config.method}): {note}", file=sys.stderr)
     log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
     started = time.perf_counter()
     try:
@@ -712,7 +728,8 @@ def _run_command(argv: list[str] | None) -> int:
         _remove_if_empty(new_folders)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
-        print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: rank 0 says so
+            print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:
         print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)

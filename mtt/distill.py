@@ -16,6 +16,7 @@ import math
 import numbers
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -33,8 +34,7 @@ from mtt.data import Dataset, check_same_space, dataset_key
 from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
-from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
-                    remove_stale_temporaries)
+from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
 from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
 from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
@@ -477,8 +477,6 @@ class RunFolder:
             if holds_experts(self.path):  # its config.json and *.safetensors would spoil the experts
                 raise ValueError(f"--out {self.path} holds expert trajectories: give the run a folder of its own "
                                  f"(e.g. runs/NAME), not the experts' (--buffers)")
-            ensure_writable_dir(self.path)
-            remove_stale_temporaries(self.path)  # left by a run killed mid-write; nothing else writes here now
 
     def save(self, state: DistillState, config: DistillConfig) -> None:
         """The checkpoint, and with it the best set when the history it holds names that set's evaluation best: an
@@ -533,7 +531,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
     over the ranks too (an `evaluator` given here runs on rank 0 alone); rank 0 reports and writes.
     """
     config.validate()
-    with ranks(resolve_device(config.device)) as procs:
+    with ranks(resolve_device(config.device)) as procs, ExitStack() as held:
         if config.segments % procs.world:
             raise ValueError(f"--segments ({config.segments}) must be a multiple of the number of processes "
                              f"({procs.world}): each unrolls an equal share")
@@ -545,6 +543,8 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             callbacks, progress = (), False
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
+        if folder.writes:
+            held.enter_context(held_folder(out_dir))  # the run's alone while it runs
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
         folder.save_json("config.json", dataclasses.asdict(config) | {"mtt_version": __version__})
         if evaluator is not None:
@@ -800,9 +800,12 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
     where = f"(experts {experts}, start epochs {starts})"
     if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
         if not (torch.isfinite(theta_start).all() and torch.isfinite(theta_target).all()):
-            raise ValueError(f"the experts' parameters are not finite {where}: these buffers hold diverged or damaged "
-                             f"experts, which no distillation setting mends; train them again with a lower --lr "
-                             f"(python -m mtt experts), or use other --buffers")
+            damaged = sorted({buffers.locate(e) for e, s in zip(experts[mine], starts[mine])
+                              if not all(torch.isfinite(buffers.snapshot(e, s + offset)).all()
+                                         for offset in (0, config.expert_epochs))})
+            raise ValueError(f"the experts' parameters are not finite {where}: {', '.join(damaged)} diverged or is "
+                             f"damaged, which no distillation setting mends; train the experts again with a lower "
+                             f"--lr (python -m mtt experts), or use other --buffers")
         _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
                                        f"{where}")
     # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean over every rank's).

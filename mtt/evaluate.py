@@ -281,7 +281,7 @@ def check_baseline(dataset: Dataset, method: str, ipc: int | None) -> None:
                          "the random and herding baselines take")
     if method != "full":
         if ipc is None or ipc < 1:
-            raise ValueError(f"the {method} baseline needs a positive ipc (images per class), got {ipc!r}")
+            raise ValueError(f"the {method} baseline needs a positive ipc (images per class; --ipc), got {ipc!r}")
         dataset.check_ipc(ipc)
 
 

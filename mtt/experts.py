@@ -28,7 +28,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -42,13 +42,13 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strategy, sample_params
-from mtt.buffers import BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index, write_shard
+from mtt.buffers import (EXPERTS_CONFIG, BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index,
+                         write_shard)
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
-from mtt.io import (atomic_save_safetensors, atomic_write_json, ensure_writable_dir, load_safetensors,
-                    remove_stale_temporaries)
+from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
 from mtt.networks import get_network
 
 
@@ -81,11 +81,13 @@ class ExpertConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0 (the paper's experts use 0.01), got {self.lr!r}")
-        for name in ("momentum", "weight_decay", "sam_rho", "gsam_alpha"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be > 0 and finite (the paper's experts use 0.01), got {self.lr!r}")
+        if not 0 <= self.momentum < 1:  # at 1 or more SGD's velocity grows without bound
+            raise ValueError(f"momentum must be in [0, 1) (the paper's experts use 0), got {self.momentum!r}")
+        for name in ("weight_decay", "sam_rho", "gsam_alpha"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be >= 0 and finite, got {getattr(self, name)!r}")
         if self.gsam_alpha and not self.sam_rho:
             raise ValueError(f"gsam_alpha={self.gsam_alpha} weighs GSAM's correction of SAM, which is off: set "
                              "sam_rho (--sam-rho) too, e.g. 0.01 as FTD does")
@@ -498,11 +500,10 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
     start = time.perf_counter()
     out_dir = Path(out_dir)
     ids = list(range(config.num_experts))
-    with ranks(resolve_device(device)) as procs:
+    with ranks(resolve_device(device)) as procs, ExitStack() as held:
         rank, world, device = procs.rank, procs.world, procs.device
-        if rank == 0:  # before any rank writes: the folder is usable, and holds no debris of a killed run
-            ensure_writable_dir(out_dir)
-            remove_stale_temporaries(out_dir)
+        if rank == 0:  # before any rank writes: the folder is usable, this job's alone, without a killed run's debris
+            held.enter_context(held_folder(out_dir))
         settings = _training_settings(dataset, config)
         probe, _ = init_expert(dataset, config, 0)
         meta = BufferMeta.for_network(probe, dataset=dataset.name, model=config.model, channels=dataset.channels,
@@ -535,13 +536,13 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                     with stop.abandonable():  # Ctrl-C drops the group in training; finished shards stay
                         trajectories, test_acc = train_group(dataset, config, group, device, bar, scores)
                 except KeyboardInterrupt:
-                    _interrupted(out_dir, len(done) + len(final), len(ids), world, stop)
+                    _interrupted(out_dir, len(ids), world, stop)
                 _check_finite(trajectories, group, config)
                 # One shard per group as soon as it is done: a crash loses at most this group.
                 write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
                 final.update(zip(group, test_acc[:, -1].tolist()))
                 if stop.requested:
-                    _interrupted(out_dir, len(done) + len(final), len(ids), world, stop)
+                    _interrupted(out_dir, len(ids), world, stop)
         bar.close()
         procs.barrier()
         if rank == 0:
@@ -561,19 +562,20 @@ def _check_finite(trajectories: Tensor, group: Sequence[int], config: ExpertConf
     for k, epochs in zip(group, broken.tolist()):
         if any(epochs):
             raise ValueError(f"expert {k} diverged: its parameters are not finite from epoch {epochs.index(True)} "
-                             f"on (lr {config.lr:g}, momentum {config.momentum:g}); lower --lr (the paper's experts "
-                             f"use 0.01). Experts finished before it are kept")
+                             f"on (lr {config.lr:g}, momentum {config.momentum:g}, weight decay "
+                             f"{config.weight_decay:g}); lower them (the paper's experts use lr 0.01 and neither). "
+                             f"Experts finished before it, if any, are kept")
 
 
-def _interrupted(out_dir: Path, finished: int, wanted: int, world: int, stop: GracefulStop) -> None:
+def _interrupted(out_dir: Path, wanted: int, world: int, stop: GracefulStop) -> None:
     stop.finish()
+    finished = len(finished_experts(out_dir) & set(range(wanted)))  # every rank's whose shards are written by now
     if world == 1 and finished:
         write_index(out_dir)  # the finished experts are usable as they are
     raise Interrupted(f"interrupted: {finished} of {wanted} experts are finished and kept in {out_dir}; run the "
                       "same command again to train the rest") from None
 
 
-EXPERTS_CONFIG = "config.json"  # how the folder's experts are trained: the settings below
 FREE_ON_RESUME = ("num_experts", "parallel")  # how many experts, and how many at once: the rest is how each trains
 
 
@@ -589,8 +591,10 @@ def _check_same_training(out_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse to add experts trained otherwise than those already in the folder (momentum, batch size, DSA,
     seed, SAM, curriculum, training images ...): one folder, one kind of expert."""
     path = out_dir / EXPERTS_CONFIG
-    if not path.is_file():  # shards copied without it: the buffer metadata (_check_compatible) is all there is
-        return
+    if not path.is_file():  # shards copied without it: their metadata does not say how they were trained
+        raise ValueError(f"{out_dir} holds experts but no {EXPERTS_CONFIG} saying how they were trained (a copy "
+                         f"without it), so experts added now could be trained otherwise, or repeat them: train into "
+                         f"another --out, or put back the {EXPERTS_CONFIG} of the run that trained them")
     before = json.loads(path.read_text())
     diff = {k: (before[k], v) for k, v in settings.items()
             if k in before and k not in FREE_ON_RESUME and before[k] != v}

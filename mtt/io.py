@@ -8,6 +8,8 @@ import pickle
 import re
 import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -100,16 +102,59 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the hidden `.NAME.XXXX.tmp` files that a killed atomic_write leaves behind.
+LOCK = ".mtt.lock"  # "HOST PID" of the process writing into the folder
 
-    Call it only where no other process is writing into `folder` at the same time.
-    """
-    folder = Path(folder)
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()] if folder.is_dir() else []
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+
+@contextmanager
+def held_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """`path` (--out), writable and held by this process while the block runs: a second run into it at the same
+    time (a job started twice) is refused, where it would write duplicate results. A lock a killed run left on
+    this host is taken over; the hidden temporaries of its interrupted writes are removed."""
+    path = ensure_writable_dir(path)
+    lock, owner = path / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            _refuse_if_held(lock)
+            lock.unlink(missing_ok=True)  # its process is gone: a killed run's
+    with os.fdopen(fd, "w") as f:
+        f.write(owner)
+    try:
+        _remove_stale_temporaries(path)
+        yield path
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _refuse_if_held(lock: Path) -> None:
+    try:
+        host, pid = lock.read_text().split()
+        alive = host != socket.gethostname() or _process_exists(int(pid))  # another host's cannot be checked
+    except (OSError, ValueError):  # being written this instant, or damaged
+        host, pid, alive = "?", "?", True
+    if alive:
+        raise ValueError(f"{lock.parent} is being written by another run (process {pid} on {host}): let it "
+                         f"finish, or use another --out. If no such run is going on, delete {lock}")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the hidden `.NAME.XXXX.tmp` files that a killed atomic_write leaves behind (no other process is
+    writing into `folder`: it is held)."""
+    for p in folder.glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 def figure_format(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ runs at 8x8 (digits) and 64x64 (Tiny ImageNet) and gives the original's shapes a
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable
 
 import torch
@@ -437,6 +438,25 @@ def check_network_name(name: str) -> None:
         close = difflib.get_close_matches(name, NETWORK_NAMES, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown network {name!r}: {hint}available: {', '.join(NETWORK_NAMES)}")
+
+
+def fixed_sizes(name: str) -> dict[str, int]:
+    """The size a ConvNet's name fixes ({'width': 32} for 'ConvNetW32', {'depth': 4} for 'ConvNetD4'), which
+    get_network's argument cannot change."""
+    match = re.fullmatch(r"ConvNet([WD])(\d+)", name)
+    return {{"W": "width", "D": "depth"}[match[1]]: int(match[2])} if match else {}
+
+
+def check_sizes_apply(name: str, width: int | None, depth: int | None) -> None:
+    """Refuse a width or depth (flags --width/--depth) that network `name` would silently ignore."""
+    for size, value in (("width", width), ("depth", depth)):
+        if value is None:
+            continue
+        if not name.startswith("ConvNet"):
+            raise ValueError(f"--{size} applies to the ConvNet family only, not {name}: leave it out")
+        if fixed_sizes(name).get(size, value) != value:
+            raise ValueError(f"{name} has {size} {fixed_sizes(name)[size]}, not {value}: leave --{size} out, or "
+                             f"use --model ConvNet --{size} {value}")
 
 
 def get_network(

@@ -33,13 +33,21 @@ if TYPE_CHECKING:
 
 METHODS = ("mtt", "tesla", "ftd", "datm", "att", "pad")
 
-# What the experts need for a recipe's full effect (printed when a run starts; not checked).
+# What the experts need for a recipe's full effect (printed when a run starts with experts that lack it).
 EXPERT_NOTES = {
     "ftd": "FTD's experts are trained with GSAM: python -m mtt experts ... --sam-rho 0.01 --gsam-alpha 0.3",
     "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70)",
     "pad": "PAD's experts see the training data easy to hard: python -m mtt experts ... --epochs 100 "
            "--easy-to-hard 0.75 --easy-to-hard-epochs 20 --drop-easy 40:0.1 60:0.2",
 }
+
+
+def expert_note(method: str, training: dict[str, Any]) -> str | None:
+    """EXPERT_NOTES[method] unless the experts have it, by `training`, how they were trained (ExpertBuffers.training:
+    config.json's settings; {} when unrecorded)."""
+    have = {"ftd": training.get("sam_rho", 0) > 0, "datm": training.get("epochs", 0) >= 100,
+            "pad": bool(training.get("easy_to_hard") or training.get("drop_easy"))}
+    return EXPERT_NOTES[method] if method in EXPERT_NOTES and not have[method] else None
 
 _DATM_OPTIONS = dict(init="correct", soft_labels=True, label_init="experts", label_momentum=0.9)
 

@@ -1,4 +1,5 @@
 """Expert buffers: native shards, original MTT .pt files, the Hub offline; real files, real networks."""
+import collections
 import dataclasses
 import functools
 import os
@@ -93,6 +94,7 @@ def test_round_trip(tmp_path):
     assert torch.equal(buffers.snapshot(0, -1), expected[1][EPOCHS])
     assert torch.equal(buffers.test_acc(0), acc[1]) and torch.equal(buffers.test_acc(1), acc[0])
     assert buffers.test_acc(2) is None
+    assert buffers.locate(1) == f"expert 3 in {tmp_path / 'a.safetensors'}"
 
     one = ExpertBuffers.open(tmp_path / "b.safetensors")  # a single shard opens on its own
     assert one.expert_ids == [7] and torch.equal(one.trajectory(0), traj_b[0])
@@ -276,6 +278,7 @@ def test_legacy_round_trip(tmp_path):
     one = ExpertBuffers.open_legacy(folder / "replay_buffer_1.pt", network=net, dataset="digits",
                                     model="ConvNet", zca=False)
     assert len(one) == 1 and torch.equal(one.snapshot(0, 0), flatten_params(written[2][0]))
+    assert one.locate(0) == f"trajectory 0 of {folder / 'replay_buffer_1.pt'}"  # how a damaged one is named
 
 
 @pytest.mark.parametrize("folder_name,dataset,zca,channels,size", [
@@ -295,7 +298,7 @@ def test_legacy_original_dataset_names(tmp_path, folder_name, dataset, zca, chan
 
 def test_legacy_wrong_network(tmp_path):
     folder, _ = write_legacy(tmp_path)
-    with pytest.raises(ValueError, match=r"replay_buffer_0\.pt holds 14 tensors per snapshot but ConvNetD2 on "
+    with pytest.raises(ValueError, match=r"replay_buffer_0\.pt: it holds 14 tensors per snapshot but ConvNetD2 on "
                                          r"1x8x8 has 10 parameters; was it made for another model or dataset\?"):
         ExpertBuffers.open_legacy(folder, network=small_net("ConvNetD2"), dataset="digits", model="ConvNetD2",
                                   zca=False)
@@ -332,6 +335,21 @@ def test_legacy_zca_read_from_the_folder_name(tmp_path):
     with pytest.raises(ValueError, match="--zca or --no-zca"):
         open_buffers(bare, dataset="cifar10")
     assert open_buffers(bare, dataset="cifar10", zca=True).meta.zca
+
+
+@pytest.mark.parametrize("content, said", [
+    ([], "it holds an empty list, not a list of trajectories"),
+    ({"a": 1}, "it holds a dict, not a list of trajectories"),
+    ([[torch.zeros(2)]], "trajectory 0 is a list, not a list of at least 2 snapshots"),
+    ([[collections.OrderedDict(a=torch.zeros(2)), collections.OrderedDict(a=torch.zeros(2))]],
+     "trajectory 0, snapshot 0 is an OrderedDict, not a list of parameters"),
+])
+def test_legacy_files_that_are_no_buffers_are_named_so(tmp_path, content, said):
+    (tmp_path / "ConvNet").mkdir()
+    torch.save(content, tmp_path / "ConvNet" / "replay_buffer_0.pt")
+    with pytest.raises(ValueError, match=rf"replay_buffer_0\.pt is not a replay buffer of the original code: {said}"):
+        ExpertBuffers.open_legacy(tmp_path / "ConvNet", dataset="digits", model="ConvNet", zca=False,
+                                  network=small_net())
 
 
 def test_legacy_several_models_need_a_name(tmp_path):

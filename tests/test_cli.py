@@ -5,6 +5,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from mtt.cli import build_parser, distill_config
 from mtt.data import load_dataset
 from mtt.distill import DistillConfig, preset
 from mtt.experts import ExpertConfig, train_experts
+from mtt.io import LOCK, held_folder
 from mtt.networks import get_network
 from mtt.synthetic import SyntheticSet
 
@@ -73,6 +75,11 @@ def distill_args(experts, out, *extra):
     (["experts", "--dataset", "digits", "--out", "x", "--train-per-class", 0], "--train-per-class"),
     (["experts", "--dataset", "digits", "--out", "x", "--lr", -0.1], "--lr"),
     (["experts", "--dataset", "digits", "--out", "x", "--parallel", "two"], "--parallel"),
+    (["experts", "--dataset", "digits", "--out", "x", "--model", "ConvNetW32", "--width", 16],
+     "ConvNetW32 has width 32, not 16: leave --width out, or use --model ConvNet --width 16"),
+    (["experts", "--dataset", "digits", "--out", "x", "--model", "MLP", "--depth", 2],
+     "--depth applies to the ConvNet family only, not MLP"),
+    (["experts", "--dataset", "digits", "--out", "x", "--momentum", 1], "momentum must be in [0, 1)"),
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
@@ -179,6 +186,43 @@ def test_a_killed_runs_temporary_files_are_cleaned(tmp_path):
                   device="cpu", progress=False)
     assert not stale.exists() and (out / "experts_00000-00000.safetensors").exists()
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
+
+
+def test_a_named_size_is_recorded_as_the_network_has_it(tmp_path):
+    result = mtt("experts", "--dataset", "digits", "--model", "ConvNetW32", "--epochs", 1, "--num-experts", 1,
+                 "--train-per-class", 5, "--out", tmp_path, "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "config.json").read_text())["width"] == 32
+
+
+def test_segments_default_to_the_number_of_processes_under_torchrun(experts, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distill_config(build_parser().parse_args(map(str, distill_args(experts, tmp_path)))).segments == 2
+    given = distill_args(experts, tmp_path, "--segments", 4)
+    assert distill_config(build_parser().parse_args(map(str, given))).segments == 4
+
+
+def test_a_folder_being_written_is_refused_and_a_killed_runs_lock_is_taken_over(experts, tmp_path):
+    """Two jobs into one --out (one started twice) would write duplicate experts or interleave a run's files."""
+    out = tmp_path / "experts"
+    with held_folder(out):  # this test process plays the run already going
+        for args in [("experts", "--dataset", "digits", "--epochs", 1, "--width", WIDTH, "--out", out),
+                     distill_args(experts, out, "--iterations", 1)]:
+            error = the_error(mtt(*args))
+            assert error == (f"error: {out} is being written by another run (process {os.getpid()} on "
+                             f"{socket.gethostname()}): let it finish, or use another --out. If no such run is "
+                             f"going on, delete {out / LOCK}")
+        assert not list(out.glob("*.safetensors"))
+    assert not (out / LOCK).exists()  # released
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / LOCK).write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # a run killed with its lock held
+    train_experts(load_dataset("digits").take_per_class(5), ExpertConfig(num_experts=1, epochs=1, width=WIDTH), out,
+                  device="cpu", progress=False)
+    assert (out / "experts_00000-00000.safetensors").exists() and not (out / LOCK).exists()
+    (out / LOCK).write_text("elsewhere.example 1")  # another machine's (a shared file system): not checkable
+    with pytest.raises(ValueError, match="process 1 on elsewhere.example"):
+        with held_folder(out):
+            pass
 
 
 # ----------------------------------------------------------------------------- distill: resume and its errors

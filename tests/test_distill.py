@@ -189,7 +189,8 @@ def test_experts_with_non_finite_parameters_are_blamed_not_the_settings(digits, 
     write_shard(tmp_path / "bad" / "experts_00000-00000.safetensors", damaged, buffers.meta, [0])
     write_index(tmp_path / "bad")
     with pytest.raises(ValueError, match=r"the experts' parameters are not finite \(experts \[0\], start epochs "
-                                         r"\[\d\]\): these buffers hold diverged or damaged experts"):
+                                         r"\[\d\]\): expert 0 in .*bad/experts_00000-00000.safetensors diverged or "
+                                         r"is damaged"):
         distill(small_config(), digits, ExpertBuffers.open(tmp_path / "bad"), tmp_path / "run", progress=False)
 
 

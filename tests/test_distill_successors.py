@@ -17,7 +17,7 @@ from mtt.distill import DistillConfig, distill, initial_state, preset, start_epo
 from mtt.experts import ExpertConfig, train_experts
 from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
 from mtt.networks import get_network
-from mtt.recipes import METHODS, apply_recipe
+from mtt.recipes import METHODS, apply_recipe, expert_note
 from mtt.synthetic import SyntheticSet
 from mtt.unroll import StepPlan, Student, plan_steps, unroll
 
@@ -282,6 +282,16 @@ def test_cli_method_recorded_in_config_and_synthetic_set(experts, tmp_path):
     saved = SyntheticSet.load(out / "synthetic.safetensors")
     assert saved.config["method"] == "datm" and saved.label_logits is not None
     assert "note (datm)" in result.stderr
+
+
+def test_the_note_on_a_recipes_experts_is_for_experts_that_lack_it(experts):
+    plain = experts.training()
+    assert plain["sam_rho"] == 0 and plain["epochs"] == experts.meta.epochs  # the folder's config.json
+    assert expert_note("ftd", plain).startswith("FTD's experts are trained with GSAM")
+    assert expert_note("ftd", plain | {"sam_rho": 0.01}) is None
+    assert expert_note("pad", plain | {"drop_easy": [[40, 0.1]]}) is None and expert_note("pad", plain)
+    assert expert_note("datm", plain | {"epochs": 100}) is None and expert_note("datm", {})  # {}: unrecorded
+    assert expert_note("mtt", {}) is None
 
 
 def test_cli_rejects_bad_successor_flags(experts, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -115,6 +116,11 @@ def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
         train_experts(digits.take_per_class(10), replace(first, num_experts=2), tmp_path, device="cpu",
                       progress=False)
     assert (tmp_path / "config.json").read_text() == recorded  # a refused resume leaves the record as it was
+    # Without the record (a copy of the shards alone), how they were trained is unknown: nothing is added.
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"holds experts but no config.json saying how they were trained"):
+        train_experts(digits, replace(first, num_experts=2), tmp_path, device="cpu", progress=False)
+    (tmp_path / "config.json").write_text(recorded)
     # More experts, trained several at once: the same kind of expert.
     train_experts(digits, replace(first, num_experts=3, parallel=2), tmp_path, device="cpu", progress=False)
     assert json.loads((tmp_path / "config.json").read_text())["num_experts"] == 3
@@ -130,10 +136,19 @@ def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
 
 def test_an_expert_that_diverges_is_not_saved(digits, tmp_path):
     with pytest.raises(ValueError, match=r"expert 0 diverged: its parameters are not finite from epoch 1 on "
-                                         r"\(lr 1e\+06, momentum 0\); lower --lr"):
+                                         r"\(lr 1e\+06, momentum 0, weight decay 0\); lower them"):
         train_experts(digits, replace(TINY, num_experts=1, epochs=1, lr=1e6), tmp_path, device="cpu",
                       progress=False)
     assert not list(tmp_path.glob("experts_*.safetensors"))
+
+
+@pytest.mark.parametrize("bad, said", [(dict(momentum=1.0), "momentum must be in \\[0, 1\\)"),
+                                       (dict(momentum=-0.1), "momentum must be in"),
+                                       (dict(weight_decay=math.inf), "weight_decay must be >= 0 and finite"),
+                                       (dict(lr=math.inf), "lr must be > 0 and finite")])
+def test_settings_that_cannot_train_are_refused_before_training(bad, said):
+    with pytest.raises(ValueError, match=said):
+        replace(TINY, **bad)
 
 
 def test_zca_is_recorded(digits, tmp_path):
