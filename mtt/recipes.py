@@ -7,8 +7,9 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
 - tesla (Cui et al., ICML 2023): `backward="tesla"` (constant memory, APPROXIMATE: no Hessian
   term) and teacher labels (softmax of the target checkpoint's logits). MTT's presets otherwise.
 - ftd (Du et al., CVPR 2023): EMA of the images, decay 0.9999 / 0.9995 / 0.999 at CIFAR-10
-  IPC 1 / 10 / 50 (0.999 elsewhere). FTD's experts are trained with GSAM: that is a setting of
-  `python -m mtt experts` (--sam-rho 0.01 --gsam-alpha 0.3), not of distillation.
+  IPC 1 / 10 / 50; at CIFAR-100 IPC 10 its README's command (decay 0.9995, start epochs up to 40,
+  ZCA). FTD's experts are trained with GSAM: that is a setting of `python -m mtt experts`
+  (--sam-rho 0.01 --gsam-alpha 0.3), not of distillation.
 - datm (Guo et al., ICLR 2024): images from correctly classified real ones, learned soft labels
   from the experts' mean correct logits (momentum 0.9), the growing start-epoch window and the
   loss threshold; the authors' CIFAR table (DESIGN.md) in full, 10,000 iterations. Its experts
@@ -16,7 +17,8 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
 - att (Liu et al., ECCV 2024): the matching loss at the student step closest to the target.
   MTT's presets otherwise.
 - pad (Li et al., 2024): DATM's recipe plus the mask of shallow-layer parameters in the loss,
-  PAD's `loss_ratio` (0 at IPC 1, 0.5 at IPC 10 and 50). Its easy-to-hard experts are a setting
+  PAD's `depth_ratio` (CIFAR-10: 0 at IPC 1, 0.5 at IPC 10 and 50; CIFAR-100: 0.5, 0.5, 0; elsewhere as
+  CIFAR-10). Its easy-to-hard experts are a setting
   of `python -m mtt experts` (--easy-to-hard, --drop-easy).
 
 Where the authors give no values (digits, Fashion-MNIST, ...) ours are scaled to the preset: FTD's
@@ -36,17 +38,20 @@ METHODS = ("mtt", "tesla", "ftd", "datm", "att", "pad")
 # What the experts need for a recipe's full effect (printed when a run starts with experts that lack it).
 EXPERT_NOTES = {
     "ftd": "FTD's experts are trained with GSAM: python -m mtt experts ... --sam-rho 0.01 --gsam-alpha 0.3",
-    "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70)",
-    "pad": "PAD's experts see the training data easy to hard: python -m mtt experts ... --epochs 100 "
-           "--easy-to-hard 0.75 --easy-to-hard-epochs 20 --drop-easy 40:0.1 60:0.2",
+    "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70) with FTD's GSAM: "
+            "python -m mtt experts ... --epochs 100 --sam-rho 0.01 --gsam-alpha 0.3",
+    "pad": "PAD's experts are trained with GSAM and see the training data easy to hard: python -m mtt experts ... "
+           "--epochs 100 --sam-rho 0.01 --gsam-alpha 0.3 --easy-to-hard 0.75 --easy-to-hard-epochs 20 "
+           "--drop-easy 40:0.1 60:0.2",
 }
 
 
 def expert_note(method: str, training: dict[str, Any]) -> str | None:
     """EXPERT_NOTES[method] unless the experts have it, by `training`, how they were trained (ExpertBuffers.training:
     config.json's settings; {} when unrecorded)."""
-    have = {"ftd": training.get("sam_rho", 0) > 0, "datm": training.get("epochs", 0) >= 100,
-            "pad": bool(training.get("easy_to_hard") or training.get("drop_easy"))}
+    gsam = training.get("sam_rho", 0) > 0
+    have = {"ftd": gsam, "datm": gsam and training.get("epochs", 0) >= 100,
+            "pad": gsam and bool(training.get("easy_to_hard") or training.get("drop_easy"))}
     return EXPERT_NOTES[method] if method in EXPERT_NOTES and not have[method] else None
 
 _DATM_OPTIONS = dict(init="correct", soft_labels=True, label_init="experts", label_momentum=0.9)
@@ -70,8 +75,13 @@ _DATM: dict[tuple[str, int], dict[str, Any]] = {
 }
 _DATM_COMMON = dict(iterations=10000, lr_teacher=0.01, zca=True)
 
-_FTD_DECAY = {("cifar10", 1): 0.9999, ("cifar10", 10): 0.9995, ("cifar10", 50): 0.999}
-_PAD_FRACTION = {1: 0.0, 10: 0.5, 50: 0.5}  # PAD's loss_ratio by IPC (its CIFAR-10 configs)
+# FTD's published settings (its paper's CIFAR-10 decays; its README's CIFAR-100 IPC 10 command).
+_FTD = {("cifar10", 1): dict(ema_decay=0.9999), ("cifar10", 10): dict(ema_decay=0.9995),
+        ("cifar10", 50): dict(ema_decay=0.999),
+        ("cifar100", 10): dict(ema_decay=0.9995, max_start_epoch=40, zca=True)}
+# PAD's depth_ratio (its configs); elsewhere by IPC as on CIFAR-10.
+_PAD_FRACTION = {("cifar10", 1): 0.0, ("cifar10", 10): 0.5, ("cifar10", 50): 0.5,
+                 ("cifar100", 1): 0.5, ("cifar100", 10): 0.5, ("cifar100", 50): 0.0}
 
 
 def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
@@ -83,13 +93,13 @@ def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
     if method == "tesla":
         fields = dict(backward="tesla", teacher_labels=True)
     elif method == "ftd":
-        fields = dict(ema_decay=_FTD_DECAY.get(key, _ftd_decay(config.iterations)))
+        fields = _FTD.get(key, dict(ema_decay=_ftd_decay(config.iterations)))
     elif method == "att":
         fields = dict(match="closest")
     elif method in ("datm", "pad"):
         fields = {**_DATM_OPTIONS, **(_DATM_COMMON | _DATM[key] if key in _DATM else _datm_window(config))}
         if method == "pad":
-            fields["pad_fraction"] = _PAD_FRACTION.get(config.ipc, 0.5)
+            fields["pad_fraction"] = _PAD_FRACTION.get(key, _PAD_FRACTION.get(("cifar10", config.ipc), 0.5))
     return dataclasses.replace(config, method=method, **fields)
 
 

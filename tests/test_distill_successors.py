@@ -245,12 +245,17 @@ def test_every_recipe_is_a_valid_config_and_overrides_win():
             config.validate()
             assert config.method == method
     assert preset("cifar10", 10, method="ftd").ema_decay == 0.9995
+    ftd = preset("cifar100", 10, method="ftd")  # FTD's README command
+    assert (ftd.ema_decay, ftd.max_start_epoch, ftd.zca, ftd.syn_steps) == (0.9995, 40, True, 20)
     assert preset("digits", 1, method="ftd", iterations=1000).ema_decay == pytest.approx(0.99)
     assert preset("digits", 1, method="ftd", iterations=5).ema_decay == 0.5  # a short run keeps its EMA
     assert preset("digits", numpy.int64(1)) == preset("digits", 1)
     assert preset("cifar10", 1, method="tesla").backward == "tesla"
     assert preset("cifar10", 1, method="att").match == "closest"
     assert preset("cifar10", 10, method="pad").pad_fraction == 0.5
+    # PAD's configs' depth_ratio: CIFAR-100 has its own, other datasets follow CIFAR-10's by IPC.
+    assert [preset("cifar100", ipc, method="pad").pad_fraction for ipc in (1, 10, 50)] == [0.5, 0.5, 0.0]
+    assert [preset("digits", ipc, method="pad").pad_fraction for ipc in (1, 10)] == [0.0, 0.5]
     assert preset("cifar10", 10, method="datm", lr_labels=7.0).lr_labels == 7.0
     assert preset("cifar10", 10) == preset("cifar10", 10, method="mtt")
     with pytest.raises(ValueError, match="unknown method"):
@@ -289,8 +294,11 @@ def test_the_note_on_a_recipes_experts_is_for_experts_that_lack_it(experts):
     assert plain["sam_rho"] == 0 and plain["epochs"] == experts.meta.epochs  # the folder's config.json
     assert expert_note("ftd", plain).startswith("FTD's experts are trained with GSAM")
     assert expert_note("ftd", plain | {"sam_rho": 0.01}) is None
-    assert expert_note("pad", plain | {"drop_easy": [[40, 0.1]]}) is None and expert_note("pad", plain)
-    assert expert_note("datm", plain | {"epochs": 100}) is None and expert_note("datm", {})  # {}: unrecorded
+    gsam = plain | {"sam_rho": 0.01}  # DATM's and PAD's experts are FTD's GSAM ones too
+    assert expert_note("pad", gsam | {"drop_easy": [[40, 0.1]]}) is None and expert_note("pad", gsam)
+    assert expert_note("pad", plain | {"drop_easy": [[40, 0.1]]})
+    assert expert_note("datm", gsam | {"epochs": 100}) is None and expert_note("datm", gsam)
+    assert expert_note("datm", {})  # {}: unrecorded
     assert expert_note("mtt", {}) is None
 
 

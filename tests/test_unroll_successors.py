@@ -7,11 +7,13 @@ import torch.nn.functional as F
 from test_unroll import BATCH, CLASSES, STEPS, reference_grads, segment_plans
 
 from mtt.augment import DEFAULT_STRATEGY
+from mtt.networks import get_network
 from mtt.unroll import (
     APPROXIMATE_MODES,
     BACKWARD_MODES,
     EXACT_MODES,
     _batch_loss,
+    _matched_steps,
     _step_batch,
     plan_steps,
     shallow_layer_mask,
@@ -130,9 +132,9 @@ def test_att_equals_autograd_through_the_unroll_truncated_at_the_matched_step(pr
     result = unroll(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, mode=mode,
                     match="closest")
     path = student_path(student, theta_start, images, syn_lr, plans, labels=labels)
-    distances = (path[1:] - theta_target).pow(2).sum(-1)
+    distances = (path[1:] - theta_target).abs().sum(-1).tolist()  # ATT chooses by the L1 distance
     step = result.matched_step
-    assert isinstance(step, int) and step == 1 + distances.argmin().item()
+    assert isinstance(step, int) and step == 1 + max(i for i, d in enumerate(distances) if d == min(distances))
     if where == "near step 3":
         assert step == 3 < STEPS  # truncation is exercised
     ref_loss, (ref_images, ref_lr) = reference_grads(net, theta_start, theta_target, images, syn_lr, plans[:step],
@@ -141,6 +143,16 @@ def test_att_equals_autograd_through_the_unroll_truncated_at_the_matched_step(pr
     assert torch.allclose(result.grad_images, ref_images, rtol=1e-6, atol=1e-12 * ref_images.abs().max().item())
     assert torch.allclose(result.grad_lr, ref_lr, rtol=1e-6, atol=0)
     assert torch.allclose(result.final_params, path[-1], rtol=0, atol=1e-12)  # still theta_N, not theta_{i*}
+
+
+def test_att_chooses_by_the_l1_distance_and_the_latest_of_equals():
+    """As ATT's code: l1_loss(student_params[-1], target, "sum"), kept when `current >= L`."""
+    target, near_in_l2, near_in_l1 = torch.zeros(4), torch.ones(4), torch.tensor([3.0, 0, 0, 0])
+    start = torch.full((4,), 9.0)
+    assert _matched_steps([start, near_in_l2, near_in_l1], target, None, "closest") == [2]  # L1 3 < 4; L2 9 > 4
+    assert _matched_steps([start, near_in_l2, near_in_l2, start], target, None, "closest") == [2]
+    segments = torch.stack([near_in_l1, near_in_l2])  # K = 2: each its own choice
+    assert _matched_steps([torch.full((2, 4), 9.0), segments, segments.flip(0)], target, None, "closest") == [1, 2]
 
 
 def test_att_final_is_mtt(problem):
@@ -190,19 +202,17 @@ def test_att_modes_agree(problem):
 
 # ----------------------------------------------------------------------------- PAD
 
-def test_shallow_layer_mask_drops_whole_leading_tensors(problem):
+def test_shallow_layer_mask_drops_the_leading_share_of_the_flat_parameters(problem):
     net, student, *_ = problem
-    numels = [p.numel() for p in net.parameters()]
-    total = sum(numels)
+    total = sum(p.numel() for p in net.parameters())
     assert shallow_layer_mask(student, 0.0).all()
     mask = shallow_layer_mask(net, 0.25)
     assert torch.equal(mask, shallow_layer_mask(student, 0.25))
-    cut, covered = 0, 0
-    while covered < 0.25 * total:  # whole tensors until at least 25 % of the count is out
-        covered += numels[cut]
-        cut += 1
-    assert (~mask).sum().item() == covered >= 0.25 * total and covered - numels[cut - 1] < 0.25 * total
-    assert not mask[:covered].any() and mask[covered:].all()
+    cut = int(0.25 * total)  # PAD_depth.py: keep_indices = loss_indices[int(depth_ratio * P):]
+    assert not mask[:cut].any() and mask[cut:].all()
+    # On the CIFAR-10 ConvNet half is inside conv3's weight: whole tensors would have masked 93.5 %.
+    cifar = shallow_layer_mask(get_network("ConvNet", 3, 10, (32, 32)), 0.5)
+    assert (~cifar).sum().item() == 160005 == 320010 // 2
     with pytest.raises(ValueError, match="fraction"):
         shallow_layer_mask(net, 1.0)
 
