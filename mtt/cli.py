@@ -240,8 +240,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label-momentum", type=_fraction, default=None,
                    help="SGD momentum of the learned label logits (default 0.5; DATM: 0.9)")
     p.add_argument("--label-init", choices=LABEL_INITS, default=None,
-                   help="learned soft labels start onehot (0.9 on the class, default) or from the experts' mean "
-                        "logits over those that classify each image correctly (DATM)")
+                   help="learned soft labels start onehot (0.9 on the class, default), from the experts' mean "
+                        "logits over those that classify each image correctly (experts; DATM), or from the first "
+                        "expert's final logits (first-expert; DATM at CIFAR-100 IPC 50, images drawn at random)")
     p.add_argument("--teacher-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="TESLA: train the student on the target checkpoint's softmax, recomputed each iteration")
     p.add_argument("--init", choices=INITS, default=None,

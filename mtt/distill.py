@@ -35,7 +35,8 @@ from mtt.device import resolve_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
-from mtt.initialise import correctly_classified_images, experts_label_logits, teacher_logits
+from mtt.initialise import (correctly_classified_images, experts_label_logits, first_expert_label_logits,
+                            teacher_logits)
 from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
@@ -95,7 +96,7 @@ class DistillConfig:
     current_max_start_epoch: int | None = None  # max_start_epoch, or (DATM) grows from this value ...
     expansion_end: int = 1000    # ... linearly to max_start_epoch by this iteration
     loss_threshold: float | None = None  # DATM: an iteration whose matching loss exceeds this changes nothing
-    label_init: str = "onehot"   # learned soft labels start "onehot" (0.9 on the class) or "experts" (DATM)
+    label_init: str = "onehot"   # learned soft labels start "onehot" (0.9 on the class), "experts" or "first-expert" (DATM)
     label_momentum: float = 0.5  # SGD momentum of the learned label logits (DATM: 0.9)
     teacher_labels: bool = False  # TESLA: soft targets = the target checkpoint's logits, recomputed, not learned
     ema_decay: float = 0.0       # FTD: keep an EMA of the images, which is what is evaluated and saved; 0 = off
@@ -171,7 +172,7 @@ class DistillConfig:
 
 
 INITS = ("real", "noise", "correct")
-LABEL_INITS = ("onehot", "experts")
+LABEL_INITS = ("onehot", "experts", "first-expert")
 
 
 # (dataset, ipc) -> settings. Paper: the authors' table (DESIGN.md); "full" batch = None.
@@ -283,10 +284,12 @@ def class_labels(dataset: Dataset, ipc: int) -> Tensor:
 
 def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device, student: Student | None = None,
                   buffers: ExpertBuffers | None = None) -> DistillState:
-    """The state at iteration 0. init="correct" and label_init="experts" (DATM) read the experts: give
-    `student` (the network they were trained as) and `buffers`."""
-    if (config.init == "correct" or config.label_init == "experts") and (student is None or buffers is None):
-        raise ValueError("init='correct' and label_init='experts' read the experts: pass student and buffers")
+    """The state at iteration 0. init="correct" and label_init="experts" or "first-expert" (DATM) read the experts:
+    give `student` (the network they were trained as) and `buffers`."""
+    reads_experts = config.init == "correct" or config.soft_labels and config.label_init != "onehot"
+    if reads_experts and (student is None or buffers is None):
+        raise ValueError(f"init={config.init!r} and label_init={config.label_init!r} read the experts: pass student "
+                         "and buffers")
     generator = torch.Generator().manual_seed(config.seed)
     labels = class_labels(dataset, config.ipc).to(device)
     if config.init == "real":
@@ -299,6 +302,8 @@ def initial_state(config: DistillConfig, dataset: Dataset, device: torch.device,
     label_logits = None
     if config.soft_labels and config.label_init == "experts":
         label_logits = experts_label_logits(student, buffers, images, labels)
+    elif config.soft_labels and config.label_init == "first-expert":
+        label_logits = first_expert_label_logits(student, buffers, images)
     elif config.soft_labels:
         # Start from confident one-hot targets: softmax gives the true class 0.9.
         k = dataset.num_classes

@@ -75,6 +75,12 @@ def correctly_classified_images(dataset: Dataset, ipc: int, student: Student, bu
 
 
 @torch.no_grad()
+def first_expert_label_logits(student: Student, buffers: ExpertBuffers, images: Tensor) -> Tensor:
+    """DATM's soft-label initialisation for images drawn at random (its CIFAR-100 IPC 50 config: pix_init real):
+    the logits [N, C] of one expert at its final epoch (its buffer[0][-1]; here the first expert)."""
+    return logits_at(student, buffers.snapshot(0, -1).to(images.device), images)
+
+
 def experts_label_logits(student: Student, buffers: ExpertBuffers, images: Tensor, labels: Tensor) -> Tensor:
     """DATM's soft-label initialisation: per image, the mean logits [N, C] of the experts (final epoch) that
     classify it correctly. An image that no expert gets right takes the mean over all of them."""

@@ -12,8 +12,9 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
   (--sam-rho 0.01 --gsam-alpha 0.3), not of distillation.
 - datm (Guo et al., ICLR 2024): images from correctly classified real ones, learned soft labels
   from the experts' mean correct logits (momentum 0.9), the growing start-epoch window and the
-  loss threshold; the authors' CIFAR table (DESIGN.md) in full, 10,000 iterations. Its experts
-  are trained for 100 epochs (start epochs up to 70).
+  loss threshold; the authors' CIFAR table (DESIGN.md) in full, 10,000 iterations; at CIFAR-100
+  IPC 50, as its config, images drawn at random and labels from one expert's final logits. Its
+  experts are trained for 100 epochs (start epochs up to 70).
 - att (Liu et al., ECCV 2024): the matching loss at the student step closest to the target.
   MTT's presets otherwise.
 - pad (Li et al., 2024): DATM's recipe plus the mask of shallow-layer parameters in the loss,
@@ -71,7 +72,8 @@ _DATM: dict[tuple[str, int], dict[str, Any]] = {
                            expansion_end=2000, lr_img=1000, lr_lr=1e-5, lr_labels=10, batch_syn=1000,
                            loss_threshold=1.0),
     ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, min_start_epoch=20, max_start_epoch=70, lr_img=1000,
-                           lr_lr=1e-5, lr_labels=10, batch_syn=1000, loss_threshold=1.0),
+                           lr_lr=1e-5, lr_labels=10, batch_syn=1000, loss_threshold=1.0,
+                           init="real", label_init="first-expert"),  # its config's pix_init: real
 }
 _DATM_COMMON = dict(iterations=10000, lr_teacher=0.01, zca=True)
 

@@ -108,6 +108,21 @@ def test_soft_label_init_is_the_mean_logits_of_exactly_the_correct_experts(digit
     assert some_wrong > 0  # the case that matters (only the correct experts count) was exercised
 
 
+def test_first_expert_labels_are_its_final_logits_on_images_drawn_at_random(digits, experts):
+    """DATM's CIFAR-100 IPC 50 config starts from random real images labelled by one expert (buffer[0][-1])."""
+    config = small_config(init="real", soft_labels=True, label_init="first-expert")
+    state = initial_state(config, digits, torch.device("cpu"), student(digits), experts)
+    real = initial_state(small_config(init="real"), digits, torch.device("cpu"))
+    assert torch.equal(state.images, real.images)  # the images of init="real", not of "correct"
+    with torch.no_grad():
+        expected = network_at(digits, experts.snapshot(0, -1))(state.images.double())
+    torch.testing.assert_close(state.label_logits.double(), expected, atol=1e-4, rtol=1e-4)
+    assert preset("cifar100", 50, method="datm").label_init == "first-expert"
+    assert preset("cifar100", 50, method="datm").init == "real"
+    with pytest.raises(ValueError, match="read the experts: pass student and buffers"):
+        initial_state(config, digits, torch.device("cpu"))
+
+
 def test_datm_run_starts_from_its_initialisation_and_learns_labels(digits, experts, tmp_path):
     config = small_config(init="correct", soft_labels=True, label_init="experts", label_momentum=0.9, lr_labels=2.0)
     initial = initial_state(config, digits, torch.device("cpu"), student(digits), experts)
