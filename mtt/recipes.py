@@ -38,7 +38,8 @@ METHODS = ("mtt", "tesla", "ftd", "datm", "att", "pad")
 
 # What the experts need for a recipe's full effect (printed when a run starts with experts that lack it).
 EXPERT_NOTES = {
-    "ftd": "FTD's experts are trained with GSAM: python -m mtt experts ... --sam-rho 0.01 --gsam-alpha 0.3",
+    "ftd": "FTD's experts are trained with GSAM: python -m mtt experts ... --sam-rho 0.01 --gsam-alpha 0.3 "
+           "(FTD's alpha is 0.3 at CIFAR-10 IPC 1 and 10, 1 elsewhere)",
     "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70) with FTD's GSAM: "
             "python -m mtt experts ... --epochs 100 --sam-rho 0.01 --gsam-alpha 0.3",
     "pad": "PAD's experts are trained with GSAM and see the training data easy to hard: python -m mtt experts ... "
