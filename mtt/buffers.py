@@ -544,8 +544,9 @@ class ExpertBuffers:
         if path.is_dir() and (path / INDEX).exists():
             _check_index(path, shards)
         meta, where = _check_shards(shards)
-        check_same_space(meta.version, meta.dataset, meta.zca, f"the experts in {folder}",
-                         "train them again with this version (python -m mtt experts ...)")
+        for shard in shards:  # each: shards of one folder may come from two versions
+            check_same_space(shard.meta.version, meta.dataset, meta.zca, f"{shard.path}",
+                             "train these experts again with this version, into another folder")
         return cls(meta, _ShardReader(where), path)
 
     @classmethod

@@ -7,6 +7,7 @@ Each command is a pair: `add_<command>(subparsers)` declares its flags and sets
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -137,7 +138,7 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=POSITIVE, default=50, help="epochs per trajectory (snapshots: epochs + 1)")
     p.add_argument("--lr", type=RATE, default=0.01, help="SGD learning rate (the paper's lr_teacher)")
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="SGD minibatch")
-    p.add_argument("--momentum", type=NON_NEGATIVE_RATE, default=0.0, help="SGD momentum")
+    p.add_argument("--momentum", type=_fraction, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_RATE, default=0.0, help="SGD weight decay")
     p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
     p.add_argument("--parallel", type=POSITIVE, default=1, help="experts trained at once on one device (vmap)")
@@ -365,21 +366,25 @@ def _resumed_config(args: argparse.Namespace, saved: dict[str, Any], given: dict
 
 
 def run_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from mtt.distributed import is_main_process
+    from mtt.io import held_folder
+
+    config = distill_config(args)
+    main = is_main_process()  # under torchrun rank 0 reports and writes
+    with held_folder(args.out) if main else contextlib.nullcontext():  # from here: a tracker writes there too
+        return _run_distill(args, config, main)
+
+
+def _run_distill(args: argparse.Namespace, config: DistillConfig, main: bool) -> dict[str, Any]:
     import time
 
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
     from mtt.distill import (BEST_SYNTHETIC, CHECKPOINT, FINAL_SYNTHETIC, HISTORY, accuracy_text, best_evaluation,
                              distill, network_from_buffers)
-    from mtt.distributed import is_main_process
     from mtt.recipes import expert_note
-    from mtt.io import ensure_writable_dir
     from mtt.tracking import tracker
 
-    config = distill_config(args)
-    main = is_main_process()  # under torchrun rank 0 reports and writes
-    if main:
-        ensure_writable_dir(args.out)
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
     buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca, model=args.model, width=args.width,
                            depth=args.depth)

@@ -12,6 +12,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import struct
 import warnings
 from collections.abc import Sequence
@@ -291,18 +292,14 @@ def check_same_space(version: str | None, dataset: str, zca: bool, what: str, re
     if not (zca or dataset in _SPACE_CHANGED) or not _before_0_2(version):
         return
     setting = "ZCA-whitened " if zca else ""
-    raise ValueError(f"{what} was written by mtt {version or '< 0.2'}, whose {setting}{dataset} images lived in "
+    raise ValueError(f"{what}: written by mtt {version or '< 0.2'}, whose {setting}{dataset} images lived in "
                      f"another space than now (mtt 0.2 follows the original code: ZCA of [0, 1] pixels, CIFAR-100 "
                      f"normalised with CIFAR-10's statistics, Tiny ImageNet's classes sorted); {remedy}")
 
 
 def _before_0_2(version: str | None) -> bool:
-    if version is None:
-        return True
-    try:
-        return tuple(int(part) for part in version.split(".")[:2]) < (0, 2)
-    except ValueError:  # not a release number: a development build of this version or later
-        return False
+    release = re.match(r"(\d+)\.(\d+)", version or "")
+    return release is None or (int(release[1]), int(release[2])) < (0, 2)  # none recorded: before 0.2
 
 
 def _normalise(pixels_uint8: Tensor, spec: DatasetSpec) -> Tensor:

@@ -96,7 +96,7 @@ class DistillConfig:
     current_max_start_epoch: int | None = None  # max_start_epoch, or (DATM) grows from this value ...
     expansion_end: int = 1000    # ... linearly to max_start_epoch by this iteration
     loss_threshold: float | None = None  # DATM: an iteration whose matching loss exceeds this changes nothing
-    label_init: str = "onehot"   # learned soft labels start "onehot" (0.9 on the class), "experts" or "first-expert" (DATM)
+    label_init: str = "onehot"   # soft labels start "onehot" (0.9 on the class), "experts" or "first-expert" (DATM)
     label_momentum: float = 0.5  # SGD momentum of the learned label logits (DATM: 0.9)
     teacher_labels: bool = False  # TESLA: soft targets = the target checkpoint's logits, recomputed, not learned
     ema_decay: float = 0.0       # FTD: keep an EMA of the images, which is what is evaluated and saved; 0 = off
@@ -160,9 +160,9 @@ class DistillConfig:
         if self.label_init not in LABEL_INITS:
             raise ValueError(f"label_init must be one of {LABEL_INITS}, got {self.label_init!r}")
         if self.label_init != "onehot" and not self.soft_labels:
-            raise ValueError(f"label_init={self.label_init!r} (--label-init; DATM's recipe sets 'experts') "
-                             f"initialises learned soft labels: add --soft-labels, or, to keep the labels fixed, "
-                             f"--label-init onehot")
+            raise ValueError(f"label_init={self.label_init!r} (--label-init; DATM's recipe sets it) initialises "
+                             f"learned soft labels, which are off: add --soft-labels, or, to keep the labels "
+                             f"fixed, --label-init onehot")
         if self.teacher_labels and self.soft_labels:
             raise ValueError("teacher_labels (TESLA: fixed targets from the expert) and soft_labels (learned "
                              "targets) exclude each other: choose one")
@@ -381,7 +381,7 @@ def _checkpoint_metadata(path: Path) -> dict[str, str]:
 
 def _check_run_space(version: str | None, saved: dict[str, Any], run: Path) -> None:
     check_same_space(version, str(saved.get("dataset")), bool(saved.get("zca")), f"the run in {run}",
-                     "start it afresh with this version (another --out), or go on with the version that wrote it")
+                     "distil it again with this version, or go on with the version that wrote it")
 
 
 def _known_settings(saved: dict[str, Any]) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
-from mtt.networks import get_network
+from mtt.networks import fixed_sizes, get_network
 
 
 @dataclass
@@ -596,8 +596,9 @@ def _check_same_training(out_dir: Path, settings: dict[str, Any]) -> None:
                          f"without it), so experts added now could be trained otherwise, or repeat them: train into "
                          f"another --out, or put back the {EXPERTS_CONFIG} of the run that trained them")
     before = json.loads(path.read_text())
-    diff = {k: (before[k], v) for k, v in settings.items()
-            if k in before and k not in FREE_ON_RESUME and before[k] != v}
+    # A size the model's name fixes (ConvNetW32's width) is the shards' to check: mtt 0.1 recorded the default here.
+    unchecked = (*FREE_ON_RESUME, *fixed_sizes(settings["model"]))
+    diff = {k: (before[k], v) for k, v in settings.items() if k in before and k not in unchecked and before[k] != v}
     if diff:
         detail = ", ".join(f"{k}: {old!r} there vs {new!r} now" for k, (old, new) in diff.items())
         raise ValueError(f"{out_dir} holds experts trained with other settings ({detail}); run with the settings "

@@ -8,6 +8,8 @@ import pickle
 import re
 import socket
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,40 +105,75 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 LOCK = ".mtt.lock"  # "HOST PID" of the process writing into the folder
+LOCK_BEAT_S = 30      # the holder touches its lock this often
+LOCK_STALE_S = 300    # another machine's lock untouched this long is a killed run's: its holder beats no more
 
 
 @contextmanager
 def held_folder(path: str | os.PathLike) -> Iterator[Path]:
     """`path` (--out), writable and held by this process while the block runs: a second run into it at the same
-    time (a job started twice) is refused, where it would write duplicate results. A lock a killed run left on
-    this host is taken over; the hidden temporaries of its interrupted writes are removed."""
+    time (a job started twice) is refused, where it would write duplicate results. A killed run's lock is taken
+    over (on this machine: its process is gone; from another, sharing the folder: it has not been touched for
+    LOCK_STALE_S), and the hidden temporaries of its interrupted writes are removed. Holding it again in the same
+    process (the command line holds what distill holds) is a no-op."""
     path = ensure_writable_dir(path)
     lock, owner = path / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    if _holder(lock)[:2] == tuple(owner.split()):
+        yield path
+        return
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
             _refuse_if_held(lock)
-            lock.unlink(missing_ok=True)  # its process is gone: a killed run's
+            lock.unlink(missing_ok=True)  # a killed run's
     with os.fdopen(fd, "w") as f:
         f.write(owner)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(lock, stop), name="mtt-lock", daemon=True)
+    beat.start()
     try:
         _remove_stale_temporaries(path)
         yield path
     finally:
+        stop.set()
+        beat.join()
         lock.unlink(missing_ok=True)
 
 
-def _refuse_if_held(lock: Path) -> None:
+def _beat(lock: Path, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_BEAT_S):
+        try:
+            os.utime(lock)
+        except OSError:  # the folder went away: nothing left to hold
+            return
+
+
+def _holder(lock: Path) -> tuple[str, str, float]:
+    """(host, pid, seconds since last touched) of a lock; '?' where it cannot be read (being written this instant,
+    or damaged); age 0 when it is gone."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return "?", "?", 0.0
     try:
         host, pid = lock.read_text().split()
-        alive = host != socket.gethostname() or _process_exists(int(pid))  # another host's cannot be checked
-    except (OSError, ValueError):  # being written this instant, or damaged
-        host, pid, alive = "?", "?", True
+    except (OSError, ValueError):
+        return "?", "?", age
+    return host, pid, age
+
+
+def _refuse_if_held(lock: Path) -> None:
+    host, pid, age = _holder(lock)
+    if host == socket.gethostname() and pid.isdigit():
+        alive = _process_exists(int(pid))
+    else:  # another machine's, or unreadable: alive while its holder keeps touching it
+        alive = age < LOCK_STALE_S
     if alive:
         raise ValueError(f"{lock.parent} is being written by another run (process {pid} on {host}): let it "
-                         f"finish, or use another --out. If no such run is going on, delete {lock}")
+                         f"finish, or use another --out. If no such run is going on, delete {lock} (a lock left "
+                         f"on another machine is taken over once untouched for {LOCK_STALE_S // 60} minutes)")
 
 
 def _process_exists(pid: int) -> bool:

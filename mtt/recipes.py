@@ -51,9 +51,10 @@ EXPERT_NOTES = {
 def expert_note(method: str, training: dict[str, Any]) -> str | None:
     """EXPERT_NOTES[method] unless the experts have it, by `training`, how they were trained (ExpertBuffers.training:
     config.json's settings; {} when unrecorded)."""
-    gsam = training.get("sam_rho", 0) > 0
-    have = {"ftd": gsam, "datm": gsam and training.get("epochs", 0) >= 100,
-            "pad": gsam and bool(training.get("easy_to_hard") or training.get("drop_easy"))}
+    gsam = (training.get("sam_rho") or 0) > 0 and (training.get("gsam_alpha") or 0) > 0
+    long = (training.get("epochs") or 0) >= 100
+    have = {"ftd": gsam, "datm": gsam and long,
+            "pad": gsam and long and bool(training.get("easy_to_hard") or training.get("drop_easy"))}
     return EXPERT_NOTES[method] if method in EXPERT_NOTES and not have[method] else None
 
 _DATM_OPTIONS = dict(init="correct", soft_labels=True, label_init="experts", label_momentum=0.9)

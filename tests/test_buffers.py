@@ -176,7 +176,8 @@ def test_experts_of_mtt_0_1_in_a_space_that_changed_are_refused(tmp_path, settin
     if not refused:
         assert ExpertBuffers.open(tmp_path).meta.version == "0.1.0"
         return
-    with pytest.raises(ValueError, match=r"written by mtt 0\.1\.0, whose .*another space.*train them again"):
+    with pytest.raises(ValueError, match=r"a.safetensors: written by mtt 0\.1\.0, whose .*another space.*"
+                                         r"train these experts again"):
         ExpertBuffers.open(tmp_path)
     current = dataclasses.replace(meta, version="0.2.0")
     write_shard(tmp_path / "a.safetensors", trajectories([0]), current, [0])

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+import mtt.io as mtt_io
 from mtt.cli import build_parser, distill_config
 from mtt.data import load_dataset
 from mtt.distill import DistillConfig, preset
@@ -79,7 +80,7 @@ def distill_args(experts, out, *extra):
      "ConvNetW32 has width 32, not 16: leave --width out, or use --model ConvNet --width 16"),
     (["experts", "--dataset", "digits", "--out", "x", "--model", "MLP", "--depth", 2],
      "--depth applies to the ConvNet family only, not MLP"),
-    (["experts", "--dataset", "digits", "--out", "x", "--momentum", 1], "momentum must be in [0, 1)"),
+    (["experts", "--dataset", "digits", "--out", "x", "--momentum", 1], "--momentum: must be in [0, 1)"),
     (["evaluate", "--synthetic", "x.safetensors", "--image-size", 0], "--image-size"),
     (["evaluate", "--synthetic", "x.safetensors", "--width", 0], "--width"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
@@ -193,6 +194,12 @@ def test_a_named_size_is_recorded_as_the_network_has_it(tmp_path):
                  "--train-per-class", 5, "--out", tmp_path, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "config.json").read_text())["width"] == 32
+    # mtt 0.1 recorded the default width for it: the folder still takes more experts (the shards hold the width).
+    record = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(record | {"width": 128}))
+    result = mtt("experts", "--dataset", "digits", "--model", "ConvNetW32", "--epochs", 1, "--num-experts", 2,
+                 "--train-per-class", 5, "--out", tmp_path, "--no-progress")
+    assert result.returncode == 0, result.stderr
 
 
 def test_segments_default_to_the_number_of_processes_under_torchrun(experts, tmp_path, monkeypatch):
@@ -207,22 +214,37 @@ def test_a_folder_being_written_is_refused_and_a_killed_runs_lock_is_taken_over(
     out = tmp_path / "experts"
     with held_folder(out):  # this test process plays the run already going
         for args in [("experts", "--dataset", "digits", "--epochs", 1, "--width", WIDTH, "--out", out),
-                     distill_args(experts, out, "--iterations", 1)]:
+                     distill_args(experts, out, "--iterations", 1, "--log", "tensorboard")]:
             error = the_error(mtt(*args))
-            assert error == (f"error: {out} is being written by another run (process {os.getpid()} on "
-                             f"{socket.gethostname()}): let it finish, or use another --out. If no such run is "
-                             f"going on, delete {out / LOCK}")
-        assert not list(out.glob("*.safetensors"))
+            assert error.startswith(f"error: {out} is being written by another run (process {os.getpid()} on "
+                                    f"{socket.gethostname()}): let it finish, or use another --out. If no such run "
+                                    f"is going on, delete {out / LOCK}")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing written, no tracker's files either
+        with held_folder(out):  # holding it again in the same process: the command line holds what distill holds
+            pass
+        assert (out / LOCK).exists()
     assert not (out / LOCK).exists()  # released
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / LOCK).write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # a run killed with its lock held
     train_experts(load_dataset("digits").take_per_class(5), ExpertConfig(num_experts=1, epochs=1, width=WIDTH), out,
                   device="cpu", progress=False)
     assert (out / "experts_00000-00000.safetensors").exists() and not (out / LOCK).exists()
-    (out / LOCK).write_text("elsewhere.example 1")  # another machine's (a shared file system): not checkable
+    (out / LOCK).write_text("elsewhere.example 1")  # another machine's (a shared file system): alive while touched
     with pytest.raises(ValueError, match="process 1 on elsewhere.example"):
         with held_folder(out):
             pass
+    long_ago = time.time() - mtt_io.LOCK_STALE_S - 1  # its holder stopped touching it: killed
+    os.utime(out / LOCK, (long_ago, long_ago))
+    with held_folder(out):
+        assert (out / LOCK).read_text() == f"{socket.gethostname()} {os.getpid()}"
+
+
+def test_a_held_folders_lock_is_touched_while_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(mtt_io, "LOCK_BEAT_S", 0.05)
+    with held_folder(tmp_path):
+        os.utime(tmp_path / LOCK, (0, 0))
+        time.sleep(0.5)
+        assert time.time() - (tmp_path / LOCK).stat().st_mtime < 5
 
 
 # ----------------------------------------------------------------------------- distill: resume and its errors

@@ -78,7 +78,7 @@ def test_a_run_of_mtt_0_1_in_a_space_that_changed_is_refused(tmp_path):
         (run / "config.json").write_text(metadata["config"])  # 0.1 recorded no version
         for path in [run / "checkpoint.safetensors", run / "snapshots" / "iter_000000.safetensors"]:
             if refused:
-                with pytest.raises(ValueError, match=f"the run in {run} was written by mtt < 0.2, whose ZCA-whitened "
+                with pytest.raises(ValueError, match=f"the run in {run}: written by mtt < 0.2, whose ZCA-whitened "
                                                      "digits images lived in another space"):
                     stored_config(path)
             else:

@@ -308,9 +308,11 @@ def test_the_note_on_a_recipes_experts_is_for_experts_that_lack_it(experts):
     plain = experts.training()
     assert plain["sam_rho"] == 0 and plain["epochs"] == experts.meta.epochs  # the folder's config.json
     assert expert_note("ftd", plain).startswith("FTD's experts are trained with GSAM")
-    assert expert_note("ftd", plain | {"sam_rho": 0.01}) is None
-    gsam = plain | {"sam_rho": 0.01}  # DATM's and PAD's experts are FTD's GSAM ones too
-    assert expert_note("pad", gsam | {"drop_easy": [[40, 0.1]]}) is None and expert_note("pad", gsam)
+    gsam = plain | {"sam_rho": 0.01, "gsam_alpha": 0.3}  # DATM's and PAD's experts are FTD's GSAM ones too
+    assert expert_note("ftd", gsam) is None and expert_note("ftd", plain | {"sam_rho": 0.01})  # SAM is not GSAM
+    assert expert_note("ftd", plain | {"sam_rho": None})  # a hand-edited record
+    assert expert_note("pad", gsam | {"drop_easy": [[40, 0.1]], "epochs": 100}) is None and expert_note("pad", gsam)
+    assert expert_note("pad", gsam | {"drop_easy": [[40, 0.1]]})  # 100 epochs, as PAD's
     assert expert_note("pad", plain | {"drop_easy": [[40, 0.1]]})
     assert expert_note("datm", gsam | {"epochs": 100}) is None and expert_note("datm", gsam)
     assert expert_note("datm", {})  # {}: unrecorded

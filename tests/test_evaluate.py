@@ -176,7 +176,7 @@ def test_a_zca_set_of_mtt_0_1_is_refused(small, digits, tmp_path):
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() | {"mtt_version": "0.1.0"}
         save_file(load_file(path), path, metadata)
-    with pytest.raises(ValueError, match=r"the synthetic set .*zca.safetensors was written by mtt 0\.1\.0, whose "
+    with pytest.raises(ValueError, match=r"the synthetic set .*zca.safetensors: written by mtt 0\.1\.0, whose "
                                          "ZCA-whitened digits images lived in another space than now"):
         SyntheticSet.load(tmp_path / "zca.safetensors")
     assert SyntheticSet.load(tmp_path / "plain.safetensors").zca is None  # digits without ZCA: the same space
