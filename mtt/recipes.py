@@ -15,8 +15,9 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
   loss threshold; the authors' CIFAR table (DESIGN.md) in full, 10,000 iterations; at CIFAR-100
   IPC 50, as its config, images drawn at random and labels from one expert's final logits. Its
   experts are trained for 100 epochs (start epochs up to 70).
-- att (Liu et al., ECCV 2024): the matching loss at the student step closest to the target.
-  MTT's presets otherwise.
+- att (Liu et al., ECCV 2024): the matching loss at the student step closest to the target (in L1,
+  as its code). MTT's presets otherwise: its own hyper-parameters and its EMA of the images are
+  not taken over.
 - pad (Li et al., 2024): DATM's recipe plus the mask of shallow-layer parameters in the loss,
   PAD's `depth_ratio` (CIFAR-10: 0 at IPC 1, 0.5 at IPC 10 and 50; CIFAR-100: 0.5, 0.5, 0; elsewhere as
   CIFAR-10). Its easy-to-hard experts are a setting
