@@ -171,7 +171,8 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
         args.json = False
     check_network_name(args.model)
     check_sizes_apply(args.model, args.width, args.depth)
-    sizes = {"width": 128, "depth": 3} | fixed_sizes(args.model)  # recorded as the network has them
+    # Recorded as the network has them: given, fixed by its name (ConvNetW32), else ExpertConfig's default.
+    sizes = {"width": ExpertConfig.width, "depth": ExpertConfig.depth} | fixed_sizes(args.model)
     config = ExpertConfig(model=args.model, num_experts=args.num_experts, epochs=args.epochs, lr=args.lr,
                           batch_size=args.batch_size, momentum=args.momentum, weight_decay=args.weight_decay,
                           dsa=args.dsa, parallel=args.parallel, seed=args.seed, width=args.width or sizes["width"],

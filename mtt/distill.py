@@ -347,8 +347,8 @@ _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--de
 START_AFRESH = "to start afresh, choose another --out (the folder's other files are that run's)"
 
 
-def _unreadable(path: Path, err: Exception) -> ValueError:
-    return ValueError(f"{path} is not a checkpoint mtt can read ({err}); {START_AFRESH}")
+def _unreadable(path: Path, err: Exception, advice: str = "") -> ValueError:
+    return ValueError(f"{path} is not a checkpoint mtt can read ({err}){advice}")
 
 
 def checkpoint_settings(out_dir: str | Path) -> dict[str, Any] | None:
@@ -367,14 +367,16 @@ def checkpoint_progress(out_dir: str | Path) -> tuple[int, int] | None:
     return int(metadata["iteration"]), int(json.loads(metadata["config"])["iterations"])
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, str]:
+def _checkpoint_metadata(path: Path, advice: str = "") -> dict[str, str]:
+    """A checkpoint's metadata, read and checked (its config and iteration, the space its images are in); `advice`
+    ends the message on an unreadable one."""
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
         saved = json.loads(metadata["config"])
         int(metadata["iteration"])  # both read, or it is no checkpoint of ours
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a checkpoint mtt can read ({err})") from None
+        raise _unreadable(path, err, advice) from None
     _check_run_space(metadata.get("mtt_version"), saved, path.parent)
     return metadata
 
@@ -402,17 +404,15 @@ def check_fixed_on_resume(saved: dict[str, Any], config: DistillConfig, path: Pa
 def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
                     experts: dict[str, Any] | None = None) -> DistillState:
     """The state saved at `path`; refuses a checkpoint of another kind of run or of other experts."""
+    metadata = _checkpoint_metadata(path, f"; {START_AFRESH}")
+    saved = json.loads(metadata["config"])
     try:
         tensors = load_safetensors(path)
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        saved = json.loads(metadata["config"])
         for name in ("generator", "labels", "var.images", "var.syn_lr"):
             if name not in tensors:
                 raise KeyError(f"it holds no {name!r}")
     except (ValueError, KeyError) as err:
-        raise _unreadable(path, err) from None
-    _check_run_space(metadata.get("mtt_version"), saved, path.parent)
+        raise _unreadable(path, err, f"; {START_AFRESH}") from None
     check_fixed_on_resume(saved, config, path)
     saved_experts = json.loads(metadata.get("experts", "null"))
     if saved_experts is not None and experts is not None and saved_experts != experts:

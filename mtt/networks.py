@@ -449,13 +449,14 @@ def fixed_sizes(name: str) -> dict[str, int]:
 
 def check_sizes_apply(name: str, width: int | None, depth: int | None) -> None:
     """Refuse a width or depth (flags --width/--depth) that network `name` would silently ignore."""
+    fixed = fixed_sizes(name)
     for size, value in (("width", width), ("depth", depth)):
         if value is None:
             continue
         if not name.startswith("ConvNet"):
             raise ValueError(f"--{size} applies to the ConvNet family only, not {name}: leave it out")
-        if fixed_sizes(name).get(size, value) != value:
-            raise ValueError(f"{name} has {size} {fixed_sizes(name)[size]}, not {value}: leave --{size} out, or "
+        if fixed.get(size, value) != value:
+            raise ValueError(f"{name} has {size} {fixed[size]}, not {value}: leave --{size} out, or "
                              f"use --model ConvNet --{size} {value}")
 
 

@@ -247,10 +247,11 @@ def _loss_weight(param_mask: Tensor | None, theta: Tensor) -> Tensor | None:
     return param_mask.to(device=theta.device, dtype=theta.dtype)
 
 
-def _distance(theta: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-    """||theta - target||^2 over the last dim, counting only the kept parameters (PAD) when weight is given."""
-    squares = (theta - target).pow(2)
-    return (squares if weight is None else squares * weight).sum(-1)
+def _distance(theta: Tensor, target: Tensor, weight: Tensor | None, norm: int = 2) -> Tensor:
+    """||theta - target||^2 (norm 2) or ||theta - target||_1 (norm 1, ATT's choice of step) over the last dim,
+    counting only the kept parameters (PAD) when weight is given."""
+    gaps = (theta - target).pow(2) if norm == 2 else (theta - target).abs()
+    return (gaps if weight is None else gaps * weight).sum(-1)
 
 
 def shallow_layer_mask(model: Student | nn.Module, fraction: float) -> Tensor:
@@ -278,14 +279,9 @@ def _matched_steps(path: list[Tensor], theta_target: Tensor, weight: Tensor | No
     steps, segments = len(path) - 1, 1 if path[0].dim() == 1 else len(path[0])
     if match == "final" or steps == 0:
         return [steps] * segments
-    distances = torch.stack([_l1_distance(theta.detach(), theta_target, weight) for theta in path[1:]])  # [N(, K)]
+    distances = torch.stack([_distance(theta.detach(), theta_target, weight, norm=1)
+                             for theta in path[1:]])  # [N(, K)]
     return (steps - distances.flip(0).argmin(0)).reshape(-1).tolist()  # flipped: the latest of equal ones
-
-
-def _l1_distance(theta: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-    """||theta - target||_1 over the last dim, counting only the kept parameters (PAD) when weight is given."""
-    gaps = (theta - target).abs()
-    return (gaps if weight is None else gaps * weight).sum(-1)
 
 
 def _at_steps(path: list[Tensor], steps: list[int]) -> Tensor:
