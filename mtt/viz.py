@@ -2,8 +2,9 @@
 
 Every function builds a matplotlib Figure on the Agg canvas directly, never through pyplot:
 notebooks keep their own backend, figures are not shown twice, and nothing piles up in
-pyplot's figure list. A notebook shows the returned Figure as the value of a cell; given
-`path`, the figure is also saved atomically, in the format its suffix names.
+pyplot's figure list. A notebook shows the returned Figure as the value of a cell (it renders
+itself as a PNG); given `path`, the figure is also saved atomically, in the format its suffix
+names.
 """
 from __future__ import annotations
 
@@ -45,8 +46,18 @@ EXPERT_COLOURS = (BLUE, GREEN, PURPLE, SKY, ORANGE, "#000000")
 STUDENT_COLOUR = VERMILLION  # kept out of EXPERT_COLOURS so the student always stands out
 
 
+class NotebookFigure(Figure):
+    """A Figure that shows itself as the value of a notebook cell, whatever the notebook's backend: IPython renders
+    a plain Figure only once pyplot has set up its inline backend, and these figures never go through pyplot."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100)
+        return buffer.getvalue()
+
+
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = NotebookFigure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -245,10 +256,22 @@ def _run_space(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, num_imag
     return data, labels
 
 
+def _every_kth(snapshots: list[tuple[int, Tensor]], most: int) -> list[tuple[int, Tensor]]:
+    """At most `most` snapshots, evenly spaced (every k-th, not rounded picks that skip unevenly), the last included:
+    it may follow the one before sooner than k, as the final snapshot of a run can."""
+    if most == 1:
+        return snapshots[-1:]
+    stride = math.ceil((len(snapshots) - 1) / (most - 1)) or 1
+    picks = list(range(0, len(snapshots), stride))  # fewer than `most` whenever the last is not among them
+    if picks[-1] != len(snapshots) - 1:
+        picks.append(len(snapshots) - 1)
+    return [snapshots[i] for i in picks]
+
+
 def image_evolution(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, classes: Sequence[int] | None = None,
                     max_columns: int = 8, path: PathLike | None = None, *, clip: float | None = 2.5) -> Figure:
     """The first image of each class (rows; default the first 10 classes) across snapshot iterations
-    (columns: at most `max_columns`, evenly spread, first and last included)."""
+    (columns: at most `max_columns`, every k-th snapshot so that the spacing is even, the last one included)."""
     if max_columns < 1:
         raise ValueError(f"max_columns must be >= 1, got {max_columns}")
     snapshots = _snapshots(run_dir)
@@ -258,8 +281,7 @@ def image_evolution(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, cla
     if missing:
         raise ValueError(f"the run has no synthetic image of class(es) {missing}")
     rows = [int((labels == c).nonzero()[0]) for c in classes]
-    picks = np.unique(np.linspace(0, len(snapshots) - 1, min(max_columns, len(snapshots))).round().astype(int))
-    columns = [snapshots[i] for i in picks]
+    columns = _every_kth(snapshots, max_columns)
     pixels = torch.cat([display_pixels(images, data, clip=clip)[rows] for _, images in columns])
     mosaic = _mosaic(pixels, [[c * len(rows) + r for c in range(len(columns))] for r in range(len(rows))])
 
@@ -276,7 +298,8 @@ def image_evolution(run_dir: PathLike, dataset: Dataset | DatasetSpec | str, cla
     ax.xaxis.set_label_position("top")
     ax.set_xlabel("iteration")
     ax.tick_params(length=0)
-    ax.set_title("Synthetic images over distillation", pad=4)
+    several = int(torch.bincount(labels).max()) > 1
+    ax.set_title("Synthetic images over distillation" + (" (the first of each class)" if several else ""), pad=4)
     return _save(fig, path)
 
 
@@ -364,8 +387,9 @@ def _accuracy_panel(ax, evals: list[dict[str, Any]]) -> None:
     ax.errorbar(its, means, yerr=[e.get("std", 0) for e in evals], color=GREEN, marker="o", ms=4, capsize=3,
                 lw=1.5, label="mean $\\pm$ std")
     best = int(means.argmax())
+    at_an_end = {0: "left", len(its) - 1: "right"} if len(its) > 1 else {}  # kept inside the axes
     ax.annotate(f"best {means[best]:.1f}", (its[best], means[best]), textcoords="offset points", xytext=(0, 8),
-                ha="center", fontsize=8)
+                ha=at_an_end.get(best, "center"), fontsize=8)
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.15)  # room for the "best" label
 
@@ -595,8 +619,7 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
         raise ValueError("no results to draw")
     models = list(results)
     means, stds = zip(*(mean_and_std(results[m]) for m in models))
-    fig = Figure(figsize=(1.4 * len(models) + 2.5, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure(1.4 * len(models) + 2.5, 3.8)
     ax = fig.add_subplot()
     width = 0.38 if paper else 0.6
     xs = range(len(models))

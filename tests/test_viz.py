@@ -15,6 +15,7 @@ from mtt.data import load_dataset
 from mtt.distill import DistillConfig, distill, load_snapshots
 from mtt.evaluate import EvalResult
 from mtt.experts import ExpertConfig, train_experts
+from mtt.io import atomic_save_safetensors
 from mtt.synthetic import SyntheticSet
 
 
@@ -237,3 +238,25 @@ def test_cross_arch_bars_without_a_paper_number_or_results():
     assert bar_heights(fig) == [[50.0, 30.0], [40.0]]
     with pytest.raises(ValueError, match="no results to draw"):
         viz.cross_arch_bars({})
+
+
+def test_figures_show_themselves_in_a_notebook(run):
+    """A notebook cell's value is rendered by IPython's display formatter: without pyplot's inline backend set up
+    (viz never goes through pyplot), a plain Figure would show as the text "<Figure size ...>"."""
+    from IPython.core.formatters import DisplayFormatter
+
+    for fig in (viz.training_curves(run.dir), viz.cross_arch_bars({"ConvNet": 50.0}),
+                viz.image_evolution(run.dir, run.dataset)):
+        data, _ = DisplayFormatter().format(fig)
+        assert data["image/png"].startswith(b"\x89PNG")
+
+
+def test_image_evolution_spaces_its_columns_evenly(tmp_path):
+    """Every k-th snapshot, not rounded picks: 11 snapshots in 8 columns skipped 20, 50 and 80 unevenly."""
+    (tmp_path / "snapshots").mkdir()
+    for iteration in range(0, 101, 10):
+        atomic_save_safetensors({"images": torch.rand(10, 1, 8, 8), "syn_lr": torch.tensor(0.01)},
+                         tmp_path / "snapshots" / f"iter_{iteration:06d}.safetensors")
+    fig = viz.image_evolution(tmp_path, "digits")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "20", "40", "60", "80", "100"]
+    assert "first of each class" not in fig.axes[0].get_title()
