@@ -626,7 +626,7 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     from mtt import viz
     from mtt.buffers import open_buffers
     from mtt.data import load_dataset
-    from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC
+    from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, check_distilled_from
     from mtt.io import ensure_writable_dir
     from mtt.synthetic import SyntheticSet
 
@@ -649,6 +649,7 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     if args.buffers:
         buffers = open_buffers(args.buffers, dataset=dataset.name, zca=synthetic.zca is not None,
                                model=synthetic.model)
+        check_distilled_from(run, buffers)
     out = ensure_writable_dir(args.out or run / "plots")
     paths = viz.run_figures(run, synthetic, dataset, out, buffers, f".{args.format}", args.seed, args.device)
     for path in paths:

@@ -30,7 +30,7 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, HISTORY, load_snapshots
+from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, HISTORY, check_distilled_from, load_snapshots
 from mtt.io import atomic_save_figure, atomic_write
 from mtt.networks import get_network
 from mtt.paper import mean_and_std
@@ -509,6 +509,8 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
     has none), and `seed` draws the minibatches and augmentations. Pass the result to
     trajectory_pca(student_paths=[...]) to see where the student lands against the target.
     """
+    if not isinstance(run_dir_or_synthetic, SyntheticSet) and Path(run_dir_or_synthetic).is_dir():
+        check_distilled_from(run_dir_or_synthetic, buffers)
     synthetic = _load_synthetic(run_dir_or_synthetic)
     config, meta = synthetic.config, buffers.meta
     if tuple(synthetic.images.shape[1:]) != (dataset.channels, *dataset.im_size):
@@ -524,7 +526,11 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
                          f"the experts' {meta.epochs} epochs")
     net = get_network(meta.model, dataset.channels, dataset.num_classes, dataset.im_size,
                       config.get("width", 128), config.get("depth", 3))
-    meta.check_network(net)
+    try:
+        meta.check_network(net)
+    except ValueError as err:  # the network is the set's own: it is the experts that differ
+        raise ValueError(f"these are not the experts the set was distilled through ({err.args[0].split('; ')[0]}):"
+                         " pass the experts it was distilled from") from None
     device = resolve_device(device)
     images = synthetic.images.to(device)
     steps = config.get("syn_steps", 20) if syn_steps is None else syn_steps

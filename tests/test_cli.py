@@ -563,6 +563,11 @@ def test_plot_draws_a_runs_figures(experts, tmp_path):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "curves.svg", "evolution.svg", "synthetic.svg", "trajectories.svg"]
     assert "holds no distillation run" in the_error(mtt("plot", experts))
+    other = tmp_path / "other"
+    train_experts(load_dataset("digits"), ExpertConfig(num_experts=2, epochs=4, width=WIDTH, seed=9), other,
+                  device="cpu", progress=False)
+    (tmp_path / "moved").rename(run / "checkpoint.safetensors")
+    assert "was distilled from other experts" in the_error(mtt("plot", run, "--buffers", other))
     assert "no such folder" in the_error(mtt("plot", tmp_path / "nowhere"))
 
 

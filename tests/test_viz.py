@@ -140,6 +140,19 @@ def test_student_path_starts_at_the_expert_snapshot(run):
         viz.student_paths_for(run.dir, run.buffers, run.dataset, expert=0, start_epoch=3)
 
 
+def test_a_student_against_other_experts_is_refused(run, tmp_path):
+    """The figure would set the run's images against experts it never matched: refused, as --resume refuses them."""
+    dataset = load_dataset("digits")
+    train_experts(dataset, ExpertConfig(num_experts=2, epochs=3, width=16, seed=7), tmp_path / "other", device="cpu",
+                  progress=False)
+    with pytest.raises(ValueError, match="was distilled from other experts .* pass the --buffers the run was"):
+        viz.student_paths_for(run.dir, ExpertBuffers.open(tmp_path / "other"), dataset, expert=0, start_epoch=0)
+    train_experts(dataset, ExpertConfig(num_experts=1, epochs=3, width=8), tmp_path / "narrow", device="cpu",
+                  progress=False)
+    with pytest.raises(ValueError, match="not the experts the set was distilled through .*parameter 0"):
+        viz.student_paths_for(run.synthetic, ExpertBuffers.open(tmp_path / "narrow"), dataset, 0, 0)
+
+
 @pytest.mark.parametrize("relative", [True, False])
 def test_pca_projections(run, relative):
     pca = viz.fit_trajectory_pca(run.buffers, dims=3, relative=relative)
