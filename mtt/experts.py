@@ -48,7 +48,7 @@ from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
-from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
+from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors, read_json
 from mtt.networks import fixed_sizes, get_network
 
 
@@ -595,7 +595,8 @@ def _check_same_training(out_dir: Path, settings: dict[str, Any]) -> None:
         raise ValueError(f"{out_dir} holds experts but no {EXPERTS_CONFIG} saying how they were trained (a copy "
                          f"without it), so experts added now could be trained otherwise, or repeat them: train into "
                          f"another --out, or put back the {EXPERTS_CONFIG} of the run that trained them")
-    before = json.loads(path.read_text())
+    before = read_json(path, f"put back the {EXPERTS_CONFIG} of the run that trained these experts, or train into "
+                             "another --out")
     # A size the model's name fixes (ConvNetW32's width) is the shards' to check: mtt 0.1 recorded the default here.
     unchecked = (*FREE_ON_RESUME, *fixed_sizes(settings["model"]))
     diff = {k: (before[k], v) for k, v in settings.items() if k in before and k not in unchecked and before[k] != v}

@@ -47,6 +47,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path: str | os.PathLike, remedy: str) -> Any:
+    """A JSON file of ours, or a ValueError naming it and saying what to do (`remedy`) when it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is damaged, not valid JSON ({err}): {remedy}") from None
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> Path:
     # safetensors refuses non-contiguous tensors and tensors that share memory

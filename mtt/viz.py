@@ -31,7 +31,7 @@ from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
 from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, HISTORY, check_distilled_from, load_snapshots
-from mtt.io import atomic_save_figure, atomic_write
+from mtt.io import atomic_save_figure, atomic_write, read_json
 from mtt.networks import get_network
 from mtt.paper import mean_and_std
 from mtt.synthetic import SyntheticSet
@@ -233,7 +233,7 @@ def _run_synthetic(run_dir: PathLike) -> SyntheticSet | None:
 
 def _run_config(run_dir: PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, "put back the config.json the run wrote") if path.is_file() else {}
 
 
 def _snapshots(run_dir: PathLike) -> list[tuple[int, Tensor]]:
@@ -337,9 +337,9 @@ def load_history(history_or_run_dir: Mapping[str, Any] | PathLike) -> dict[str, 
         return dict(history_or_run_dir)
     source = Path(history_or_run_dir)
     if source.is_file():
-        return json.loads(source.read_text())
+        return read_json(source, f"a run's {CHECKPOINT} holds its history too: pass the run folder")
     if (source / HISTORY).is_file():
-        return json.loads((source / HISTORY).read_text())
+        return read_json(source / HISTORY, f"delete it, and the history that the run's {CHECKPOINT} holds is read")
     if not (source / CHECKPOINT).is_file():
         raise FileNotFoundError(f"no history.json or {CHECKPOINT} in {source}: not a distillation run folder")
     with safe_open(str(source / CHECKPOINT), "pt") as f:

@@ -120,6 +120,9 @@ def test_resume_refuses_experts_trained_otherwise(digits, tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match=r"holds experts but no config.json saying how they were trained"):
         train_experts(digits, replace(first, num_experts=2), tmp_path, device="cpu", progress=False)
+    (tmp_path / "config.json").write_text(recorded[:40])  # damaged: named, with what to do
+    with pytest.raises(ValueError, match=r"config.json is damaged, not valid JSON .*: put back the config.json"):
+        train_experts(digits, replace(first, num_experts=2), tmp_path, device="cpu", progress=False)
     (tmp_path / "config.json").write_text(recorded)
     # More experts, trained several at once: the same kind of expert.
     train_experts(digits, replace(first, num_experts=3, parallel=2), tmp_path, device="cpu", progress=False)

@@ -127,6 +127,9 @@ def test_training_curves_of_a_run_still_going(run, tmp_path):
     viz.training_curves(tmp_path)
     with pytest.raises(FileNotFoundError, match="not a distillation run"):
         viz.load_history(tmp_path / "nothing")
+    (tmp_path / "history.json").write_text('{"loss": [1, 2,')  # damaged: named, with what to do
+    with pytest.raises(ValueError, match=r"history.json is damaged, not valid JSON .*: delete it"):
+        viz.training_curves(tmp_path)
 
 
 def test_student_path_starts_at_the_expert_snapshot(run):
