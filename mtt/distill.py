@@ -620,11 +620,12 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
           procs: Ranks, callbacks: list[Callback], evaluator: Evaluator | None, progress: bool) -> None:
     """Iterate up to config.iterations, then evaluate the final images and save everything."""
     mask = shallow_layer_mask(student, config.pad_fraction).to(procs.device) if config.pad_fraction else None
-    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, desc="distill")
-    if config.compile and procs.is_main and state.iteration < config.iterations:  # or the first iteration looks hung
-        bar.write(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)",
-                  file=sys.stderr)
-    with graceful_stop() as stop:
+    # The bar is closed however the loop ends, so that what is printed then is not written on its line.
+    with graceful_stop() as stop, tqdm(total=config.iterations, initial=state.iteration, disable=not progress,
+                                       desc="distill") as bar:
+        if config.compile and procs.is_main and state.iteration < config.iterations:  # or it looks hung
+            bar.write(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)",
+                      file=sys.stderr)
         while state.iteration < config.iterations:
             rng = state.generator.get_state()
             try:
@@ -657,7 +658,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 callback(IterationInfo(state.iteration, update.loss, state.syn_lr.item(), state, evaluation))
             if stop.requested:
                 _interrupted(state, config, folder, stop)
-        bar.close()
+        bar.close()  # before the final evaluation's own bar
 
         if evaluator is not None and not _evaluated_already(state):
             try:

@@ -525,11 +525,11 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             warnings.warn(f"{config.model} has BatchNorm, whose running stats cannot be vmapped: "
                           "training its experts sequentially (parallel=1)", stacklevel=2)
             parallel = 1
-        bar = tqdm(total=len(mine) * config.epochs, unit="epoch", file=sys.stderr,
-                   desc="experts" if world == 1 else f"experts (rank 0 of {world})",
-                   disable=not progress or rank != 0 or not mine)
         final: dict[int, float] = {}
-        with graceful_stop() as stop:
+        # The bar is closed however training ends, so that what is printed then is not written on its line.
+        with graceful_stop() as stop, tqdm(total=len(mine) * config.epochs, unit="epoch", file=sys.stderr,
+                                           desc="experts" if world == 1 else f"experts (rank 0 of {world})",
+                                           disable=not progress or rank != 0 or not mine) as bar:
             for i in range(0, len(mine), parallel):
                 group = mine[i:i + parallel]
                 try:
@@ -543,7 +543,6 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                 final.update(zip(group, test_acc[:, -1].tolist()))
                 if stop.requested:
                     _interrupted(out_dir, len(ids), world, stop)
-        bar.close()
         procs.barrier()
         if rank == 0:
             write_index(out_dir)

@@ -366,13 +366,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(expert
     assert mtt(*distill_args(experts, tmp_path / "straight", *args)).returncode == 0
 
     run = tmp_path / "interrupted"
-    process = start(*distill_args(experts, run, *args))
+    with_a_bar = [arg for arg in distill_args(experts, run, *args) if arg != "--no-progress"]
+    process = start(*with_a_bar)
     wait_for(run / "snapshots" / "iter_000005.safetensors", process)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
-    last = stderr.strip().splitlines()[-1]
+    last = stderr.strip().split("\n")[-1]  # a line of its own, not written after the progress bar's last \r
     assert last.startswith("interrupted at iteration ")
     with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
         stopped_at = int(f.metadata()["iteration"])
