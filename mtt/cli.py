@@ -463,17 +463,20 @@ def _announce_evaluation(what: str, args: argparse.Namespace, config: EvalConfig
                      "depth": config.depth, "epochs": config.epochs, "repeats": config.repeats}, args.device)
 
 
-def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr: float | None) -> dict[str, Any]:
+def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr: float | None,
+                  what: str) -> dict[str, Any]:
+    """Print and return the results; `what` was evaluated, as the chart's title and legend name it."""
     chance = 100 / dataset.num_classes
     for model, result in results.items():
-        print(f"{model}: {result} % over {len(result.runs)} runs", file=sys.stderr)
+        print(f"{model}: {result}", file=sys.stderr)
         if result.mean < chance + 1:  # a set of any use scores far above chance
             print(f"note: {model} scored at chance ({chance:.3g} % for {dataset.num_classes} classes): its "
                   f"networks learned nothing (too few --epochs, now {args.epochs}, or a --lr too large or too small, "
                   f"now {lr:.3g})", file=sys.stderr)
     if args.plot:
         from mtt.viz import cross_arch_bars
-        cross_arch_bars(results, path=args.plot)
+        cross_arch_bars(results, path=args.plot, label=what, chance=chance,
+                        title=f"{what}\n{dataset.name}, {args.epochs} epochs, {args.repeats} networks per model")
         print(f"saved: {args.plot}", file=sys.stderr)
     return {model: result.to_dict() for model, result in results.items()}
 
@@ -546,7 +549,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                         depth=args.depth or synthetic.depth, progress=not args.no_progress)
     _announce_evaluation("evaluate", args, config, set=args.synthetic)
     results = evaluate_synthetic(synthetic, dataset, args.models, config, args.device)
-    return _eval_summary(results, args, dataset, config.lr)
+    return _eval_summary(results, args, dataset, config.lr, f"{path.name}, IPC {synthetic.ipc}")
 
 
 def _stored_set(path: Path, args: argparse.Namespace) -> tuple[SyntheticSet, Dataset]:
@@ -575,7 +578,7 @@ def _run_set(path: Path, data_root: str | None) -> tuple[SyntheticSet, Dataset, 
 def add_baseline(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("baseline", help="random / herding / full real-data baselines on the same protocol",
                               formatter_class=_Formatter)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, mnist, cifar10, cifar100, svhn, ...")
     p.add_argument("--ipc", type=POSITIVE, default=None, help="images per class (not for --method full)")
     p.add_argument("--method", choices=["random", "herding", "full"], default="random",
                    help="real images: random per class, herding in feature space, or the whole training set")
@@ -602,7 +605,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     check_baseline(dataset, args.method, args.ipc)  # before saying what it runs
     _announce_evaluation("baseline", args, config, dataset=dataset.name, method=args.method, ipc=args.ipc)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)
-    return _eval_summary(results, args, dataset, config.lr)
+    ipc = "the whole training set" if args.method == "full" else f"{args.method} real images, IPC {args.ipc}"
+    return _eval_summary(results, args, dataset, config.lr, ipc)
 
 
 @command

@@ -173,10 +173,12 @@ class Dataset:
 
     def check_ipc(self, ipc: int, classes: Sequence[int] | None = None) -> None:
         """Fail, naming the class, where a class has fewer than ipc training images (before any work)."""
-        for c in range(self.num_classes) if classes is None else classes:
-            if ipc > len(self.class_indices(c)):
-                raise ValueError(f"asked for {ipc} images of class {c} ({self.class_names[c]}) but "
-                                 f"{self.name} has only {len(self.class_indices(c))} in its training set")
+        classes = range(self.num_classes) if classes is None else classes
+        fewest = min(classes, key=lambda c: len(self.class_indices(c)), default=None)
+        if fewest is not None and ipc > (have := len(self.class_indices(fewest))):
+            name = "" if self.class_names[fewest] == str(fewest) else f" ({self.class_names[fewest]})"
+            raise ValueError(f"asked for {ipc} images per class, but class {fewest}{name} of {self.name} has only "
+                             f"{have} in its training set: use an IPC of at most {have}")
 
     def sample_real(self, c: int, n: int, generator: torch.Generator | int | None = None) -> Tensor:
         """n distinct training images of class c, drawn with a seeded generator."""

@@ -911,8 +911,9 @@ def _describe_choice(choice: BackwardChoice) -> str:
 
 
 def accuracy_text(evaluation: dict[str, Any]) -> str:
-    """An evaluation's accuracy as runs report it: 'mean +- std %' (the spread where the evaluator gives one)."""
-    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation else ""
+    """An evaluation's accuracy as runs report it: 'mean +- std %' (the spread where the evaluator gives one, of
+    more than one network)."""
+    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation and len(evaluation.get("runs", "..")) > 1 else ""
     return f"{evaluation['mean']:.2f}{spread} %"
 
 

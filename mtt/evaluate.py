@@ -71,7 +71,10 @@ class EvalResult:
         return asdict(self)
 
     def __str__(self) -> str:
-        return f"{self.mean:.2f} +- {self.std:.2f}"
+        """'mean +- std % over N networks'; one network has no spread to show."""
+        if len(self.runs) == 1:
+            return f"{self.mean:.2f} % (one network)"
+        return f"{self.mean:.2f} +- {self.std:.2f} %" + (f" over {len(self.runs)} networks" if self.runs else "")
 
 
 # ----------------------------------------------------------------------------- protocol

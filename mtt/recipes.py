@@ -16,15 +16,17 @@ preset for (dataset, IPC), with the authors' hyper-parameters where they publish
   IPC 50, as its config, images drawn at random and labels from one expert's final logits. Its
   experts are trained for 100 epochs (start epochs up to 70).
 - att (Liu et al., ECCV 2024): the matching loss at the student step closest to the target (in L1,
-  as its code). MTT's presets otherwise: its own hyper-parameters and its EMA of the images are
-  not taken over.
+  as its code), FTD's EMA of the images, and the hyper-parameters of its README's commands at
+  CIFAR-10/100 IPC 1/10/50 and Tiny ImageNet IPC 1/10, iterations included (CIFAR-10 IPC 50's
+  command says 1,000,000: a run meant to be stopped; pass --iterations). Its experts are trained
+  with batch 512.
 - pad (Li et al., 2024): DATM's recipe plus the mask of shallow-layer parameters in the loss,
   PAD's `depth_ratio` (CIFAR-10: 0 at IPC 1, 0.5 at IPC 10 and 50; CIFAR-100: 0.5, 0.5, 0; elsewhere as
   CIFAR-10). Its easy-to-hard experts are a setting
   of `python -m mtt experts` (--easy-to-hard, --drop-easy).
 
 Where the authors give no values (digits, Fashion-MNIST, ...) ours are scaled to the preset: FTD's
-EMA averages over about a tenth of the run (`_ftd_decay`), DATM's window is
+(and ATT's) EMA averages over about a tenth of the run (`_ftd_decay`), DATM's window is
 `_datm_window`. Any field can still be overridden after the recipe.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ EXPERT_NOTES = {
            "(FTD's alpha is 0.3 at CIFAR-10 IPC 1 and 10, 1 elsewhere)",
     "datm": "DATM's CIFAR experts are trained for 100 epochs (start epochs up to 70) with FTD's GSAM: "
             "python -m mtt experts ... --epochs 100 --sam-rho 0.01 --gsam-alpha 0.3",
+    "att": "ATT's experts are trained with batch 512 (its buffer_ATT.py): python -m mtt experts ... --batch-size 512",
     "pad": "PAD's experts are trained with GSAM and see the training data easy to hard: python -m mtt experts ... "
            "--epochs 100 --sam-rho 0.01 --gsam-alpha 0.3 --easy-to-hard 0.75 --easy-to-hard-epochs 20 "
            "--drop-easy 40:0.1 60:0.2",
@@ -54,7 +57,7 @@ def expert_note(method: str, training: dict[str, Any]) -> str | None:
     config.json's settings; {} when unrecorded)."""
     gsam = (training.get("sam_rho") or 0) > 0 and (training.get("gsam_alpha") or 0) > 0
     long = (training.get("epochs") or 0) >= 100
-    have = {"ftd": gsam, "datm": gsam and long,
+    have = {"ftd": gsam, "datm": gsam and long, "att": training.get("batch_size") == 512,
             "pad": gsam and long and bool(training.get("easy_to_hard") or training.get("drop_easy"))}
     return EXPERT_NOTES[method] if method in EXPERT_NOTES and not have[method] else None
 
@@ -84,6 +87,25 @@ _DATM_COMMON = dict(iterations=10000, lr_teacher=0.01, zca=True)
 _FTD = {("cifar10", 1): dict(ema_decay=0.9999), ("cifar10", 10): dict(ema_decay=0.9995),
         ("cifar10", 50): dict(ema_decay=0.999),
         ("cifar100", 10): dict(ema_decay=0.9995, max_start_epoch=40, zca=True)}
+# ATT's README's commands (distill_ATT.py; batch_syn None: the whole set per step, as theirs).
+_ATT: dict[tuple[str, int], dict[str, Any]] = {
+    ("cifar10", 1): dict(syn_steps=80, expert_epochs=4, max_start_epoch=2, lr_img=100, lr_lr=1e-7, lr_teacher=0.01,
+                         zca=True, ema_decay=0.9999, iterations=6000),
+    ("cifar10", 10): dict(syn_steps=30, expert_epochs=2, max_start_epoch=20, lr_img=1e4, lr_lr=1e-4, lr_teacher=0.01,
+                          zca=True, ema_decay=0.9999, iterations=60000),
+    ("cifar10", 50): dict(syn_steps=50, expert_epochs=2, max_start_epoch=40, lr_img=100, lr_lr=1e-5,
+                          lr_teacher=0.001, zca=False, ema_decay=0.999, iterations=1_000_000),
+    ("cifar100", 1): dict(syn_steps=50, expert_epochs=4, max_start_epoch=20, lr_img=500, lr_lr=1e-5, lr_teacher=0.01,
+                          zca=True, ema_decay=0.9995, iterations=3000),
+    ("cifar100", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5,
+                           lr_teacher=0.01, zca=False, ema_decay=0.9995, iterations=200000),
+    ("cifar100", 50): dict(syn_steps=80, expert_epochs=2, max_start_epoch=40, lr_img=1000, lr_lr=1e-5,
+                           lr_teacher=0.01, zca=True, batch_syn=1200, ema_decay=0.999, iterations=100000),
+    ("tiny-imagenet", 1): dict(syn_steps=30, expert_epochs=2, max_start_epoch=10, lr_img=1e4, lr_lr=1e-4,
+                               lr_teacher=0.01, ema_decay=0.999, iterations=10000),
+    ("tiny-imagenet", 10): dict(syn_steps=20, expert_epochs=2, max_start_epoch=40, lr_img=1e4, lr_lr=1e-6,
+                                lr_teacher=0.001, batch_syn=None, ema_decay=0.999, iterations=80000),
+}
 # PAD's depth_ratio (its configs); elsewhere by IPC as on CIFAR-10.
 _PAD_FRACTION = {("cifar10", 1): 0.0, ("cifar10", 10): 0.5, ("cifar10", 50): 0.5,
                  ("cifar100", 1): 0.5, ("cifar100", 10): 0.5, ("cifar100", 50): 0.0}
@@ -100,7 +122,7 @@ def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
     elif method == "ftd":
         fields = _FTD.get(key, dict(ema_decay=_ftd_decay(config.iterations)))
     elif method == "att":
-        fields = dict(match="closest")
+        fields = dict(match="closest", **_ATT.get(key, dict(ema_decay=_ftd_decay(config.iterations))))
     elif method in ("datm", "pad"):
         fields = {**_DATM_OPTIONS, **(_DATM_COMMON | _DATM[key] if key in _DATM else _datm_window(config))}
         if method == "pad":

@@ -618,9 +618,10 @@ def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
 # ----------------------------------------------------------------------------- evaluation
 
 def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | None = None,
-                    path: PathLike | None = None, title: str = "Cross-architecture evaluation") -> Figure:
-    """Accuracy per architecture, ours with std error bars (results: EvalResults, {"mean", "std"} dicts,
-    (mean, std) pairs or numbers) and the paper's beside it."""
+                    path: PathLike | None = None, title: str = "Cross-architecture evaluation", *,
+                    label: str = "ours", chance: float | None = None) -> Figure:
+    """Accuracy per architecture, `results` (named `label`) with std error bars (EvalResults, {"mean", "std"}
+    dicts, (mean, std) pairs or numbers), the paper's beside it, and a dashed line at `chance` (%) if given."""
     if not results:
         raise ValueError("no results to draw")
     models = list(results)
@@ -630,20 +631,30 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
     width = 0.38 if paper else 0.6
     xs = range(len(models))
     offset = -width / 2 if paper else 0.0
-    bars = ax.bar([x + offset for x in xs], means, width, yerr=[float("nan") if s is None else s for s in stds],
-                  capsize=3, label="ours", color=BLUE)
-    ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
+    spreads = [0.0 if s is None else s for s in stds]
+    ax.bar([x + offset for x in xs], means, width, yerr=[float("nan") if s is None else s for s in stds],
+           capsize=3, label=label, color=BLUE)
+    _value_labels(ax, [x + offset for x in xs], means, [m + s for m, s in zip(means, spreads)])
     known = [(x + width / 2, paper[m]) for x, m in zip(xs, models) if paper and paper.get(m) is not None]
     if known:
-        published = ax.bar(*zip(*known), width, label="paper", color=ORANGE)
-        ax.bar_label(published, labels=[f"{acc:.1f}" for _, acc in known], padding=2, fontsize=8)
+        ax.bar(*zip(*known), width, label="paper", color=ORANGE)
+        _value_labels(ax, *zip(*known), [acc for _, acc in known])
+    if chance is not None:
+        ax.axhline(chance, color=GREY, ls="--", lw=1, label=f"chance ({chance:.3g} %)")
     ax.set_xticks(list(xs), models, rotation=20 if len(models) > 5 else 0)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, min(100, max([*means, *(acc for _, acc in known)]) * 1.18 + 2))
+    ax.set_ylim(0, min(100, max([*(m + s for m, s in zip(means, spreads)), *(acc for _, acc in known)]) * 1.18 + 2))
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def _value_labels(ax, xs: Sequence[float], values: Sequence[float], tops: Sequence[float]) -> None:
+    """Each bar's value just above `tops` (its error bar's cap, where it has one), not on the cap."""
+    for x, value, top in zip(xs, values, tops):
+        ax.annotate(f"{value:.1f}", (x, top), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=8)
 
 
 def run_figures(run_dir: PathLike, synthetic: SyntheticSet, dataset: Dataset | DatasetSpec | str, out_dir: PathLike,

@@ -266,7 +266,13 @@ def test_every_recipe_is_a_valid_config_and_overrides_win():
     assert preset("digits", 1, method="ftd", iterations=5).ema_decay == 0.5  # a short run keeps its EMA
     assert preset("digits", numpy.int64(1)) == preset("digits", 1)
     assert preset("cifar10", 1, method="tesla").backward == "tesla"
-    assert preset("cifar10", 1, method="att").match == "closest"
+    att = preset("cifar10", 1, method="att")  # ATT's README's command
+    assert (att.match, att.syn_steps, att.expert_epochs, att.max_start_epoch, att.lr_img, att.lr_lr, att.lr_teacher,
+            att.zca, att.ema_decay, att.iterations) == ("closest", 80, 4, 2, 100, 1e-7, 0.01, True, 0.9999, 6000)
+    att = preset("cifar100", 50, method="att")
+    assert (att.batch_syn, att.syn_steps, att.ema_decay, att.zca) == (1200, 80, 0.999, True)
+    assert preset("tiny-imagenet", 10, method="att").batch_syn is None  # the whole set per step, as ATT's
+    assert preset("digits", 1, method="att", iterations=1000).ema_decay == pytest.approx(0.99)  # FTD's, scaled
     assert preset("cifar10", 10, method="pad").pad_fraction == 0.5
     # PAD's configs' depth_ratio: CIFAR-100 has its own, other datasets follow CIFAR-10's by IPC.
     assert [preset("cifar100", ipc, method="pad").pad_fraction for ipc in (1, 10, 50)] == [0.5, 0.5, 0.0]
@@ -317,6 +323,7 @@ def test_the_note_on_a_recipes_experts_is_for_experts_that_lack_it(experts):
     assert expert_note("datm", gsam | {"epochs": 100}) is None and expert_note("datm", gsam)
     assert expert_note("datm", {})  # {}: unrecorded
     assert expert_note("mtt", {}) is None
+    assert "--batch-size 512" in expert_note("att", plain) and expert_note("att", plain | {"batch_size": 512}) is None
 
 
 def test_cli_rejects_bad_successor_flags(experts, tmp_path):

@@ -322,7 +322,8 @@ def test_baseline_images(digits):
     # an ipc that a class cannot fill fails first, before herding would train its feature network
     # (the wrong-sized features would fail otherwise) and before evaluate_baseline starts a run
     too_many = int(torch.bincount(digits.train_labels).min()) + 1
-    with pytest.raises(ValueError, match=rf"asked for {too_many} images of class \d+ .* has only"):
+    with pytest.raises(ValueError, match=rf"asked for {too_many} images per class, but class \d+ of digits has only "
+                                         rf"{too_many - 1} in its training set: use an IPC of at most {too_many - 1}$"):
         baseline_images(digits, too_many, "herding", features=features[:10])
     with pytest.raises(ValueError, match="has only"):
         evaluate_baseline(digits, too_many, "herding", ["NoSuchNet"])
@@ -446,11 +447,15 @@ def _run_json(capsys, argv):
 def test_cli_evaluate_round_trip(small, tmp_path, capsys):
     path = tmp_path / "synthetic.safetensors"
     _synthetic(small).save(path)
-    out = _run_json(capsys, ["evaluate", "--synthetic", str(path), "--models", "ConvNet,AlexNet", "--repeats", "2",
-                             "--epochs", "1", "--device", "cpu", "--plot", str(tmp_path / "bars.png"), "--json"])
+    assert main(["evaluate", "--synthetic", str(path), "--models", "ConvNet,AlexNet", "--repeats", "2", "--epochs",
+                 "1", "--device", "cpu", "--plot", str(tmp_path / "bars.png"), "--json"]) == 0
+    said = capsys.readouterr()
+    out = json.loads(said.out.strip().splitlines()[-1])
     assert set(out) == {"ConvNet", "AlexNet"}
     assert len(out["ConvNet"]["runs"]) == 2 and set(out["ConvNet"]) == {"mean", "std", "runs"}
     assert (tmp_path / "bars.png").is_file()
+    said = said.err
+    assert re.search(r"ConvNet: \d+\.\d\d \+- \d+\.\d\d % over 2 networks$", said, re.M), said
 
 
 def test_cli_evaluates_on_the_distillation_networks_width(small, tmp_path, capsys, monkeypatch):
@@ -471,6 +476,7 @@ def test_cli_says_what_it_runs_and_when_the_networks_learned_nothing(small, tmp_
             "--device", "cpu", "--no-progress"]
     assert main(argv + ["--lr", "1e-9"]) == 0  # too small to move the weights: chance
     err = capsys.readouterr().err
+    assert re.search(r"ConvNet: \d+\.\d\d % \(one network\)$", err, re.M), err  # no spread of one
     assert "lr=1e-09, width=128, depth=3, epochs=3, repeats=1, device=cpu" in err.splitlines()[0]
     assert "note: ConvNet scored at chance (10 % for 10 classes)" in err
     assert "--lr too large or too small, now 1e-09" in err

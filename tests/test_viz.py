@@ -197,6 +197,11 @@ def test_cross_arch_bars(tmp_path):
     assert isinstance(fig, Figure)
     assert_png(tmp_path / "bars.png")
     assert bar_heights(fig) == [[60.0, 41.0], [64.3, 46.4]]  # ours, then the paper's
+    # Each value above its error bar's cap, not on it.
+    assert [(t.get_text(), t.xy[1]) for t in fig.axes[0].texts] == [("60.0", 61.0), ("41.0", 43.0), ("64.3", 64.3),
+                                                                     ("46.4", 46.4)]
+    named = viz.cross_arch_bars(results, label="random real", chance=10.0)
+    assert [t.get_text() for t in named.axes[0].get_legend().get_texts()] == ["chance (10 %)", "random real"]
     # Every way an evaluation is written down; a model the paper has no number for gets no paper bar.
     mixed = {"ConvNet": EvalResult(62.1, 0.8, []), "VGG11": (48.0, 0.9), "AlexNet": 30.5, "SwinT": 28.0}
     assert bar_heights(viz.cross_arch_bars(mixed, {"ConvNet": 64.3})) == [[62.1, 48.0, 30.5, 28.0], [64.3]]
