@@ -554,6 +554,26 @@ def _mark(ax, points: np.ndarray, **style) -> None:
     ax.plot(*points.T, **style)
 
 
+def _view_that_shows(ax, paths: Sequence[tuple[np.ndarray, ...]]) -> tuple[float, float]:
+    """(elevation, azimuth) of the 3D view that foreshortens the worst-shown path least: a path running along the
+    line of sight shows as a stub. Lengths in the axes' box, where matplotlib scales each axis to its limits."""
+    box = np.asarray(ax.get_box_aspect(), dtype=float)
+    low, high = (np.array(bounds) for bounds in zip(ax.get_xlim3d(), ax.get_ylim3d(), ax.get_zlim3d()))
+    steps = [np.diff((np.stack(path, axis=1) - low) / (high - low) * box, axis=0) for path in paths if len(path[0]) > 1]
+    steps = [s for s in steps if np.linalg.norm(s, axis=1).sum() > 0]
+
+    def shown(view: tuple[float, float]) -> float:
+        elev, azim = np.radians(view)
+        eye = np.array([np.cos(elev) * np.cos(azim), np.cos(elev) * np.sin(azim), np.sin(elev)])
+        return min((np.linalg.norm(s - np.outer(s @ eye, eye), axis=1).sum() / np.linalg.norm(s, axis=1).sum()
+                    for s in steps), default=1.0)
+
+    # Oblique views only (none along an axis, which would hide that component): matplotlib's default first.
+    views = [(30.0, -60.0)] + [(elev, azim) for elev in (20.0, 30.0)
+                               for azim in (-150, -120, -60, -30, 30, 60, 120, 150)]
+    return max(views, key=shown)  # the first of the best
+
+
 def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
                    student_paths: Sequence[StudentPath | Tensor] = (), dims: int = 2,
                    path: PathLike | None = None, *, relative: bool = True, pca: TrajectoryPCA | None = None,
@@ -603,7 +623,8 @@ def trajectory_pca(buffers: ExpertBuffers, experts: Sequence[int] | None = None,
     ax.set_ylabel(pca.axis_label(1), labelpad=pad)
     if three_d:
         ax.set_zlabel(pca.axis_label(2), labelpad=pad + 2)
-        ax.set_box_aspect(None, zoom=0.9)  # keeps the axis labels inside the figure
+        ax.set_box_aspect(None, zoom=0.82)  # keeps the axis labels inside the figure, from every view below
+        ax.view_init(*_view_that_shows(ax, [line.get_data_3d() for line in ax.lines]))
     else:
         ax.grid(alpha=0.3)
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)

@@ -3,6 +3,7 @@ numbers behind it (pixels, PCA projections, student paths) are right."""
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.container import BarContainer
@@ -281,3 +282,18 @@ def test_image_evolution_spaces_its_columns_evenly(tmp_path):
     fig = viz.image_evolution(tmp_path, "digits")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["0", "20", "40", "60", "80", "100"]
     assert "first of each class" not in fig.axes[0].get_title()
+
+
+def test_the_3d_view_does_not_look_along_a_path():
+    """A path running along matplotlib's default line of sight shows as a stub there: another view is chosen."""
+    fig = viz._figure(6, 5)
+    ax = fig.add_subplot(projection="3d")
+    elev, azim = np.radians([30, -60])
+    along = np.outer(np.linspace(0, 1, 10), [np.cos(elev) * np.cos(azim), np.cos(elev) * np.sin(azim), np.sin(elev)])
+    ax.plot(*along.T)
+    ax.plot([0, 1], [0, 1], [0, 0])
+    ax.set_xlim(-1, 1), ax.set_ylim(-1, 1), ax.set_zlim(-1, 1)
+    ax.set_box_aspect((1, 1, 1))
+    assert viz._view_that_shows(ax, [line.get_data_3d() for line in ax.lines]) != (30.0, -60.0)
+    ax.lines[0].remove()  # nothing along the line of sight: matplotlib's view stays
+    assert viz._view_that_shows(ax, [line.get_data_3d() for line in ax.lines]) == (30.0, -60.0)
