@@ -659,8 +659,14 @@ class ExpertBuffers:
         return self._reader.snapshot(eid, epoch % (self.meta.epochs + 1))
 
     def test_acc(self, i: int) -> Tensor | None:
-        """Expert i's test accuracy after each epoch [epochs], or None if not recorded."""
+        """Expert i's test accuracy (a fraction) after each epoch [epochs], or None if not recorded."""
         return self._reader.test_acc(self._id(i))
+
+    def final_accuracy(self) -> float | None:
+        """The experts' mean test accuracy after their last epoch, in % (test_acc holds fractions); None where it is
+        not recorded."""
+        finals = [float(acc[-1]) for acc in map(self.test_acc, range(len(self))) if acc is not None and len(acc)]
+        return 100 * sum(finals) / len(finals) if finals else None
 
     def locate(self, i: int) -> str:
         """Where expert i is stored, in words: its id and file (to name a damaged one)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
+    from mtt.buffers import ExpertBuffers
     from mtt.data import Dataset
     from mtt.distill import DistillConfig
     from mtt.evaluate import EvalConfig
@@ -400,6 +401,7 @@ def _run_distill(args: argparse.Namespace, config: DistillConfig, main: bool) ->
               config.device)
     if note := expert_note(config.method, buffers.training()):
         print(f"note ({config.method}): {note}", file=sys.stderr)
+    _note_weak_experts(buffers, dataset)
     log = tracker(args.log, Path(args.out), dataclasses.asdict(config), dataset) if args.log else None
     started = time.perf_counter()
     try:
@@ -461,6 +463,16 @@ def _check_plot(args: argparse.Namespace) -> None:
 def _announce_evaluation(what: str, args: argparse.Namespace, config: EvalConfig, **settings: Any) -> None:
     _announce(what, {**settings, "models": ",".join(args.models), "lr": config.lr, "width": config.width,
                      "depth": config.depth, "epochs": config.epochs, "repeats": config.repeats}, args.device)
+
+
+def _note_weak_experts(buffers: ExpertBuffers, dataset: Dataset) -> None:
+    """Say so when the experts learned little: their trajectories give the images little to match, and no
+    distillation setting mends that."""
+    accuracy, chance = buffers.final_accuracy(), 100 / dataset.num_classes
+    if accuracy is not None and accuracy < chance + (100 - chance) / 4:
+        print(f"note: the experts reach only {accuracy:.1f} % test accuracy after their last epoch (chance: "
+              f"{chance:.3g} %): networks that learned this little give the images little to match; train them "
+              "longer, or with another --lr (python -m mtt experts)", file=sys.stderr)
 
 
 def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr: float | None,

@@ -549,6 +549,17 @@ def test_torchrun_teacher_labels_are_the_mean_over_all_segments(experts, tmp_pat
 
 # ----------------------------------------------------------------------------- plot
 
+def test_experts_that_learned_little_are_named_as_such(tmp_path):
+    weak = tmp_path / "weak"
+    train_experts(load_dataset("digits"), ExpertConfig(num_experts=1, epochs=2, width=WIDTH, lr=1e-3), weak,
+                  device="cpu", progress=False)
+    result = mtt(*distill_args(weak, tmp_path / "run", "--iterations", 1, "--max-start-epoch", 1, "--expert-epochs", 1))
+    # Said before the run starts: with such experts the step size diverges at once, which the error blames on the
+    # distillation's learning rates.
+    assert re.search(r"note: the experts reach only \d+\.\d % test accuracy after their last epoch \(chance: 10 %\)",
+                     result.stderr), result.stderr
+
+
 def test_plot_draws_a_runs_figures(experts, tmp_path):
     run = tmp_path / "run"
     assert mtt(*distill_args(experts, run, "--iterations", 4, "--snapshot-every", 2)).returncode == 0
