@@ -45,7 +45,8 @@ Options of the successors (all off by default; each a small function called from
   with allow_approximate=True.
 - ATT (Liu et al., ECCV 2024), match="closest": the matching loss is taken at the student step
   i* in 1..N closest to the target (a detached argmin of the L1 distance, the latest of equals,
-  per segment, as ATT's code) and the gradient flows from that step only; match="final" (default) is MTT's step N.
+  per segment, as ATT's code) and the gradient flows from that step only; match="final"
+  (default) is MTT's step N.
 - PAD (Li et al., 2024), param_mask: the matching loss (numerator and denominator) counts only
   the parameters the mask keeps; `shallow_layer_mask` masks out the first layers.
 """
