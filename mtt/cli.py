@@ -567,11 +567,15 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _stored_set(path: Path, args: argparse.Namespace) -> tuple[SyntheticSet, Dataset]:
-    """evaluate's reading of a run's checkpoint or snapshot."""
-    if args.original_labels or args.dataset:
-        raise ValueError(f"--synthetic {path} is a file of an mtt run, which names its dataset: drop "
-                         f"{'--original-labels' if args.original_labels else '--dataset'}")
+    """evaluate's reading of a run's checkpoint or snapshot (a --dataset given must be the run's, as for a set)."""
+    from mtt.data import dataset_key
+
+    if args.original_labels:
+        raise ValueError(f"--synthetic {path} is a file of an mtt run, which names its labels: drop --original-labels")
     synthetic, dataset, iteration, iterations = _run_set(path, args.data_root)
+    if args.dataset and dataset_key(args.dataset) != dataset.name:
+        raise ValueError(f"--dataset {args.dataset}: the run that wrote {path} distilled {dataset.name}; drop "
+                         "--dataset, the run names its own")
     print(f"evaluating the set at iteration {iteration} of the run's {iterations} (from {path})", file=sys.stderr)
     return synthetic, dataset
 

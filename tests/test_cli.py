@@ -604,6 +604,11 @@ def test_a_run_extended_and_stopped_is_drawn_and_named_as_it_stopped(experts, tm
 
 def test_a_snapshot_out_of_its_run_is_named_as_one(experts, tmp_path):
     assert mtt(*distill_args(experts, tmp_path / "run", "--iterations", 1)).returncode == 0
+    snapshot = tmp_path / "run" / "snapshots" / "iter_000000.safetensors"  # in its run: --dataset as for a set
+    assert mtt("evaluate", "--synthetic", snapshot, "--dataset", "digits", "--epochs", 1, "--repeats", 1,
+               "--device", "cpu", "--no-progress").returncode == 0
+    assert "distilled digits; drop --dataset" in the_error(mtt("evaluate", "--synthetic", snapshot, "--dataset",
+                                                               "fashion-mnist"))
     shutil.copy(tmp_path / "run" / "snapshots" / "iter_000000.safetensors", tmp_path / "copy.safetensors")
     assert "looks like a distillation run's snapshot" in the_error(mtt("evaluate", "--synthetic",
                                                                         tmp_path / "copy.safetensors"))
