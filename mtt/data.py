@@ -15,7 +15,8 @@ import pickle
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
@@ -253,7 +254,7 @@ def dataset_key(name: str) -> str:
         raise TypeError(f"dataset name must be a string, one of {', '.join(DATASET_NAMES)}; got {name!r}")
     key = name.lower().replace("_", "-")
     key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
-           "tinyimagenet": "tiny-imagenet"}.get(key, key)
+           "tinyimagenet": "tiny-imagenet", "tiny": "tiny-imagenet"}.get(key, key)  # "Tiny": the original's name
     if key not in SPECS:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(DATASET_NAMES)}")
     return key
@@ -276,10 +277,49 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, zca: bool 
     else:
         reader, marker, subfolders = _READERS[key]
         folder = _find_or_download(key, root, marker, subfolders, download)
-        train_x, train_y, test_x, test_y, classes = reader(folder)
+        train_x, train_y, test_x, test_y, classes = _read(reader, key, folder)
+        _check_arrays(spec, folder, train_x, train_y, test_x, test_y)
     dataset = Dataset(spec, classes, _normalise(train_x, spec), train_y.long(),
                       _normalise(test_x, spec), test_y.long())
     return dataset.with_zca() if zca else dataset
+
+
+def _read(reader: Callable, name: str, folder: Path) -> tuple[Tensor, Tensor, Tensor, Tensor, list[str]]:
+    """reader(folder), with whatever a damaged or incomplete download raises said in one line naming the folder (the
+    readers' own ValueErrors name their file already)."""
+    try:
+        return reader(folder)
+    except ValueError:
+        raise
+    except FileNotFoundError as err:
+        raise ValueError(f"{folder} holds an incomplete copy of {name}: {err.filename} is missing; put back the whole "
+                         f"folder ({_HOW_TO_GET[name]})") from None
+    except (OSError, EOFError, KeyError, IndexError, AttributeError, TypeError, struct.error, zlib.error) as err:
+        raise ValueError(f"{folder} holds a damaged copy of {name} ({type(err).__name__}: {err}); put back the "
+                         f"whole folder ({_HOW_TO_GET[name]})") from None
+
+
+# The first ten training labels of each MNIST-format set: their files look alike, so each is told by these.
+_FIRST_LABELS = {"mnist": [5, 0, 4, 1, 9, 2, 1, 3, 1, 4], "fashion-mnist": [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]}
+
+
+def _check_arrays(spec: DatasetSpec, folder: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor,
+                  test_y: Tensor) -> None:
+    """Refuse files that read but cannot be the dataset asked for: another set's, other image sizes, a label for
+    every image or none, labels out of range."""
+    for split, images, labels in (("training", train_x, train_y), ("test", test_x, test_y)):
+        if tuple(images.shape[1:]) != (spec.channels, *spec.im_size) or len(images) != len(labels) or not len(images):
+            raise ValueError(f"{folder}: its {split} set holds {len(images)} images of "
+                             f"{'x'.join(map(str, images.shape[1:]))} and {len(labels)} labels, where {spec.name} has "
+                             f"{spec.channels}x{'x'.join(map(str, spec.im_size))} images, one label each: these are "
+                             f"not {spec.name}'s files, or a damaged copy")
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise ValueError(f"{folder}: its {split} labels run from {int(labels.min())} to {int(labels.max())}, "
+                             f"where {spec.name} has classes 0..{spec.num_classes - 1}: not {spec.name}'s files")
+    for other, first in _FIRST_LABELS.items():
+        if other != spec.name and spec.name in _FIRST_LABELS and train_y[:10].tolist() == first:
+            raise ValueError(f"{folder} holds {other}, not {spec.name} (their files look alike; its labels are "
+                             f"{other}'s): point --data-root at {spec.name}'s folder")
 
 
 # mtt 0.2 puts the images in the original code's space where 0.1 had its own: ZCA of [0, 1] pixels (0.1 whitened
@@ -437,17 +477,22 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"refusing to load {module}.{name}: this file asks to run code, which a CIFAR batch never does")
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle that asks for a global _ArraysOnlyUnpickler does not allow."""
 
 
 def safe_unpickle(path: Path) -> object:
     try:
         return _ArraysOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except pickle.UnpicklingError as err:
+    except _RefusedGlobal as err:
         raise ValueError(f"{path}: {err}") from None
-    except (EOFError, ValueError) as err:
-        raise ValueError(f"{path} is truncated or not a CIFAR pickle ({err})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        reason = " ".join(str(err).split())  # one line: pickle's messages may have several
+        raise ValueError(f"{path} is truncated or not a CIFAR pickle ({reason})") from None
 
 
 def _decoded(d: dict) -> dict:
@@ -486,6 +531,8 @@ def _read_svhn(folder: Path):
     from scipy.io import loadmat
 
     def split(filename):
+        if not (folder / filename).is_file():  # scipy's own error would not name it
+            raise FileNotFoundError(2, "no such file", str(folder / filename))
         mat = loadmat(folder / filename)
         images = torch.from_numpy(np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1)))
         labels = torch.from_numpy(mat["y"].astype(np.int64).reshape(-1)) % 10  # SVHN stores digit 0 as 10
@@ -503,14 +550,22 @@ def _read_tiny_imagenet(folder: Path):
     words = dict(line.split("\t", 1) for line in (folder / "words.txt").read_text().splitlines()) \
         if (folder / "words.txt").exists() else {}
     index = {w: i for i, w in enumerate(wnids)}
-    train_paths, train_labels = [], []
-    for w in wnids:
-        files = sorted((folder / "train" / w / "images").glob("*.JPEG"))
-        train_paths += files
-        train_labels += [index[w]] * len(files)
-    annotations = [line.split("\t")[:2] for line in (folder / "val" / "val_annotations.txt").read_text().splitlines()]
-    test_paths = [folder / "val" / "images" / f for f, _ in annotations]
-    test_labels = [index[w] for _, w in annotations]
+
+    def by_class(folders: list[Path]) -> tuple[list[Path], list[int]]:
+        missing = [f for f in folders if not f.is_dir()]
+        if missing:
+            raise FileNotFoundError(2, "no such folder", str(missing[0]))
+        files = [sorted(f.glob("*.JPEG")) for f in folders]
+        return [p for fs in files for p in fs], [index[w] for w, fs in zip(wnids, files) for _ in fs]
+
+    train_paths, train_labels = by_class([folder / "train" / w / "images" for w in wnids])
+    if (folder / "val" / "images" / wnids[0]).is_dir():  # in class folders, as the original's ImageFolder reads it
+        test_paths, test_labels = by_class([folder / "val" / "images" / w for w in wnids])
+    else:  # as downloaded: one folder, the classes in val_annotations.txt
+        lines = (folder / "val" / "val_annotations.txt").read_text().split("\n")
+        annotations = [line.split("\t")[:2] for line in lines if line.strip()]
+        test_paths = [folder / "val" / "images" / f for f, _ in annotations]
+        test_labels = [index[w] for _, w in annotations]
     classes = [words.get(w, w).split(",")[0].strip() for w in wnids]
     return (load(train_paths), torch.tensor(train_labels), load(test_paths), torch.tensor(test_labels), classes)
 

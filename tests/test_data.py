@@ -3,6 +3,7 @@ in the official formats (IDX, CIFAR python pickles)."""
 import gzip
 import os
 import pickle
+import shutil
 import socket
 import struct
 import time
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtt.data import SPECS, ZCA, DatasetNotFoundError, _read_tiny_imagenet, load_dataset, read_idx
+from mtt.data import SPECS, ZCA, DatasetNotFoundError, _read_tiny_imagenet, dataset_key, load_dataset, read_idx
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -311,3 +312,82 @@ def test_a_data_root_without_the_dataset_is_said_to_be_passed_over(tmp_path, cap
                  "--width", "8", "--data-root", str(tmp_path), "--device", "cpu", "--no-progress"]) == 0
     warning = capsys.readouterr().err.splitlines()[0]  # the copy: ./data's or the Debian package's
     assert warning.startswith(f"warning: fashion-mnist is not in {tmp_path} (the data root given): using the copy in ")
+
+
+# ----------------------------------------------------------------------------- files that are not the dataset
+
+def write_cifar10(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", 20, 10, b"labels", seed=i)
+    write_cifar_batch(folder / "test_batch", 10, 10, b"labels", seed=9)
+
+
+def test_files_that_are_not_the_dataset_asked_for_are_refused(tmp_path):
+    if FASHION_DIR.exists():  # MNIST's and Fashion-MNIST's files look alike: told apart by their labels
+        with pytest.raises(ValueError, match="holds fashion-mnist, not mnist"):
+            load_dataset("mnist", root=FASHION_DIR, download=False)
+    write_cifar10(tmp_path / "counts")
+    with open(tmp_path / "counts" / "test_batch", "wb") as f:  # 10 images, 3 labels
+        pickle.dump({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0, 1, 2]}, f, protocol=2)
+    with pytest.raises(ValueError, match="test set holds 10 images of 3x32x32 and 3 labels"):
+        load_dataset("cifar10", root=tmp_path / "counts", download=False)
+    write_cifar10(tmp_path / "range")
+    with open(tmp_path / "range" / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 57]}, f, protocol=2)
+    with pytest.raises(ValueError, match="test labels run from 0 to 57, where cifar10 has classes 0..9"):
+        load_dataset("cifar10", root=tmp_path / "range", download=False)
+    write_mnist(tmp_path / "big")
+    write_idx(tmp_path / "big" / "train-images-idx3-ubyte", np.zeros((50, 32, 32)), gz=True)
+    with pytest.raises(ValueError, match="50 images of 1x32x32 and 50 labels, where mnist has 1x28x28"):
+        load_dataset("mnist", root=tmp_path / "big", download=False)
+
+
+def test_damaged_or_incomplete_files_are_named_in_one_line(tmp_path):
+    write_mnist(tmp_path / "empty", gz=False)
+    (tmp_path / "empty" / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    write_cifar10(tmp_path / "list")
+    with open(tmp_path / "list" / "data_batch_3", "wb") as f:
+        pickle.dump([1, 2, 3], f, protocol=2)
+    write_cifar10(tmp_path / "incomplete")
+    (tmp_path / "incomplete" / "data_batch_2").unlink()
+    write_cifar10(tmp_path / "garbage")
+    (tmp_path / "garbage" / "test_batch").write_bytes(b"P garbage that pickle reads as a persistent id\n")
+    for name, folder, said in [("mnist", "empty", "holds a damaged copy of mnist"),
+                               ("cifar10", "list", "holds a damaged copy of cifar10"),
+                               ("cifar10", "incomplete", "holds an incomplete copy of cifar10: .*data_batch_2 is "
+                                                         "missing; put back the whole folder"),
+                               ("cifar10", "garbage", "test_batch is truncated or not a CIFAR pickle")]:
+        with pytest.raises(ValueError, match=said) as err:
+            load_dataset(name, root=tmp_path / folder, download=False)
+        assert "\n" not in str(err.value)
+
+
+def write_tiny(folder: Path, wnids: list[str], val_in_class_folders: bool) -> None:
+    from PIL import Image
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    annotations = []
+    for k, wnid in enumerate(wnids):
+        (folder / "train" / wnid / "images").mkdir(parents=True)
+        Image.new("RGB", (64, 64), (80 * k, 0, 0)).save(folder / "train" / wnid / "images" / f"{wnid}_0.JPEG")
+        val = folder / "val" / "images" / (wnid if val_in_class_folders else "")
+        val.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 64), (80 * k, 0, 0)).save(val / f"val_{k}.JPEG")
+        annotations.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t64\t64")
+    if not val_in_class_folders:
+        (folder / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n\n")
+
+
+def test_tiny_imagenet_validation_images_as_downloaded_or_in_class_folders(tmp_path):
+    """As downloaded, the validation images lie in one folder, their classes in val_annotations.txt; the original's
+    ImageFolder reads them sorted into class folders, as its users have them: both read alike."""
+    write_tiny(tmp_path / "flat", ["n02", "n01"], val_in_class_folders=False)
+    write_tiny(tmp_path / "sorted", ["n02", "n01"], val_in_class_folders=True)
+    flat, in_folders = _read_tiny_imagenet(tmp_path / "flat"), _read_tiny_imagenet(tmp_path / "sorted")
+    assert in_folders[3].tolist() == [0, 1] and flat[3].tolist() == [1, 0]  # classes numbered sorted
+    assert torch.equal(flat[2][flat[3].argsort()], in_folders[2])
+    shutil.rmtree(tmp_path / "flat" / "train" / "n01")
+    with pytest.raises(ValueError, match="incomplete copy of tiny-imagenet: .*train/n01/images is missing"):
+        load_dataset("tiny-imagenet", root=tmp_path / "flat", download=False)
+    assert dataset_key("Tiny") == "tiny-imagenet"  # the original's name for it
