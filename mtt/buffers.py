@@ -352,13 +352,20 @@ class _LegacyLayout:
     """replay_buffer_{n}.pt files found in the original layout, and what the folder names tell."""
 
     files: tuple[Path, ...]
-    model: str | None  # the model folder's name, when it is one of ours
-    zca: bool | None   # from the dataset folder's name: CIFAR10 (ZCA) or CIFAR10_NO_ZCA
+    model: str | None    # the model folder's name, when it is one of ours
+    zca: bool | None     # from the dataset folder's name: CIFAR10 (ZCA) or CIFAR10_NO_ZCA
+    dataset: str | None  # from the dataset folder's name, when it is one of the original's (ours: 'fashion-mnist')
+
+
+# The original code's model names (its get_network): a folder named so holds that model's experts.
+_ORIGINAL_MODEL_PREFIXES = ("ConvNet", "MLP", "LeNet", "AlexNet", "VGG", "ResNet", "ViT")
 
 
 def _replay_files(folder: Path) -> tuple[Path, ...]:
-    files = folder.glob("replay_buffer_*.pt") if folder.is_dir() else ()
-    return tuple(sorted(files, key=lambda p: (len(p.stem), p.stem)))  # replay_buffer_2 before _10
+    """replay_buffer_{n}.pt in the order of n (2 before 10); other names (replay_buffer_old.pt) are no part."""
+    files = [p for p in folder.glob("replay_buffer_*.pt") if p.stem.removeprefix("replay_buffer_").isdigit()] \
+        if folder.is_dir() else []
+    return tuple(sorted(files, key=lambda p: int(p.stem.removeprefix("replay_buffer_"))))
 
 
 def _zca_of_folder(name: str) -> bool | None:
@@ -384,8 +391,13 @@ def _find_legacy(path: Path, dataset: str | None, model: str | None, zca: bool |
     """Original-MTT buffers at `path`: a replay_buffer file, a model folder, a dataset folder, or the root
     of `{root}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`; None when there are none."""
     def layout(files: tuple[Path, ...], model_folder: Path) -> _LegacyLayout:
-        name = model_folder.name
-        return _LegacyLayout(files, name if name in NETWORK_NAMES else None, _zca_of_folder(model_folder.parent.name))
+        name, data_folder = model_folder.name, model_folder.parent.name
+        if model is None and name not in NETWORK_NAMES and name.startswith(_ORIGINAL_MODEL_PREFIXES):
+            raise ValueError(f"{model_folder} holds experts of the original code's {name}, a network mtt does not "
+                             f"build ({', '.join(NETWORK_NAMES)}): pass --model if they are one of these")
+        named = _canonical_dataset(data_folder.removesuffix("_NO_ZCA"))
+        return _LegacyLayout(files, name if name in NETWORK_NAMES else None, _zca_of_folder(data_folder),
+                             named if named in LEGACY_DATASETS else None)
 
     if path.is_file():
         return layout((path,), path.parent) if path.suffix in (".pt", ".pth") else None
@@ -400,6 +412,14 @@ def _find_legacy(path: Path, dataset: str | None, model: str | None, zca: bool |
         raise ValueError(f"{path} holds several sets of original-MTT experts ({where}): name the model "
                          "(--model, model=) or point at one of these folders")
     return found[0] if found else None
+
+
+def _find_legacy_any_zca(path: Path, dataset: str | None, model: str | None,
+                         zca: bool | None) -> _LegacyLayout | None:
+    """_find_legacy for `zca`, else for either: experts of the other setting are found, for open_legacy to refuse
+    them naming the flag, rather than not found at all."""
+    return _find_legacy(path, dataset, model, zca) or (_find_legacy(path, dataset, model, None) if zca is not None
+                                                       else None)
 
 
 def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
@@ -436,8 +456,11 @@ def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]
         raise not_a_buffer(f"it holds {kind(trajectories)}, not a list of trajectories")
     epochs = None
     for k, traj in enumerate(trajectories):
-        if not isinstance(traj, (list, tuple)) or len(traj) < 2:
-            raise not_a_buffer(f"trajectory {k} is {kind(traj)}, not a list of at least 2 snapshots")
+        if not isinstance(traj, (list, tuple)):
+            raise not_a_buffer(f"trajectory {k} is {kind(traj)}, not a list of snapshots")
+        if len(traj) < 2:
+            raise not_a_buffer(f"trajectory {k} holds {len(traj)} snapshot(s), where a trajectory has at least 2 "
+                               "(epoch 0 and the ones after)")
         if epochs is None:
             epochs = len(traj) - 1
         elif len(traj) != epochs + 1:
@@ -453,6 +476,11 @@ def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]
                     found = tuple(p.shape) if isinstance(p, Tensor) else kind(p)
                     raise other_network(f"trajectory {k}, snapshot {t}, parameter {j} is {found} but {what} "
                                         f"expects {shape}")
+        if all(torch.equal(first, last) for first, last in zip(traj[0], traj[-1])):
+            raise ValueError(f"{path.name}: trajectory {k} holds the same parameters at epoch 0 and epoch "
+                             f"{len(traj) - 1}, so there is nothing to match: they were saved without being copied "
+                             f"(the original's buffer.py on a CPU keeps the live parameters, p.detach().cpu()); train "
+                             f"them again saving copies (.clone()), or with python -m mtt experts ({path})")
     return epochs
 
 
@@ -520,7 +548,7 @@ class ExpertBuffers:
         native = path.suffix == ".safetensors" or path.is_dir() and (_shard_paths(path) or (path / INDEX).exists())
         if native:
             buffers = cls._open_native(path)
-        elif _find_legacy(path, dataset, model, zca):
+        elif _find_legacy_any_zca(path, dataset, model, zca):
             buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca, width=width,
                                       depth=depth, channels=channels, im_size=im_size, num_classes=num_classes)
         else:
@@ -560,18 +588,22 @@ class ExpertBuffers:
         from the files (see `open`). channels, im_size and num_classes default to the dataset's.
         """
         path = Path(root_or_file)
-        layout = _find_legacy(path, dataset, model, zca)
+        layout = _find_legacy_any_zca(path, dataset, model, zca)
         if layout is None:
             raise FileNotFoundError(f"no replay_buffer_*.pt files at {path} or in "
                                     f"{path}/{dataset}{'' if zca else '_NO_ZCA'}/{model or '{model}'}; {TRAIN_HINT}")
         if dataset is None:
             raise ValueError(f"{path} holds experts in the original MTT format, which does not record the dataset: "
                              "name it (--dataset, dataset=)")
+        if layout.dataset is not None and layout.dataset != _canonical_dataset(dataset):
+            raise ValueError(f"{layout.files[0].parent} holds experts of {layout.dataset} (its folder name says so), "
+                             f"not {_canonical_dataset(dataset)}: pass --dataset {layout.dataset}, or other --buffers")
         model = model or layout.model or "ConvNet"
         if zca is not None and layout.zca is not None and zca != layout.zca:
             raise ValueError(f"{layout.files[0].parent} holds experts trained {'with' if layout.zca else 'without'} "
-                             f"ZCA (its folder name says so), but this run asks for zca={zca}: "
-                             f"{'add' if layout.zca else 'drop'} --zca (zca={layout.zca}), or use other experts")
+                             f"ZCA (its folder name says so), but this run asks for zca={zca} (by the preset, or "
+                             f"--zca/--no-zca): pass {'--zca' if layout.zca else '--no-zca'} to use them, or other "
+                             f"experts")
         zca = layout.zca if zca is None else zca
         if zca is None:
             raise ValueError(f"{path}: original-MTT experts of {dataset} do not say whether they were trained with "

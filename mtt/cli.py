@@ -25,12 +25,33 @@ if TYPE_CHECKING:
     from mtt.evaluate import EvalConfig
     from mtt.synthetic import SyntheticSet
 
+# The original code's flags (its distill.py and buffer.py) that go by another name here than their own with dashes
+# for underscores (--syn_steps is --syn-steps): said when one is given.
+ORIGINAL_FLAGS = {"--Iteration": "--iterations", "--pix_init": "--init", "--eval_it": "--eval-every",
+                  "--num_eval": "--eval-repeats", "--epoch_eval_train": "--eval-epochs", "--data_path": "--data-root",
+                  "--buffer_path": "--buffers", "--train_epochs": "experts --epochs",
+                  "--batch_train": "experts --batch-size", "--mom": "experts --momentum",
+                  "--l2": "experts --weight-decay"}
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad flags end with one `error:` line naming the flag, like every other error here."""
 
     def error(self, message: str) -> None:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"error: {message}{self._as_named_here(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
+
+    def _as_named_here(self, message: str) -> str:
+        """What the original code's flags among the unrecognized ones are called here."""
+        if "unrecognized arguments:" not in message:
+            return ""
+        commands = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        ours = {flag for a in commands for p in a.choices.values() for flag in p._option_string_actions}
+        given = [word.split("=")[0] for word in message.split("unrecognized arguments:")[1].split()]
+        renamed = {flag: ORIGINAL_FLAGS.get(flag, flag.replace("_", "-")) for flag in given if flag.startswith("--")}
+        said = [f"{flag} is {here}" for flag, here in renamed.items()
+                if here != flag and (here in ours or flag in ORIGINAL_FLAGS)]
+        return f"; as the original code's flags are named here: {', '.join(said)}" if said else ""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,6 +73,17 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return parse
+
+
+def _strategy(text: str) -> str:
+    """A DSA strategy ('color_crop_...' or 'none'), checked where it is given."""
+    from mtt.augment import parse_strategy
+
+    try:
+        parse_strategy(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _float_above(low: float, *, inclusive: bool = False) -> Callable[[str], float]:
@@ -141,7 +173,7 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="SGD minibatch")
     p.add_argument("--momentum", type=_fraction, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_RATE, default=0.0, help="SGD weight decay")
-    p.add_argument("--dsa", default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
+    p.add_argument("--dsa", type=_strategy, default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
     p.add_argument("--parallel", type=POSITIVE, default=1, help="experts trained at once on one device (vmap)")
     p.add_argument("--sam-rho", type=NON_NEGATIVE_RATE, default=0.0,
                    help="FTD: adaptive SAM/GSAM radius (FTD: 0.01); 0: plain SGD")
@@ -270,6 +302,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                    help="torch.compile the student's steps, in any backward mode (auto then times both modes "
                         "compiled): on a GPU several times faster per iteration after a minute or more of "
                         "compiling (default: off)")
+    p.add_argument("--dsa", type=_strategy, default=None,
+                   help="DSA strategy of the student's steps and of the evaluations: ops joined by _ from color, "
+                        "crop, cutout, flip, scale, rotate, or 'none' (default: all six, as the paper)")
     p.add_argument("--match", choices=MATCH_MODES, default=None,
                    help="final: match the student's last step (MTT, default); closest: its step closest to the "
                         "target (ATT)")
@@ -293,8 +328,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
 
 NETWORK_FLAGS = ("model", "width", "depth")
 CONFIG_FLAGS = ("iterations", "syn_steps", "expert_epochs", "max_start_epoch", "segments", "batch_syn", "lr_img",
-                "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "backward", "compile", "match", "pad_fraction",
-                "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every",
+                "lr_lr", "lr_teacher", "zca", "soft_labels", "init", "dsa", "backward", "compile", "match",
+                "pad_fraction", "eval_every", "eval_repeats", "eval_epochs", "checkpoint_every", "snapshot_every",
                 "lr_labels", "label_momentum", "label_init", "teacher_labels", "min_start_epoch",
                 "current_max_start_epoch", "expansion_end", "loss_threshold", "ema_decay")
 
@@ -434,11 +469,15 @@ def _names(text: str) -> list[str]:
 
 
 def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | None) -> None:
+    from mtt.augment import DEFAULT_STRATEGY
+
     p.add_argument("--models", type=_names, default="ConvNet",
                    help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
     p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (seeds seed..seed+repeats-1)")
     p.add_argument("--epochs", type=POSITIVE, default=1000, help="training epochs per network")
     p.add_argument("--lr", type=RATE, default=lr_default, help=lr_help)
+    p.add_argument("--dsa", type=_strategy, default=DEFAULT_STRATEGY,
+                   help="DSA strategy of the networks' training (the paper's protocol), or 'none'")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files")
     p.add_argument("--image-size", type=POSITIVE, default=None, metavar="N",
                    help="resize the set and the real images to NxN first (e.g. 32, to run ResNet18 or VGG11 on 8x8 digits)")
@@ -462,7 +501,8 @@ def _check_plot(args: argparse.Namespace) -> None:
 
 def _announce_evaluation(what: str, args: argparse.Namespace, config: EvalConfig, **settings: Any) -> None:
     _announce(what, {**settings, "models": ",".join(args.models), "lr": config.lr, "width": config.width,
-                     "depth": config.depth, "epochs": config.epochs, "repeats": config.repeats}, args.device)
+                     "depth": config.depth, "epochs": config.epochs, "repeats": config.repeats, "dsa": config.dsa},
+              args.device)
 
 
 def _note_weak_experts(buffers: ExpertBuffers, dataset: Dataset) -> None:
@@ -505,7 +545,8 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    help="labels_best.pt of the original MTT code; then --dataset and --lr are required")
     p.add_argument("--dataset", default=None, help="dataset of an original-MTT set")
     p.add_argument("--original-zca", action="store_true",
-                   help="the original-MTT set was distilled with ZCA (whiten the test set the original's way)")
+                   help="the original-MTT set was distilled with ZCA (whiten the test set the original's way); "
+                        "pass its images_best.pt or images_{it}.pt, not images_zca_*.pt (those are un-whitened)")
     p.add_argument("--width", type=POSITIVE, default=None,
                    help="ConvNet-family width (default: the distillation network's, else 128)")
     p.add_argument("--depth", type=POSITIVE, default=None,
@@ -560,7 +601,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # A set distilled through ConvNet-64 is evaluated on ConvNet-64, not the paper's default width.
     config = EvalConfig(epochs=args.epochs, lr=args.lr if args.lr is not None else synthetic.syn_lr,
                         repeats=args.repeats, seed=args.seed, width=args.width or synthetic.width,
-                        depth=args.depth or synthetic.depth, progress=not args.no_progress)
+                        depth=args.depth or synthetic.depth, dsa=args.dsa, progress=not args.no_progress)
     _announce_evaluation("evaluate", args, config, set=args.synthetic)
     results = evaluate_synthetic(synthetic, dataset, args.models, config, args.device)
     return _eval_summary(results, args, dataset, config.lr, f"{path.name}, IPC {synthetic.ipc}")
@@ -619,7 +660,7 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
     if args.zca:
         dataset = dataset.with_zca()
     config = EvalConfig(epochs=args.epochs, lr=args.lr, repeats=args.repeats, seed=args.seed, width=args.width,
-                        depth=args.depth, progress=not args.no_progress)
+                        depth=args.depth, dsa=args.dsa, progress=not args.no_progress)
     check_baseline(dataset, args.method, args.ipc)  # before saying what it runs
     _announce_evaluation("baseline", args, config, dataset=dataset.name, method=args.method, ipc=args.ipc)
     results = evaluate_baseline(dataset, args.ipc, args.method, args.models, config, args.device)

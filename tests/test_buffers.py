@@ -293,8 +293,11 @@ def test_legacy_original_dataset_names(tmp_path, folder_name, dataset, zca, chan
     buffers = ExpertBuffers.open(tmp_path, network=net, dataset=dataset, model="ConvNet", zca=zca)
     assert (buffers.meta.dataset, buffers.meta.channels, buffers.meta.im_size) == (dataset, channels, (size, size))
     if dataset == "cifar10":  # a plain CIFAR10 folder holds ZCA experts: not for zca=False
-        with pytest.raises(FileNotFoundError, match="replay_buffer_"):
+        with pytest.raises(ValueError, match=r"trained with ZCA \(its folder name says so\).*pass --zca to use them"):
             ExpertBuffers.open(tmp_path, network=net, dataset=dataset, model="ConvNet", zca=False)
+    with pytest.raises(ValueError, match=rf"holds experts of {dataset} \(its folder name says so\), not svhn: pass "
+                                         rf"--dataset {dataset}"):
+        ExpertBuffers.open(tmp_path / folder_name / "ConvNet", dataset="svhn")
 
 
 def test_legacy_wrong_network(tmp_path):
@@ -326,10 +329,10 @@ def test_legacy_zca_read_from_the_folder_name(tmp_path):
     write_legacy(tmp_path, dataset_dir="CIFAR10_NO_ZCA", files=((0,),), channels=3, size=32)
     model_folder = tmp_path / "CIFAR10_NO_ZCA" / "ConvNet"
     assert not open_buffers(model_folder, dataset="cifar10").meta.zca
-    with pytest.raises(ValueError, match=r"trained without ZCA \(its folder name says so\).*drop --zca"):
-        open_buffers(model_folder, dataset="cifar10", zca=True)
-    with pytest.raises(FileNotFoundError, match="no expert buffers"):  # the root holds no ZCA experts
-        open_buffers(tmp_path, dataset="cifar10", zca=True)
+    for where in (model_folder, tmp_path):  # from the root too: found, and refused naming the flag that takes them
+        with pytest.raises(ValueError, match=r"trained without ZCA \(its folder name says so\), but this run asks "
+                                             r"for zca=True \(by the preset, or --zca/--no-zca\): pass --no-zca"):
+            open_buffers(where, dataset="cifar10", zca=True)
     bare = tmp_path / "bare" / "replay_buffer_0.pt"  # a file outside the layout says nothing about ZCA
     bare.parent.mkdir()
     bare.write_bytes((model_folder / "replay_buffer_0.pt").read_bytes())
@@ -341,7 +344,7 @@ def test_legacy_zca_read_from_the_folder_name(tmp_path):
 @pytest.mark.parametrize("content, said", [
     ([], "it holds an empty list, not a list of trajectories"),
     ({"a": 1}, "it holds a dict, not a list of trajectories"),
-    ([[torch.zeros(2)]], "trajectory 0 is a list, not a list of at least 2 snapshots"),
+    ([[torch.zeros(2)]], r"trajectory 0 holds 1 snapshot\(s\), where a trajectory has at least 2"),
     ([[collections.OrderedDict(a=torch.zeros(2)), collections.OrderedDict(a=torch.zeros(2))]],
      "trajectory 0, snapshot 0 is an OrderedDict, not a list of parameters"),
 ])
@@ -351,6 +354,33 @@ def test_legacy_files_that_are_no_buffers_are_named_so(tmp_path, content, said):
     with pytest.raises(ValueError, match=rf"replay_buffer_0\.pt is not a replay buffer of the original code: {said}"):
         ExpertBuffers.open_legacy(tmp_path / "ConvNet", dataset="digits", model="ConvNet", zca=False,
                                   network=small_net())
+
+
+def test_legacy_files_as_the_original_reads_them(tmp_path):
+    """replay_buffer_{n}.pt in the order of n; other names are not part of the buffer."""
+    folder, written = write_legacy(tmp_path, files=[(k,) for k in range(11)])
+    torch.save(written[:1], folder / "replay_buffer_old.pt")
+    buffers = open_buffers(folder, dataset="digits", zca=False)
+    assert len(buffers) == 11 and buffers.locate(10) == f"trajectory 0 of {folder / 'replay_buffer_10.pt'}"
+
+
+def test_legacy_experts_saved_without_copying_are_refused(tmp_path):
+    """The original's buffer.py on a CPU saves `p.detach().cpu()`, the live parameters themselves: every epoch then
+    holds the final weights, start and target are equal, and the matching loss divides by zero."""
+    net = small_net()
+    (tmp_path / "ConvNet").mkdir()
+    torch.save([[list(net.parameters())] * 3], tmp_path / "ConvNet" / "replay_buffer_0.pt")
+    with pytest.raises(ValueError, match=r"trajectory 0 holds the same parameters at epoch 0 and epoch 2.*saved "
+                                         r"without being copied"):
+        open_buffers(tmp_path / "ConvNet", dataset="digits", zca=False)
+
+
+def test_legacy_models_mtt_does_not_build_are_named(tmp_path):
+    write_legacy(tmp_path, model="ConvNetKIP", files=((0,),))
+    with pytest.raises(ValueError, match=r"original code's ConvNetKIP, a network mtt does not build .*pass --model"):
+        open_buffers(tmp_path / "digits_NO_ZCA" / "ConvNetKIP", dataset="digits", zca=False)
+    assert len(open_buffers(tmp_path / "digits_NO_ZCA" / "ConvNetKIP", dataset="digits", zca=False,
+                            model="ConvNet")) == 1  # its tensors are a ConvNet's: named, it is read
 
 
 def test_legacy_several_models_need_a_name(tmp_path):

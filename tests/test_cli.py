@@ -68,6 +68,13 @@ def distill_args(experts, out, *extra):
 
 # ----------------------------------------------------------------------------- bad flags
 
+def test_the_original_codes_flags_are_said_as_named_here():
+    error = the_error(mtt("distill", "--dataset", "digits", "--ipc", 1, "--buffers", "x", "--out", "x", "--syn_steps",
+                          3, "--Iteration=2", "--no_such_flag", 1))
+    assert error.endswith("; as the original code's flags are named here: --syn_steps is --syn-steps, --Iteration is "
+                          "--iterations (see python -m mtt --help)")
+
+
 @pytest.mark.parametrize("args,flag", [
     (["experts", "--dataset", "digits", "--out", "x", "--epochs", 0], "--epochs"),
     (["experts", "--dataset", "digits", "--out", "x", "--batch-size", 0], "--batch-size"),
@@ -120,6 +127,13 @@ def test_a_dataset_goes_by_its_canonical_name_whatever_the_preset(preset):
     assert config.loss_threshold == 1.1 if preset != "cifar10:10" else config.current_max_start_epoch == 10
     with pytest.raises(ValueError, match="unknown dataset 'CIFAR-11'"):
         distill_config(build_parser().parse_args(list(map(str, args[:2] + ["CIFAR-11"] + args[3:]))))
+
+
+def test_distill_dsa_is_the_runs_strategy():
+    args = ["distill", "--dataset", "digits", "--ipc", "1", "--buffers", "b", "--out", "o"]
+    assert distill_config(build_parser().parse_args(args)).dsa == "color_crop_cutout_flip_scale_rotate"
+    assert distill_config(build_parser().parse_args(args + ["--dsa", "none"])).dsa == "none"
+    assert "unknown DSA op(s) ['twirl']" in the_error(mtt(*args, "--dsa", "crop_twirl"))
 
 
 def test_original_zca_is_refused_for_an_mtt_set(tmp_path):

@@ -477,10 +477,25 @@ def test_cli_says_what_it_runs_and_when_the_networks_learned_nothing(small, tmp_
     assert main(argv + ["--lr", "1e-9"]) == 0  # too small to move the weights: chance
     err = capsys.readouterr().err
     assert re.search(r"ConvNet: \d+\.\d\d % \(one network\)$", err, re.M), err  # no spread of one
-    assert "lr=1e-09, width=128, depth=3, epochs=3, repeats=1, device=cpu" in err.splitlines()[0]
+    assert "lr=1e-09, width=128, depth=3, epochs=3, repeats=1, dsa=color_crop_cutout_flip_scale_rotate, device=cpu" \
+        in err.splitlines()[0]
     assert "note: ConvNet scored at chance (10 % for 10 classes)" in err
     assert "--lr too large or too small, now 1e-09" in err
     assert main(argv + ["--lr", "0.01"]) == 0 and "scored at chance" not in capsys.readouterr().err
+
+
+def test_cli_dsa_is_the_networks_augmentation(small, tmp_path, capsys, monkeypatch):
+    """--dsa reaches the networks' training (the original's --dsa False / --dsa_strategy); a bad op is refused."""
+    _synthetic(small).save(tmp_path / "synthetic.safetensors")
+    seen = []
+    monkeypatch.setattr(ev, "train_network", lambda net, x, y, config, g, on_epoch=None: seen.append(config.dsa) or net)
+    argv = ["evaluate", "--synthetic", str(tmp_path / "synthetic.safetensors"), "--repeats", "1", "--epochs", "1",
+            "--device", "cpu", "--no-progress"]
+    assert main(argv + ["--dsa", "none"]) == 0 and main(argv + ["--dsa", "flip_crop"]) == 0
+    assert seen == ["none", "flip_crop"]
+    with pytest.raises(SystemExit):
+        main(argv + ["--dsa", "flip_twirl"])
+    assert "unknown DSA op(s) ['twirl']" in capsys.readouterr().err
 
 
 def test_cli_baseline_round_trip(capsys):
