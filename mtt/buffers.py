@@ -694,6 +694,14 @@ class ExpertBuffers:
         """Expert i's test accuracy (a fraction) after each epoch [epochs], or None if not recorded."""
         return self._reader.test_acc(self._id(i))
 
+    def first(self, n: int) -> ExpertBuffers:
+        """The first n of these experts alone (for ablations over their number)."""
+        if not 1 <= n <= len(self):
+            raise ValueError(f"cannot take the first {n} experts of {self.source}: it holds {len(self)}")
+        subset = ExpertBuffers(self.meta, self._reader, self.source)
+        subset._ids = self._ids[:n]
+        return subset
+
     def final_accuracy(self) -> float | None:
         """The experts' mean test accuracy after their last epoch, in % (test_acc holds fractions); None where it is
         not recorded."""

@@ -242,6 +242,9 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--buffers", required=True,
                    help="expert folder (ours, or the original MTT's {root}/{CIFAR10|CIFAR10_NO_ZCA|...}/{model}/"
                         "replay_buffer_{n}.pt, its model folder or one file), or hf://OWNER/REPO[/SUBPATH][@REVISION]")
+    p.add_argument("--max-experts", type=POSITIVE, default=None, metavar="N",
+                   help="match only the first N experts of --buffers (ablations over their number; the original "
+                        "caps files and experts per file). The run records them: a resume must give the same N")
     p.add_argument("--out", required=True, help="run folder: checkpoint, snapshots, history.json, config.json, "
                                                 "synthetic.safetensors, synthetic_best.safetensors (the best "
                                                 "evaluated set)")
@@ -425,6 +428,8 @@ def _run_distill(args: argparse.Namespace, config: DistillConfig, main: bool) ->
     dataset = load_dataset(args.dataset, args.data_root, zca=config.zca)
     buffers = open_buffers(args.buffers, dataset=dataset.name, zca=config.zca, model=args.model, width=args.width,
                            depth=args.depth)
+    if args.max_experts:
+        buffers = buffers.first(args.max_experts)
     resumed = args.resume and (Path(args.out) / CHECKPOINT).is_file()  # then the run's network, not the experts'
     config = network_from_buffers(config, buffers, keep=[k for k in NETWORK_FLAGS
                                                          if resumed or getattr(args, k) is not None])

@@ -129,6 +129,16 @@ def test_a_dataset_goes_by_its_canonical_name_whatever_the_preset(preset):
         distill_config(build_parser().parse_args(list(map(str, args[:2] + ["CIFAR-11"] + args[3:]))))
 
 
+def test_max_experts_matches_the_first_ones_and_a_resume_keeps_them(experts, tmp_path):
+    run = tmp_path / "run"
+    assert mtt(*distill_args(experts, run, "--iterations", 1, "--max-experts", 1)).returncode == 0
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["experts"])["experts"] == 1
+    more = mtt(*distill_args(experts, run, "--iterations", 2, "--max-experts", 2, "--resume"))
+    assert "it was distilled from other experts (1 ConvNet experts" in the_error(more)
+    assert "it holds 2" in the_error(mtt(*distill_args(experts, tmp_path / "three", "--max-experts", 3)))
+
+
 def test_distill_dsa_is_the_runs_strategy():
     args = ["distill", "--dataset", "digits", "--ipc", "1", "--buffers", "b", "--out", "o"]
     assert distill_config(build_parser().parse_args(args)).dsa == "color_crop_cutout_flip_scale_rotate"
