@@ -422,6 +422,15 @@ def _find_legacy_any_zca(path: Path, dataset: str | None, model: str | None,
                                                        else None)
 
 
+def _legacy_of_another_model(path: Path, dataset: str | None) -> str:
+    """Where under `path` original-MTT experts of any model are, in words ('' where there are none)."""
+    try:
+        found = _find_legacy(path, dataset, None, None)
+    except ValueError as err:  # several: the message lists them
+        return str(err).split("(", 1)[1].split(")", 1)[0]
+    return str(found.files[0].parent) if found else ""
+
+
 def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
     """(width, depth) of a ConvNet from its parameter shapes: the first conv's output channels, and the
     number of convolutions (the only 4-d parameters)."""
@@ -552,6 +561,9 @@ class ExpertBuffers:
             buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca, width=width,
                                       depth=depth, channels=channels, im_size=im_size, num_classes=num_classes)
         else:
+            if model is not None and (other := _legacy_of_another_model(path, dataset)):
+                raise FileNotFoundError(f"no experts of {model} in {path}: it holds original-MTT experts in "
+                                        f"{other}; pass that model (--model), or leave --model out")
             raise FileNotFoundError(f"no expert buffers in {path}: looked for *.safetensors shards and "
                                     f"replay_buffer_*.pt files (also in {{dataset}}[_NO_ZCA]/{{model}}/ below it); "
                                     f"{TRAIN_HINT}")

@@ -390,6 +390,9 @@ def test_legacy_several_models_need_a_name(tmp_path):
                                          r"digits_NO_ZCA/ConvNetAL\): name the model \(--model"):
         open_buffers(tmp_path, dataset="digits", zca=False)
     assert open_buffers(tmp_path, dataset="digits", zca=False, model="ConvNetAL").meta.model == "ConvNetAL"
+    with pytest.raises(FileNotFoundError, match=r"no experts of ConvNetW32 in .*: it holds original-MTT experts in "
+                                                r"digits_NO_ZCA/ConvNet, digits_NO_ZCA/ConvNetAL; pass that model"):
+        open_buffers(tmp_path, dataset="digits", zca=False, model="ConvNetW32")
 
 
 def test_open_buffers_refuses_what_is_not_a_path():
