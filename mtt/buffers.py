@@ -352,6 +352,7 @@ class _LegacyLayout:
     """replay_buffer_{n}.pt files found in the original layout, and what the folder names tell."""
 
     files: tuple[Path, ...]
+    folder: Path         # the model folder (named after the model in the original's layout)
     model: str | None    # the model folder's name, when it is one of ours
     zca: bool | None     # from the dataset folder's name: CIFAR10 (ZCA) or CIFAR10_NO_ZCA
     dataset: str | None  # from the dataset folder's name, when it is one of the original's (ours: 'fashion-mnist')
@@ -387,31 +388,42 @@ def _dataset_folders(path: Path, dataset: str | None, zca: bool | None) -> list[
     return [f for f in folders if not (zca is False and _zca_of_folder(f.name))]
 
 
-def _find_legacy(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> _LegacyLayout | None:
-    """Original-MTT buffers at `path`: a replay_buffer file, a model folder, a dataset folder, or the root
-    of `{root}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`; None when there are none."""
+def _legacy_layouts(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> list[_LegacyLayout]:
+    """Every set of original-MTT buffers at `path`: a replay_buffer file, a model folder, a dataset folder, or the
+    root of `{root}/{dataset}[_NO_ZCA]/{model}/replay_buffer_{n}.pt`."""
     def layout(files: tuple[Path, ...], model_folder: Path) -> _LegacyLayout:
         name, data_folder = model_folder.name, model_folder.parent.name
-        if model is None and name not in NETWORK_NAMES and name.startswith(_ORIGINAL_MODEL_PREFIXES):
-            raise ValueError(f"{model_folder} holds experts of the original code's {name}, a network mtt does not "
-                             f"build ({', '.join(NETWORK_NAMES)}): pass --model if they are one of these")
         named = _canonical_dataset(data_folder.removesuffix("_NO_ZCA"))
-        return _LegacyLayout(files, name if name in NETWORK_NAMES else None, _zca_of_folder(data_folder),
+        return _LegacyLayout(files, model_folder, name if name in NETWORK_NAMES else None, _zca_of_folder(data_folder),
                              named if named in LEGACY_DATASETS else None)
 
     if path.is_file():
-        return layout((path,), path.parent) if path.suffix in (".pt", ".pth") else None
+        return [layout((path,), path.parent)] if path.suffix in (".pt", ".pth") else []
     if _replay_files(path):
-        return layout(_replay_files(path), path)
+        return [layout(_replay_files(path), path)]
     found = []
     for folder in _dataset_folders(path, dataset, zca):
         models = [folder / model] if model else sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         found += [layout(_replay_files(m), m) for m in models if _replay_files(m)]
+    return found
+
+
+def _find_legacy(path: Path, dataset: str | None, model: str | None, zca: bool | None) -> _LegacyLayout | None:
+    """The one set of original-MTT buffers at `path` (see _legacy_layouts); None when there are none."""
+    found = _legacy_layouts(path, dataset, model, zca)
     if len(found) > 1:
-        where = ", ".join(str(f.files[0].parent.relative_to(path)) for f in found)
-        raise ValueError(f"{path} holds several sets of original-MTT experts ({where}): name the model "
+        raise ValueError(f"{path} holds several sets of original-MTT experts ({_where(found, path)}): name the model "
                          "(--model, model=) or point at one of these folders")
+    name = found[0].folder.name if found else ""
+    if model is None and found and found[0].model is None and name.startswith(_ORIGINAL_MODEL_PREFIXES):
+        raise ValueError(f"{found[0].folder} holds experts of the original code's {name}, a network mtt does not "
+                         f"build ({', '.join(NETWORK_NAMES)}): pass --model if they are one of these")
     return found[0] if found else None
+
+
+def _where(layouts: list[_LegacyLayout], root: Path) -> str:
+    return ", ".join(str(f.folder.relative_to(root)) if f.folder.is_relative_to(root) else str(f.folder)
+                     for f in layouts)
 
 
 def _find_legacy_any_zca(path: Path, dataset: str | None, model: str | None,
@@ -420,15 +432,6 @@ def _find_legacy_any_zca(path: Path, dataset: str | None, model: str | None,
     them naming the flag, rather than not found at all."""
     return _find_legacy(path, dataset, model, zca) or (_find_legacy(path, dataset, model, None) if zca is not None
                                                        else None)
-
-
-def _legacy_of_another_model(path: Path, dataset: str | None) -> str:
-    """Where under `path` original-MTT experts of any model are, in words ('' where there are none)."""
-    try:
-        found = _find_legacy(path, dataset, None, None)
-    except ValueError as err:  # several: the message lists them
-        return str(err).split("(", 1)[1].split(")", 1)[0]
-    return str(found.files[0].parent) if found else ""
 
 
 def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
@@ -561,9 +564,9 @@ class ExpertBuffers:
             buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca, width=width,
                                       depth=depth, channels=channels, im_size=im_size, num_classes=num_classes)
         else:
-            if model is not None and (other := _legacy_of_another_model(path, dataset)):
+            if model is not None and (others := _legacy_layouts(path, dataset, None, None)):
                 raise FileNotFoundError(f"no experts of {model} in {path}: it holds original-MTT experts in "
-                                        f"{other}; pass that model (--model), or leave --model out")
+                                        f"{_where(others, path)}; pass that model (--model), or leave --model out")
             raise FileNotFoundError(f"no expert buffers in {path}: looked for *.safetensors shards and "
                                     f"replay_buffer_*.pt files (also in {{dataset}}[_NO_ZCA]/{{model}}/ below it); "
                                     f"{TRAIN_HINT}")
@@ -608,11 +611,11 @@ class ExpertBuffers:
             raise ValueError(f"{path} holds experts in the original MTT format, which does not record the dataset: "
                              "name it (--dataset, dataset=)")
         if layout.dataset is not None and layout.dataset != _canonical_dataset(dataset):
-            raise ValueError(f"{layout.files[0].parent} holds experts of {layout.dataset} (its folder name says so), "
+            raise ValueError(f"{layout.folder} holds experts of {layout.dataset} (its folder name says so), "
                              f"not {_canonical_dataset(dataset)}: pass --dataset {layout.dataset}, or other --buffers")
         model = model or layout.model or "ConvNet"
         if zca is not None and layout.zca is not None and zca != layout.zca:
-            raise ValueError(f"{layout.files[0].parent} holds experts trained {'with' if layout.zca else 'without'} "
+            raise ValueError(f"{layout.folder} holds experts trained {'with' if layout.zca else 'without'} "
                              f"ZCA (its folder name says so), but this run asks for zca={zca} (by the preset, or "
                              f"--zca/--no-zca): pass {'--zca' if layout.zca else '--no-zca'} to use them, or other "
                              f"experts")
