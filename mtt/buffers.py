@@ -451,13 +451,17 @@ def _looks_like_trajectories(obj: object) -> bool:
             and isinstance(obj[0][0], (list, tuple)) and obj[0][0] and all(isinstance(t, Tensor) for t in obj[0][0]))
 
 
-def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]], what: str) -> int:
-    """Check a loaded replay_buffer file snapshot by snapshot; return its number of epochs."""
+def _check_legacy(path: Path, trajectories: object, shapes: list[tuple[int, ...]], what: str,
+                  sizes_given: str = "") -> int:
+    """Check a loaded replay_buffer file snapshot by snapshot; return its number of epochs. `sizes_given`: the
+    network sizes the caller gave (otherwise read from the files), named where the network does not fit."""
     def not_a_buffer(msg: str) -> ValueError:
         return ValueError(f"{path.name} is not a replay buffer of the original code: {msg} ({path})")
 
     def other_network(msg: str) -> ValueError:
-        return ValueError(f"{path.name}: {msg}; was it made for another model or dataset? ({path})")
+        remedy = f"leave out {sizes_given}: the network's sizes are otherwise read from the files" if sizes_given else \
+            "was it made for another model or dataset?"
+        return ValueError(f"{path.name}: {msg}; {remedy} ({path})")
 
     def kind(obj: object) -> str:
         name = type(obj).__name__
@@ -631,6 +635,8 @@ class ExpertBuffers:
         if not (channels and im_size and num_classes):
             raise ValueError(f"unknown dataset {dataset!r}: pass channels=, im_size= and num_classes=")
         h, w = _hw(im_size)
+        sizes_given = " and ".join(f"--{name} {value}" for name, value in (("width", width), ("depth", depth))
+                                   if value is not None and network is None)
         if network is None:
             if model.startswith("ConvNet") and (width is None or depth is None):
                 first = _load_legacy(layout.files[0])
@@ -643,7 +649,7 @@ class ExpertBuffers:
         epochs = set()
         for f in layout.files:
             trajectories = _load_legacy(f)
-            epochs.add(_check_legacy(f, trajectories, shapes, f"{model} on {channels}x{h}x{w}"))
+            epochs.add(_check_legacy(f, trajectories, shapes, f"{model} on {channels}x{h}x{w}", sizes_given))
             where |= {len(where) + k: (f, k) for k in range(len(trajectories))}
         if len(epochs) > 1:
             raise ValueError(f"the files in {path} hold trajectories of different lengths ({sorted(epochs)} epochs); "

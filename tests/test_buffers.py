@@ -310,6 +310,9 @@ def test_legacy_wrong_network(tmp_path):
         ExpertBuffers.open_legacy(folder, network=small_net(width=8), dataset="digits", model="ConvNet", zca=False)
     with pytest.raises(ValueError, match=r"original MTT format, which does not record the dataset.*--dataset"):
         ExpertBuffers.open(folder)
+    with pytest.raises(ValueError, match=r"expects \(8, 1, 3, 3\); leave out --width 8: the network's sizes are "
+                                         r"otherwise read from the files"):
+        open_buffers(folder, dataset="digits", zca=False, width=8)
 
 
 @pytest.mark.parametrize("where", ["root", "dataset folder", "model folder", "one file"])
