@@ -404,7 +404,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(expert
     assert 5 <= stopped_at < 200  # checkpoint_every is 1000: this checkpoint was written by the interrupt
 
     stopped = mtt("evaluate", "--synthetic", run, "--epochs", 2, "--repeats", 1, "--device", "cpu", "--no-progress")
-    assert stopped.returncode == 0 and f"evaluating the set at iteration {stopped_at} of the run's 200" in stopped.stderr
+    assert stopped.returncode == 0
+    assert f"evaluating the set at iteration {stopped_at} of the run's 200" in stopped.stderr
 
     command = shlex.split(last.split("; continue with: ")[1])  # the command it prints is the one that continues
     assert command[:3] == ["python", "-m", "mtt"] and command[-1] == "--resume"
