@@ -289,8 +289,6 @@ def _read(reader: Callable, name: str, folder: Path) -> tuple[Tensor, Tensor, Te
     readers' own ValueErrors name their file already)."""
     try:
         return reader(folder)
-    except ValueError:
-        raise
     except FileNotFoundError as err:
         raise ValueError(f"{folder} holds an incomplete copy of {name}: {err.filename} is missing; put back the whole "
                          f"folder ({_HOW_TO_GET[name]})") from None
@@ -316,8 +314,9 @@ def _check_arrays(spec: DatasetSpec, folder: Path, train_x: Tensor, train_y: Ten
         if labels.min() < 0 or labels.max() >= spec.num_classes:
             raise ValueError(f"{folder}: its {split} labels run from {int(labels.min())} to {int(labels.max())}, "
                              f"where {spec.name} has classes 0..{spec.num_classes - 1}: not {spec.name}'s files")
-    for other, first in _FIRST_LABELS.items():
-        if other != spec.name and spec.name in _FIRST_LABELS and train_y[:10].tolist() == first:
+    if spec.name in _FIRST_LABELS:  # an MNIST-format set: not the other one's files
+        other = next((name for name, first in _FIRST_LABELS.items() if first == train_y[:10].tolist()), spec.name)
+        if other != spec.name:
             raise ValueError(f"{folder} holds {other}, not {spec.name} (their files look alike; its labels are "
                              f"{other}'s): point --data-root at {spec.name}'s folder")
 

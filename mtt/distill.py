@@ -913,7 +913,8 @@ def _describe_choice(choice: BackwardChoice) -> str:
 def accuracy_text(evaluation: dict[str, Any]) -> str:
     """An evaluation's accuracy as runs report it: 'mean +- std %' (the spread where the evaluator gives one, of
     more than one network)."""
-    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation and len(evaluation.get("runs", "..")) > 1 else ""
+    runs = evaluation.get("runs")  # unknown: an evaluator that gives a spread has it from several
+    spread = f" +- {evaluation['std']:.2f}" if "std" in evaluation and (runs is None or len(runs) > 1) else ""
     return f"{evaluation['mean']:.2f}{spread} %"
 
 

@@ -651,11 +651,11 @@ def cross_arch_bars(results: Mapping[str, Any], paper: Mapping[str, float] | Non
     ax = fig.add_subplot()
     width = 0.38 if paper else 0.6
     xs = range(len(models))
-    offset = -width / 2 if paper else 0.0
+    positions = [x - width / 2 if paper else x for x in xs]
     spreads = [0.0 if s is None else s for s in stds]
-    ax.bar([x + offset for x in xs], means, width, yerr=[float("nan") if s is None else s for s in stds],
-           capsize=3, label=label, color=BLUE)
-    _value_labels(ax, [x + offset for x in xs], means, [m + s for m, s in zip(means, spreads)])
+    ax.bar(positions, means, width, yerr=[float("nan") if s is None else s for s in stds], capsize=3, label=label,
+           color=BLUE)
+    _value_labels(ax, positions, means, [m + s for m, s in zip(means, spreads)])
     known = [(x + width / 2, paper[m]) for x, m in zip(xs, models) if paper and paper.get(m) is not None]
     if known:
         ax.bar(*zip(*known), width, label="paper", color=ORANGE)
