@@ -564,9 +564,10 @@ class ExpertBuffers:
         native = path.suffix == ".safetensors" or path.is_dir() and (_shard_paths(path) or (path / INDEX).exists())
         if native:
             buffers = cls._open_native(path)
-        elif _find_legacy_any_zca(path, dataset, model, zca):
-            buffers = cls.open_legacy(path, network=network, dataset=dataset, model=model, zca=zca, width=width,
-                                      depth=depth, channels=channels, im_size=im_size, num_classes=num_classes)
+        elif layout := _find_legacy_any_zca(path, dataset, model, zca):
+            buffers = cls._open_layout(path, layout, network=network, dataset=dataset, model=model, zca=zca,
+                                       width=width, depth=depth, channels=channels, im_size=im_size,
+                                       num_classes=num_classes)
         else:
             if model is not None and (others := _legacy_layouts(path, dataset, None, None)):
                 raise FileNotFoundError(f"no experts of {model} in {path}: it holds original-MTT experts in "
@@ -611,6 +612,15 @@ class ExpertBuffers:
         if layout is None:
             raise FileNotFoundError(f"no replay_buffer_*.pt files at {path} or in "
                                     f"{path}/{dataset}{'' if zca else '_NO_ZCA'}/{model or '{model}'}; {TRAIN_HINT}")
+        return cls._open_layout(path, layout, dataset=dataset, network=network, model=model, zca=zca, width=width,
+                                depth=depth, lr=lr, channels=channels, im_size=im_size, num_classes=num_classes)
+
+    @classmethod
+    def _open_layout(cls, path: Path, layout: _LegacyLayout, *, dataset: str | None, network: nn.Module | None = None,
+                     model: str | None = None, zca: bool | None = None, width: int | None = None,
+                     depth: int | None = None, lr: float = 0.01, channels: int | None = None,
+                     im_size: int | tuple[int, int] | None = None, num_classes: int | None = None) -> ExpertBuffers:
+        """open_legacy for the files `layout` found under `path`."""
         if dataset is None:
             raise ValueError(f"{path} holds experts in the original MTT format, which does not record the dataset: "
                              "name it (--dataset, dataset=)")
