@@ -327,7 +327,8 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors |= state.derived()
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or "",
-                "kept_graphs": str(state.kept_graphs), "mtt_version": __version__}
+                "kept_graphs": str(state.kept_graphs), "chosen_on": chosen_on(state.images.device),
+                "mtt_version": __version__}
     atomic_save_safetensors(tensors, path, metadata)
     atomic_write_json(path.parent / HISTORY, state.history)  # after: a history never runs ahead of its checkpoint
 
@@ -337,8 +338,14 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
 # recorded in history["changes"].
 FIXED_ON_RESUME = ("dataset", "ipc", "model", "width", "depth", "zca", "soft_labels", "teacher_labels",
                    "init", "label_init", "seed")  # the last three made iteration 0's state: recorded as they were
-# What `auto`'s choice was timed and sized under: a resume that changes any of these chooses again.
+# What `auto`'s choice was timed and sized under: a resume that changes any of these, or the hardware (chosen_on),
+# chooses again.
 CHOSEN_UNDER = ("backward", "compile", "syn_steps", "batch_syn", "segments")
+
+
+def chosen_on(device: torch.device) -> str:
+    """The device `auto` timed and sized its choice on: the GPU's model (its memory with it), else the device type."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
           "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels",
           "init": "--init", "label_init": "--label-init", "seed": "--seed"}
@@ -431,9 +438,12 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     if config.ema_decay and state.ema_images is None:  # EMA switched on at resume: it starts from here
         state.ema_images = state.images.clone()
     changed = {k: [saved[k], v] for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v}
+    saved_on, now_on = metadata.get("chosen_on"), chosen_on(device)
+    if saved_on is not None and saved_on != now_on:  # e.g. a run started on a CPU, resumed on a GPU
+        changed["hardware"] = [saved_on, now_on]
     if changed:
         state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
-    if any(k in changed for k in CHOSEN_UNDER):  # e.g. a `tesla` or `full` run resumed under `auto`, or compiled
+    if any(k in changed for k in (*CHOSEN_UNDER, "hardware")):  # e.g. a `full` run resumed under `auto`
         state.backward, state.kept_graphs = None, 0
     return state
 

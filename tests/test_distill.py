@@ -492,6 +492,26 @@ def test_a_run_resumed_under_auto_chooses_its_backward(digits, experts, tmp_path
         assert f.metadata()["backward"] == history["backward"]["mode"]
 
 
+def test_a_run_resumed_on_other_hardware_chooses_its_backward_again(digits, experts, tmp_path, capsys):
+    """`auto`'s choice was timed and sized on one device (the checkpoint says which): resumed on another (a run
+    started on a CPU, resumed on a GPU), it chooses again, and the history says why."""
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(backward="auto", iterations=3), digits, buffers, tmp_path, progress=False)
+    distill(small_config(backward="auto", iterations=4), digits, buffers, tmp_path, resume=True, progress=False)
+    assert json.loads((tmp_path / "history.json").read_text())["backward"]["iteration"] == 0  # same CPU: kept
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["chosen_on"] == "cpu" and metadata["iteration"] == "4"
+    save_file(load_file(path), path, metadata | {"chosen_on": "NVIDIA A100-SXM4-40GB"})  # as if saved there
+    capsys.readouterr()
+    distill(small_config(backward="auto", iterations=5), digits, buffers, tmp_path, resume=True, progress=False)
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history["backward"]["iteration"] == 4 and set(history["backward"]["seconds"]) == {"full", "checkpointed"}
+    assert history["changes"][-1]["changed"]["hardware"] == ["NVIDIA A100-SXM4-40GB", "cpu"]
+    assert "hardware NVIDIA A100-SXM4-40GB -> cpu" in capsys.readouterr().err
+
+
 def test_auto_drops_the_kept_graphs_when_they_run_out_of_memory(digits, experts, tmp_path, monkeypatch):
     import mtt.distill
     import mtt.unroll
