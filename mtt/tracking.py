@@ -106,8 +106,9 @@ class Tracker:
 
     def _log_iteration(self, info: IterationInfo) -> None:
         self.backend.scalars({"distill/loss": info.loss, "distill/syn_lr": info.syn_lr}, info.iteration)
-        if info.iteration % self.image_every == 0 or info.evaluation is not None:
-            self.backend.image("synthetic_images", self._grid(info.state.images, info.state.labels), info.iteration)
+        if info.iteration % self.image_every == 0 or info.evaluation is not None:  # the set evaluated (FTD: the EMA)
+            self.backend.image("synthetic_images", self._grid(info.state.result()[0], info.state.labels),
+                               info.iteration)
 
     def _guarded(self, log: Callable[[], None]) -> None:
         if self.backend is None:

@@ -116,3 +116,24 @@ def test_without_a_dataset_each_image_is_stretched_to_the_display_range(state):
     assert grid.shape == (3, 2 + 10 * 34, 2 + 2 * 34)
     cells = grid[0, 2:34, 2:34], grid[0, 2:34, 36:68]  # the two images of class 0
     assert all(cell.min() == 0 and cell.max() == 1 for cell in cells)
+
+
+def test_the_images_logged_are_the_set_evaluated(digits, state):
+    """Under FTD's EMA the set evaluated and saved is the images' average: the viewer shows that, not the raw
+    images the optimiser moves."""
+    class Recording:
+        def __init__(self):
+            self.grids = []
+
+        def scalars(self, values, step):
+            pass
+
+        def image(self, tag, grid, step):
+            self.grids.append(grid)
+
+    with_ema = replace(state, ema_images=state.images.flip(0))
+    backend = Recording()
+    logger = Tracker(backend, digits, image_every=1)
+    logger(IterationInfo(1, 1.0, 0.01, with_ema, None))
+    assert torch.equal(backend.grids[0], logger._grid(with_ema.ema_images, with_ema.labels))
+    assert not torch.equal(backend.grids[0], logger._grid(with_ema.images, with_ema.labels))
