@@ -103,7 +103,7 @@ RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
 
 
 def _fraction(text: str) -> float:
-    """A number in [0, 1): a momentum or a decay."""
+    """A number in [0, 1): a momentum, a decay, a share."""
     value = NON_NEGATIVE_RATE(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
@@ -263,7 +263,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=POSITIVE, default=None, help="distillation iterations")
     p.add_argument("--syn-steps", type=POSITIVE, default=None, help="student SGD steps per iteration (N)")
     p.add_argument("--expert-epochs", type=POSITIVE, default=None, help="target = expert epoch start + M (M)")
-    p.add_argument("--max-start-epoch", type=POSITIVE, default=None, help="start epoch drawn from [0, T) (T)")
+    p.add_argument("--max-start-epoch", type=POSITIVE, default=None,
+                   help="start epoch drawn from [--min-start-epoch, T) (T)")
     p.add_argument("--segments", type=POSITIVE, default=None,
                    help="(expert, start epoch) segments per iteration, unrolled together (default: 1; under "
                         "torchrun, the number of processes)")
@@ -311,7 +312,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--match", choices=MATCH_MODES, default=None,
                    help="final: match the student's last step (MTT, default); closest: its step closest to the "
                         "target (ATT)")
-    p.add_argument("--pad-fraction", type=_float_above(0.0, inclusive=True), default=None,
+    p.add_argument("--pad-fraction", type=_fraction, default=None,
                    help="PAD: share of the shallow layers' parameters the matching loss ignores (default: 0)")
     p.add_argument("--eval-every", type=NON_NEGATIVE, default=None,
                    help="iterations between evaluations (0: only at the end)")

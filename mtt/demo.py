@@ -24,7 +24,7 @@ from mtt.synthetic import SyntheticSet
 @dataclass
 class QuickConfig:
     """A small offline run. The defaults are the notebooks' configuration under CI (seconds, not a
-    result); `QuickConfig.demo()` is what `python -m mtt demo` runs (a result, in under 3 minutes on 2 CPU cores)."""
+    result); `QuickConfig.demo()` is what `python -m mtt demo` runs (a result, in about 2 minutes on 2 CPU cores)."""
 
     dataset: str = "digits"
     ipc: int = 1
@@ -110,7 +110,8 @@ def run_demo(out_dir: str | Path = "demo", device: str = "auto", config: QuickCo
     dataset, synthetic = run.dataset, run.synthetic
     eval_config = config.eval_config(progress)
     distilled = evaluate_synthetic(synthetic, dataset, [eval_config.model], eval_config, device)[eval_config.model]
-    random_real = evaluate_baseline(dataset, config.ipc, "random", ["ConvNet"], eval_config, device)["ConvNet"]
+    random_real = evaluate_baseline(dataset, config.ipc, "random", [eval_config.model], eval_config,
+                                    device)[eval_config.model]
     results = {"dataset": config.dataset, "ipc": config.ipc, "distilled": distilled.to_dict(),
                "random_real": random_real.to_dict(), "syn_lr": synthetic.syn_lr,
                "config": dataclasses.asdict(config)}

@@ -1,12 +1,14 @@
 """The MTT optimisation loop: learn synthetic images and a step size by matching expert trajectories.
 
-Each iteration picks an expert and a start epoch t < max_start_epoch, unrolls the student
-from checkpoint t for `syn_steps` SGD steps on the synthetic set (mtt.unroll), and moves
-the images and the step size down the gradient of the normalised distance to checkpoint
-t + expert_epochs, with SGD (momentum 0.5) as the paper.
+Each iteration draws `segments` (expert, start epoch t) pairs, t from [min_start_epoch, max_start_epoch) (DATM
+widens it as the run goes), unrolls the student from each expert's checkpoint t for `syn_steps` SGD steps on the
+synthetic set (mtt.unroll), and moves the images, the step size (and the label logits, when they are learned) down
+the gradient of the normalised distance to checkpoint t + expert_epochs, averaged over the segments, with SGD
+(momentum 0.5) as the paper.
 
-Everything needed to continue is checkpointed atomically (images, step size, labels,
-momenta, the generator, the iteration, the history), so a killed run resumes exactly.
+Everything needed to continue is checkpointed atomically (the learned variables and their momenta, the labels,
+the generator, the iteration, the history, FTD's EMA, TESLA's teacher labels, `auto`'s choice), so a killed run
+resumes exactly.
 """
 from __future__ import annotations
 
