@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shlex
 import sys
 import warnings
@@ -360,7 +359,9 @@ def distill_config(args: argparse.Namespace) -> DistillConfig:
 def _segments_for_processes(config: DistillConfig) -> DistillConfig:
     """Under torchrun, without --segments: the fewest segments at or above the config's that every process gets
     an equal share of (one each, from the presets' one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from mtt.distributed import world_size
+
+    world = world_size()
     return dataclasses.replace(config, segments=world * math.ceil(config.segments / world))
 
 
@@ -387,8 +388,7 @@ def _preset_config(args: argparse.Namespace, given: dict[str, Any]) -> DistillCo
     if preset_name == "paper":
         return preset(args.dataset, args.ipc, method, **given)
     if preset_name == "none":
-        config = DistillConfig(dataset=args.dataset, ipc=args.ipc, **given)
-        return dataclasses.replace(apply_recipe(config, method), **given)
+        return apply_recipe(DistillConfig(dataset=args.dataset, ipc=args.ipc), method, given)
     dataset_name, _, ipc = preset_name.partition(":")  # DATASET:IPC, checked by _preset_name
     return dataclasses.replace(preset(dataset_name, int(ipc), method, **given), dataset=args.dataset, ipc=args.ipc)
 
@@ -776,7 +776,9 @@ def _continue_with(command: str, argv: list[str]) -> str:
     """The command line that continues an interrupted distillation: this one, with --resume."""
     if command != "distill":
         return ""  # experts: the same command trains the rest
-    launcher = f"torchrun --nproc-per-node {os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "python"
+    from mtt.distributed import world_size
+
+    launcher = f"torchrun --nproc-per-node {world_size()}" if world_size() > 1 else "python"
     resume = [] if "--resume" in argv else ["--resume"]
     return f"; continue with: {launcher} -m mtt {shlex.join([*argv, *resume])}"
 
@@ -805,7 +807,9 @@ def _run_command(argv: list[str] | None) -> int:
         _remove_if_empty(new_folders)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: rank 0 says so
+        from mtt.distributed import is_main_process
+
+        if is_main_process():  # under torchrun every process stops alike: rank 0 says so
             print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         return Interrupted.exit_code
     except KeyboardInterrupt:

@@ -42,7 +42,7 @@ from mtt.initialise import (correctly_classified_images, experts_label_logits, f
 from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import SyntheticSet
-from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, Student, UnrollResult,
+from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, StepPlan, Student, UnrollResult,
                         checkpointed_after_out_of_memory, choose_backward, plan_steps, shallow_layer_mask, unroll)
 
 
@@ -224,9 +224,7 @@ def preset(dataset: str, ipc: int, method: str = "mtt", **overrides: Any) -> Dis
         raise ValueError(f"no preset for {dataset} at IPC {ipc}. Use --preset none (library defaults; "
                          f"DistillConfig(...) in Python) and set the hyper-parameters, or borrow one with "
                          f"--preset DATASET:IPC, one of {known}")
-    # The recipe's derived values (DATM's window, FTD's decay) follow the overridden preset; overrides still win.
-    config = dataclasses.replace(DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)]), **overrides)
-    return dataclasses.replace(apply_recipe(config, method), **overrides)
+    return apply_recipe(DistillConfig(dataset=dataset, ipc=ipc, **PRESETS[(dataset, ipc)]), method, overrides)
 
 
 def network_from_buffers(config: DistillConfig, buffers: ExpertBuffers, keep: Iterable[str] = ()) -> DistillConfig:
@@ -776,6 +774,44 @@ class Update:
 
 def _iteration(state: DistillState, config: DistillConfig, student: Student, buffers: ExpertBuffers,
                procs: Ranks, folder: RunFolder, mask: Tensor | None) -> Update:
+    """One MTT iteration, computed without touching the state: draw the segments, unroll the student on them,
+    and take an SGD step down the matching loss's gradient."""
+    segments = _draw_segments(state, config, buffers, procs)
+    labels = _unroll_labels(state, config, student, segments.theta_target)
+    result, used = _unroll(state, config, student, segments, labels, mask, procs)
+    loss, grads = _mean_over_ranks(result, state, procs)
+    _check_finite(loss, grads, state, config, folder, buffers, segments)
+    teacher = _teacher_for_evaluation(config, labels, procs)
+    if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
+        return Update(loss, state.variables(), state.momenta, *used, skipped=True, ema_images=state.ema_images,
+                      teacher_logits=teacher)
+    momenta, updated = _sgd_step(state, config, grads)
+    if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
+        _diverged(state, config, folder, f"this update would make the learned step size "
+                                       f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) "
+                                       f"{segments.where}")
+    ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
+    return Update(loss, updated, momenta, *used, ema_images=ema, teacher_logits=teacher)
+
+
+@dataclass
+class Segments:
+    """This iteration's (expert, start epoch) pairs, drawn alike on every rank, and this rank's share of them:
+    its step plans and its experts' parameters at the start and target epochs ([P], or [K, P] for K > 1)."""
+
+    experts: list[int]
+    starts: list[int]
+    mine: slice
+    plans: list[StepPlan]
+    theta_start: Tensor
+    theta_target: Tensor
+
+    @property
+    def where(self) -> str:
+        return f"(experts {self.experts}, start epochs {self.starts})"
+
+
+def _draw_segments(state: DistillState, config: DistillConfig, buffers: ExpertBuffers, procs: Ranks) -> Segments:
     g = state.generator
     experts = torch.randint(len(buffers), (config.segments,), generator=g).tolist()
     starts = torch.randint(*start_epoch_range(config, state.iteration), (config.segments,), generator=g).tolist()
@@ -791,70 +827,98 @@ def _iteration(state: DistillState, config: DistillConfig, student: Student, buf
                                  for offset in (0, config.expert_epochs))
     if config.segments == 1:  # one segment: plain [P] vectors, no vmap
         theta_start, theta_target = theta_start[0], theta_target[0]
-    if config.teacher_labels:  # TESLA: fixed soft targets, the logits of this iteration's target checkpoint(s)
-        labels = teacher_logits(student, theta_target, state.images)
-    else:
-        labels = None if config.soft_labels else state.labels
-    mode, kept = (config.backward, 0) if config.backward != "auto" else (state.backward, state.kept_graphs)
+    return Segments(experts, starts, mine, plans, theta_start, theta_target)
+
+
+def _unroll_labels(state: DistillState, config: DistillConfig, student: Student, theta_target: Tensor) -> Tensor | None:
+    """What the student trains on: class indices, the learned label logits (None: unroll takes them as a variable),
+    or TESLA's teacher labels, the logits of this iteration's target checkpoint(s), fixed."""
+    if config.teacher_labels:
+        return teacher_logits(student, theta_target, state.images)
+    return None if config.soft_labels else state.labels
+
+
+def _unroll(state: DistillState, config: DistillConfig, student: Student, segments: Segments,
+            labels: Tensor | None, mask: Tensor | None, procs: Ranks) -> tuple[UnrollResult, tuple]:
+    """Unroll in the run's backward mode, `auto`'s choice made on the first iteration; should `auto`'s graphs no
+    longer fit (another job took memory), the iteration is redone with `checkpointed` keeping none. Returns the
+    result and (mode, kept graphs, the choice made in this iteration or None)."""
     compiler = COMPILE_BACKEND if config.compile else None
+    mode, kept = (config.backward, 0) if config.backward != "auto" else (state.backward, state.kept_graphs)
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
-        choice = procs.from_main(choose_backward(student, theta_start, theta_target, state.images, state.syn_lr,
-                                                 plans, labels, state.label_logits, compiler=compiler))  # one for all
+        choice = procs.from_main(choose_backward(student, segments.theta_start, segments.theta_target,
+                                                 state.images, state.syn_lr, segments.plans, labels,
+                                                 state.label_logits, compiler=compiler))  # one for all
         mode, kept = choice.mode, choice.kept_graphs
 
     def run(mode: str, kept: int) -> UnrollResult:
-        return unroll(student, theta_start, theta_target, state.images, state.syn_lr, plans, labels=labels,
-                      label_logits=state.label_logits, mode=mode, match=config.match, param_mask=mask,
-                      allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler, kept_graphs=kept)
+        return unroll(student, segments.theta_start, segments.theta_target, state.images, state.syn_lr,
+                      segments.plans, labels=labels, label_logits=state.label_logits, mode=mode, match=config.match,
+                      param_mask=mask, allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler,
+                      kept_graphs=kept)
 
     try:
-        result = run(mode, kept)
+        return run(mode, kept), (mode, kept, choice)
     except torch.OutOfMemoryError:
         if not (config.backward == "auto" and (mode == "full" or kept)):
             raise
-        result = None  # `auto` chose graphs that no longer fit (another job took memory, a larger --batch-syn)
-    if result is None:
-        used = "full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs"
-        choice = checkpointed_after_out_of_memory(procs.device, f"{used} ran out of memory at iteration "
-                                                                f"{state.iteration}: checkpointed from here on")
-        mode, kept = choice.mode, choice.kept_graphs
-        result = run(mode, kept)
+    used = "full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs"
+    choice = checkpointed_after_out_of_memory(procs.device, f"{used} ran out of memory at iteration "
+                                                            f"{state.iteration}: checkpointed from here on")
+    return run(choice.mode, choice.kept_graphs), (choice.mode, choice.kept_graphs, choice)
+
+
+def _mean_over_ranks(result: UnrollResult, state: DistillState, procs: Ranks) -> tuple[float, dict[str, Tensor]]:
+    """The loss and the learned variables' gradients, averaged over all K segments: each rank averaged over its
+    share, so the mean over all is the sum of the shares / world."""
     grads = {"images": result.grad_images, "syn_lr": result.grad_lr, "label_logits": result.grad_label_logits}
     loss = result.loss
-    if procs.world > 1:  # each rank averaged over its share: the mean over all K is the sum of shares / world
+    if procs.world > 1:
         summed = [grads[k].div_(procs.world) for k in state.momenta] + [torch.tensor(loss / procs.world,
                                                                                    device=procs.device)]
         procs.sum_(*summed)
         loss = summed[-1].item()
-    where = f"(experts {experts}, start epochs {starts})"
-    if not math.isfinite(loss) or not all(torch.isfinite(grads[k]).all() for k in state.momenta):
-        if not (torch.isfinite(theta_start).all() and torch.isfinite(theta_target).all()):
-            damaged = sorted({buffers.locate(e) for e, s in zip(experts[mine], starts[mine])
-                              if not all(torch.isfinite(buffers.snapshot(e, s + offset)).all()
-                                         for offset in (0, config.expert_epochs))})
-            raise ValueError(f"the experts' parameters are not finite {where}: {', '.join(damaged)} diverged or is "
-                             f"damaged, which no distillation setting mends; train the experts again with a lower "
-                             f"--lr (python -m mtt experts), or use other --buffers")
-        _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
-                                       f"{where}")
-    # What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean over every rank's).
-    teacher = None if not config.teacher_labels else labels.sum(0) / config.segments if labels.dim() == 3 else labels
-    if teacher is not None and procs.world > 1:
-        procs.sum_(teacher)
-    if config.loss_threshold is not None and loss > config.loss_threshold:  # DATM: too far to learn from
-        return Update(loss, state.variables(), state.momenta, mode, kept, choice, skipped=True,
-                      ema_images=state.ema_images, teacher_logits=teacher)
-    # torch.optim.SGD(momentum=...) written out, so its buffers are plain checkpointable tensors.
+    return loss, grads
+
+
+def _check_finite(loss: float, grads: dict[str, Tensor], state: DistillState, config: DistillConfig,
+                  folder: RunFolder, buffers: ExpertBuffers, segments: Segments) -> None:
+    """A loss or gradient that is not finite stops the run, saving the state before this iteration; from damaged
+    experts it names them, since no distillation setting mends those."""
+    if math.isfinite(loss) and all(torch.isfinite(grads[k]).all() for k in state.momenta):
+        return
+    if not (torch.isfinite(segments.theta_start).all() and torch.isfinite(segments.theta_target).all()):
+        mine = zip(segments.experts[segments.mine], segments.starts[segments.mine])
+        damaged = sorted({buffers.locate(e) for e, s in mine
+                          if not all(torch.isfinite(buffers.snapshot(e, s + offset)).all()
+                                     for offset in (0, config.expert_epochs))})
+        raise ValueError(f"the experts' parameters are not finite {segments.where}: {', '.join(damaged)} diverged or "
+                         f"is damaged, which no distillation setting mends; train the experts again with a lower "
+                         f"--lr (python -m mtt experts), or use other --buffers")
+    _diverged(state, config, folder, f"the matching loss or its gradient is not finite (loss {loss:.3g}) "
+                                   f"{segments.where}")
+
+
+def _teacher_for_evaluation(config: DistillConfig, labels: Tensor | None, procs: Ranks) -> Tensor | None:
+    """What a TESLA set is evaluated with: this iteration's teacher labels (K segments: their mean over every
+    rank's)."""
+    if not config.teacher_labels:
+        return None
+    teacher = labels.sum(0) / config.segments if labels.dim() == 3 else labels
+    procs.sum_(teacher)
+    return teacher
+
+
+def _sgd_step(state: DistillState, config: DistillConfig,
+              grads: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """torch.optim.SGD(momentum=...) written out, so its buffers are plain checkpointable tensors: the new momenta
+    and the updated variables."""
     rates = {"images": config.lr_img, "syn_lr": config.lr_lr, "label_logits": config.lr_labels}
     momentum = {"images": 0.5, "syn_lr": 0.5, "label_logits": config.label_momentum}
     momenta = {name: momentum[name] * state.momenta[name] + grads[name] for name in state.momenta}
     updated = {name: v.detach() - rates[name] * momenta[name] for name, v in state.variables().items()}
-    if not (torch.isfinite(updated["syn_lr"]) and updated["syn_lr"] > 0):
-        _diverged(state, config, folder, f"this update would make the learned step size "
-                                       f"{updated['syn_lr'].item():.3g} (from {state.syn_lr.item():.3g}) {where}")
-    ema = None if state.ema_images is None else ema_update(state.ema_images, updated["images"], config.ema_decay)
-    return Update(loss, updated, momenta, mode, kept, choice, ema_images=ema, teacher_logits=teacher)
+    return momenta, updated
 
 
 def start_epoch_range(config: DistillConfig, iteration: int) -> tuple[int, int]:

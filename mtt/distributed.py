@@ -70,10 +70,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def world_size() -> int:
+    """The processes torchrun launched (1 without torchrun), read before any process group."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 @contextmanager
 def ranks(device: torch.device) -> Iterator[Ranks]:
     """This process's Ranks for the duration of a run; starts (and ends) the process group if needed."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     rank = int(os.environ.get("RANK", 0))
     if world == 1:
         yield Ranks(0, 1, device)

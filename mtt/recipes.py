@@ -111,8 +111,15 @@ _PAD_FRACTION = {("cifar10", 1): 0.0, ("cifar10", 10): 0.5, ("cifar10", 50): 0.5
                  ("cifar100", 1): 0.5, ("cifar100", 10): 0.5, ("cifar100", 50): 0.0}
 
 
-def apply_recipe(config: DistillConfig, method: str) -> DistillConfig:
-    """`config` (a preset) with `method`'s options and published hyper-parameters set, and method recorded."""
+def apply_recipe(config: DistillConfig, method: str, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """`config` (a preset) with `method`'s options and published hyper-parameters set, and method recorded.
+
+    With `overrides` (the user's settings): the recipe's derived values (DATM's window, FTD's decay) follow the
+    overridden config, and the overrides still win over the recipe's own.
+    """
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+        return dataclasses.replace(apply_recipe(config, method), **overrides)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     key = (config.dataset, config.ipc)

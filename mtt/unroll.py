@@ -152,7 +152,7 @@ class UnrollResult:
     grad_images: Tensor              # dL/dX
     grad_lr: Tensor                  # dL/dalpha (0-d)
     grad_label_logits: Tensor | None # dL/d(label logits), when soft labels are on
-    final_params: Tensor             # theta_N, detached (for plots of the student's path)
+    final_params: Tensor             # theta_N, detached: where the student ended
     matched_step: int | list[int] | None = None  # the step the loss was taken at (N unless match="closest");
                                                  # a list, one per segment, for K segments
 

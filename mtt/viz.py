@@ -524,8 +524,8 @@ def student_paths_for(run_dir_or_synthetic: SyntheticSet | PathLike, buffers: Ex
     if not 0 <= start_epoch < target_epoch <= meta.epochs:
         raise ValueError(f"start epoch {start_epoch} + expert_epochs {target_epoch - start_epoch} must lie within "
                          f"the experts' {meta.epochs} epochs")
-    net = get_network(meta.model, dataset.channels, dataset.num_classes, dataset.im_size,
-                      config.get("width", 128), config.get("depth", 3))
+    net = get_network(meta.model, dataset.channels, dataset.num_classes, dataset.im_size, synthetic.width,
+                      synthetic.depth)
     try:
         meta.check_network(net)
     except ValueError as err:  # the network is the set's own: it is the experts that differ
