@@ -247,7 +247,7 @@ def _read_shard(path: Path) -> _Shard:
     return _Shard(path, meta, tuple(sorted(ids)), frozenset(accs))
 
 
-def _shard_paths(folder: Path) -> list[Path]:
+def shard_paths(folder: Path) -> list[Path]:
     # atomic writes leave ".name.XXXX.tmp" files while in progress: never shards
     return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
 
@@ -271,7 +271,7 @@ def _check_shards(shards: list[_Shard]) -> tuple[BufferMeta, dict[int, _Shard]]:
 def write_index(folder: str | os.PathLike) -> Path:
     """Check the shards in `folder` (one meta, no duplicate experts) and list them in index.json."""
     folder = Path(folder)
-    shards = [_read_shard(p) for p in _shard_paths(folder)]
+    shards = [_read_shard(p) for p in shard_paths(folder)]
     if not shards:
         raise FileNotFoundError(f"no *.safetensors shards in {folder} to index")
     meta, _ = _check_shards(shards)
@@ -284,7 +284,7 @@ def holds_experts(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     if (folder / INDEX).is_file():
         return True
-    for path in _shard_paths(folder) if folder.is_dir() else ():
+    for path in shard_paths(folder) if folder.is_dir() else ():
         try:
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("format") == FORMAT:
@@ -297,7 +297,7 @@ def holds_experts(folder: str | os.PathLike) -> bool:
 def finished_experts(folder: str | os.PathLike) -> set[int]:
     """Ids of the experts in complete shards in `folder` (empty if it does not exist)."""
     folder = Path(folder)
-    return {i for p in _shard_paths(folder) for i in _read_shard(p).ids} if folder.is_dir() else set()
+    return {i for p in shard_paths(folder) for i in _read_shard(p).ids} if folder.is_dir() else set()
 
 
 def _check_index(folder: Path, shards: list[_Shard]) -> None:
@@ -561,7 +561,7 @@ class ExpertBuffers:
             path = path.parent
         if not path.exists():
             raise FileNotFoundError(f"no expert buffers at {path}: {TRAIN_HINT}")
-        native = path.suffix == ".safetensors" or path.is_dir() and (_shard_paths(path) or (path / INDEX).exists())
+        native = path.suffix == ".safetensors" or path.is_dir() and (shard_paths(path) or (path / INDEX).exists())
         if native:
             buffers = cls._open_native(path)
         elif layout := _find_legacy_any_zca(path, dataset, model, zca):
@@ -586,7 +586,7 @@ class ExpertBuffers:
     @classmethod
     def _open_native(cls, path: Path) -> ExpertBuffers:
         folder = path.parent if path.is_file() else path
-        shards = [_read_shard(p) for p in ([path] if path.is_file() else _shard_paths(path))]
+        shards = [_read_shard(p) for p in ([path] if path.is_file() else shard_paths(path))]
         if not shards:
             raise ValueError(f"{folder / INDEX} lists shards but {folder} holds none: download the buffers again")
         if path.is_dir() and (path / INDEX).exists():

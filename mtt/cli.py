@@ -173,7 +173,9 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=_fraction, default=0.0, help="SGD momentum, in [0, 1)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE_RATE, default=0.0, help="SGD weight decay")
     p.add_argument("--dsa", type=_strategy, default=DEFAULT_STRATEGY, help="DSA strategy, or 'none'")
-    p.add_argument("--parallel", type=POSITIVE, default=1, help="experts trained at once on one device (vmap)")
+    p.add_argument("--parallel", type=POSITIVE, default=1,
+                   help="experts trained at once on one device (vmap); the same as one at a time up to float32 "
+                        "round-off, not bit for bit")
     p.add_argument("--sam-rho", type=NON_NEGATIVE_RATE, default=0.0,
                    help="FTD: adaptive SAM/GSAM radius (FTD: 0.01); 0: plain SGD")
     p.add_argument("--gsam-alpha", type=NON_NEGATIVE_RATE, default=0.0,

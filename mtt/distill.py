@@ -487,6 +487,7 @@ FINAL_SYNTHETIC = "synthetic.safetensors"      # the set as the run ends
 BEST_SYNTHETIC = "synthetic_best.safetensors"  # the set that scored best of those evaluated
 SNAPSHOTS = "snapshots"                         # the images every snapshot_every iterations, for plots
 HISTORY = "history.json"                        # loss, step size, evaluations per iteration, written with checkpoints
+RUN_CONFIG = "config.json"                      # the settings the run was last started or resumed with
 
 
 class RunFolder:
@@ -573,13 +574,21 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         if folder.writes:
             held.enter_context(held_folder(out_dir))  # the run's alone while it runs
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
-        folder.save_json("config.json", dataclasses.asdict(config) | {"mtt_version": __version__})
+        folder.save_json(RUN_CONFIG, dataclasses.asdict(config) | _provenance(buffers.source, folder.experts,
+                                                                                procs.device))
         if evaluator is not None:
             evaluator = _keeping_the_best(_saving_if_it_fails(evaluator, folder, config), folder, config, dataset)
         _loop(state, config, student, buffers, folder, procs, callbacks, evaluator, progress)
     synthetic = _synthetic_set(state, config, dataset)
     folder.save_synthetic(synthetic)
     return synthetic
+
+
+def _provenance(source: Path, experts: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """What config.json records beside the settings, to tell later how the run was made: the experts (where they
+    were read, and what the checkpoint checks on resume: ExpertBuffers.identity()), the versions, the hardware."""
+    return {"experts": {"source": str(source), **experts}, "mtt_version": __version__,
+            "torch_version": torch.__version__, "ran_on": chosen_on(device)}
 
 
 def _synthetic_set(state: DistillState, config: DistillConfig, dataset: Dataset) -> SyntheticSet:
@@ -952,7 +961,9 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
         state.history.setdefault("skipped", []).append(state.iteration)
     state.ema_images, state.teacher_logits = update.ema_images, update.teacher_logits
     state.backward, state.kept_graphs = update.backward, update.kept_graphs
-    if update.choice is not None:
+    if update.choice is not None:  # the earlier choices (a resume chose again) stay on record: they made the set
+        if "backward" in state.history:
+            state.history.setdefault("backward_before", []).append(state.history["backward"])
         state.history["backward"] = {"iteration": state.iteration, **dataclasses.asdict(update.choice)}
     state.iteration += 1
 
@@ -1037,7 +1048,7 @@ def stored_config(path: str | Path) -> DistillConfig:
     path = Path(path)
     if path.name == CHECKPOINT:
         return DistillConfig(**checkpoint_settings(path.parent))
-    record = path.parent.parent / "config.json"
+    record = path.parent.parent / RUN_CONFIG
     try:
         saved = json.loads(record.read_text())
     except (OSError, ValueError) as err:

@@ -5,11 +5,11 @@ trains `epochs` epochs with plain SGD (lr_teacher 0.01, batch 256, no momentum, 
 decay, no lr decay) with DSA on the real training set (ZCA space when ZCA is on). We keep
 epochs+1 snapshots (0 = initialisation) and the test accuracy after every epoch.
 
-Two paths, same numbers. Sequential (P=1) is a plain nn.Module loop with torch.optim.SGD
-and is the reference. Vectorised (P>1) stacks P networks with torch.func.stack_module_state
-and takes each SGD step for all of them at once with vmap(grad(functional_call)). Expert k
-draws its initialisation, data order and DSA parameters from its own stream seeded by
-seed+k, so it follows the same batches whatever P, rank or world size it trains under.
+Two paths, the same experts up to float32 round-off (batched kernels add in another order: ~5e-7 apart, not bit
+for bit). Sequential (P=1) is a plain nn.Module loop with torch.optim.SGD and is the reference. Vectorised (P>1)
+stacks P networks with torch.func.stack_module_state and takes each SGD step for all of them at once with
+vmap(grad(functional_call)). Expert k draws its initialisation, data order and DSA parameters from its own stream
+seeded by seed+k, so it follows the same batches whatever P, rank or world size it trains under.
 
 Two options for MTT's successors, both off by default:
 - FTD's flat experts (sam_rho, gsam_alpha): each step goes along GSAM's direction, from a
@@ -42,8 +42,8 @@ from torch.func import functional_call, grad, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strategy, sample_params
-from mtt.buffers import (EXPERTS_CONFIG, BufferMeta, ExpertBuffers, finished_experts, flatten_params, write_index,
-                         write_shard)
+from mtt.buffers import (EXPERTS_CONFIG, BufferMeta, ExpertBuffers, finished_experts, flatten_params, shard_paths,
+                         write_index, write_shard)
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds, to_device
 from mtt.distributed import Ranks, ranks
@@ -520,11 +520,10 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             atomic_write_json(out_dir / EXPERTS_CONFIG, settings | {"num_experts": len(held)})
         scores = curriculum_scores(dataset, config, out_dir, procs) if config.curriculum and todo else None
         mine = [k for k in todo if k % world == rank]
-        parallel = config.parallel
-        if parallel > 1 and has_batchnorm(probe):
+        parallel = _parallel_for(probe, config.parallel)
+        if parallel < config.parallel:
             warnings.warn(f"{config.model} has BatchNorm, whose running stats cannot be vmapped: "
                           "training its experts sequentially (parallel=1)", stacklevel=2)
-            parallel = 1
         final: dict[int, float] = {}
         # The bar is closed however training ends, so that what is printed then is not written on its line.
         with graceful_stop() as stop, tqdm(total=len(mine) * config.epochs, unit="epoch", file=sys.stderr,
@@ -605,11 +604,16 @@ def _check_same_training(out_dir: Path, settings: dict[str, Any]) -> None:
                          f"its {EXPERTS_CONFIG} records to add to them, or use another --out to start afresh")
 
 
+def _parallel_for(probe: nn.Module, parallel: int) -> int:
+    """The experts trained at once: `parallel`, or one at a time for a network with BatchNorm, whose running stats
+    cannot be vmapped."""
+    return 1 if parallel > 1 and has_batchnorm(probe) else parallel
+
+
 def _check_compatible(out_dir: Path, meta: BufferMeta) -> None:
     """Refuse to resume into a folder whose experts were trained on something else."""
     # One shard's meta is enough (they must all agree); the index may be stale after a crash.
-    first = next(p for p in sorted(out_dir.glob("*.safetensors")) if not p.name.startswith("."))
-    existing = ExpertBuffers.open(first).meta
+    existing = ExpertBuffers.open(shard_paths(out_dir)[0]).meta
     keys = ("dataset", "model", "channels", "im_size", "num_classes", "zca", "lr", "epochs", "param_shapes")
     diff = {k: (getattr(existing, k), getattr(meta, k)) for k in keys if getattr(existing, k) != getattr(meta, k)}
     sizes = existing.convnet_size(), meta.convnet_size()
@@ -639,9 +643,7 @@ def estimate_seconds(dataset: Dataset, config: ExpertConfig, device: DeviceLike 
         raise ValueError(f"probe_batches must be >= 1, got {probe_batches}")
     device = resolve_device(device)
     probe, _ = init_expert(dataset, config, 0)
-    parallel = max(1, min(config.parallel, config.num_experts))
-    if parallel > 1 and has_batchnorm(probe):
-        parallel = 1  # as train_experts does
+    parallel = _parallel_for(probe, max(1, min(config.parallel, config.num_experts)))
     trainer, gens = start_group(dataset, config, range(parallel), device)
     n, n_test = len(dataset.train_images), len(dataset.test_images)
     batch, test_batch = min(config.batch_size, n), min(2 * config.batch_size, n_test)

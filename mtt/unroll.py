@@ -300,8 +300,9 @@ def _reported(steps: list[int], theta: Tensor) -> int | list[int]:
 
 # ----------------------------------------------------------------------------- the backward modes
 
-def _unroll_full(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                 match, weight, step: StepFunction):
+def _unroll_full(student: Student, theta_start: Tensor, theta_target: Tensor, start_distance: Tensor, images: Tensor,
+                 syn_lr: Tensor, plans: list[StepPlan], labels: Tensor | None, label_logits: Tensor | None,
+                 match: str, weight: Tensor | None, step: StepFunction) -> UnrollResult:
     images = images.detach().requires_grad_()
     syn_lr = syn_lr.detach().requires_grad_()
     targets = labels if label_logits is None else label_logits.detach().requires_grad_()
@@ -358,8 +359,10 @@ def _loss_adjoints(theta_matched: Tensor, theta_target: Tensor, start_distance: 
             for s in set(steps)}
 
 
-def _adjoint_walk(student, theta_start, theta_target, start_distance, images, syn_lr, plans, labels, label_logits,
-                  match, weight, step_functions: Steps, hessian: bool, kept_graphs: int):
+def _adjoint_walk(student: Student, theta_start: Tensor, theta_target: Tensor, start_distance: Tensor,
+                  images: Tensor, syn_lr: Tensor, plans: list[StepPlan], labels: Tensor | None,
+                  label_logits: Tensor | None, match: str, weight: Tensor | None, step_functions: Steps, hessian: bool,
+                  kept_graphs: int) -> UnrollResult:
     """`checkpointed` (hessian=True, exact) and `tesla` (hessian=False, APPROXIMATE, see the module's docstring:
     the adjoint is not updated by -alpha*H_i lambda, so each step sees the adjoint of the matched step). The last
     `kept_graphs` steps are not re-run: their graphs, recorded by the forward path, are differentiated as they are."""

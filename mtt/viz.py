@@ -30,7 +30,8 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import CHECKPOINT, FINAL_SYNTHETIC, HISTORY, check_distilled_from, load_snapshots
+from mtt.distill import (CHECKPOINT, FINAL_SYNTHETIC, HISTORY, RUN_CONFIG, SNAPSHOTS, check_distilled_from,
+                         load_snapshots)
 from mtt.io import atomic_save_figure, atomic_write, read_json
 from mtt.networks import get_network
 from mtt.paper import mean_and_std
@@ -232,14 +233,14 @@ def _run_synthetic(run_dir: PathLike) -> SyntheticSet | None:
 
 
 def _run_config(run_dir: PathLike) -> dict[str, Any]:
-    path = Path(run_dir) / "config.json"
-    return read_json(path, "put back the config.json the run wrote") if path.is_file() else {}
+    path = Path(run_dir) / RUN_CONFIG
+    return read_json(path, f"put back the {RUN_CONFIG} the run wrote") if path.is_file() else {}
 
 
 def _snapshots(run_dir: PathLike) -> list[tuple[int, Tensor]]:
     snapshots = load_snapshots(run_dir)
     if not snapshots:
-        raise FileNotFoundError(f"no snapshots in {Path(run_dir) / 'snapshots'}: is {run_dir} a distillation run "
+        raise FileNotFoundError(f"no snapshots in {Path(run_dir) / SNAPSHOTS}: is {run_dir} a distillation run "
                                 "folder (mtt.distill writes snapshots every `snapshot_every` iterations)?")
     return snapshots
 

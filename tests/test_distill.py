@@ -494,7 +494,8 @@ def test_a_run_resumed_under_auto_chooses_its_backward(digits, experts, tmp_path
 
 def test_a_run_resumed_on_other_hardware_chooses_its_backward_again(digits, experts, tmp_path, capsys):
     """`auto`'s choice was timed and sized on one device (the checkpoint says which): resumed on another (a run
-    started on a CPU, resumed on a GPU), it chooses again, and the history says why."""
+    started on a CPU, resumed on a GPU), it chooses again; the history says why and keeps the earlier choice, and
+    config.json records the experts, the versions and the hardware."""
     buffers = ExpertBuffers.open(experts)
     distill(small_config(backward="auto", iterations=3), digits, buffers, tmp_path, progress=False)
     distill(small_config(backward="auto", iterations=4), digits, buffers, tmp_path, resume=True, progress=False)
@@ -510,6 +511,10 @@ def test_a_run_resumed_on_other_hardware_chooses_its_backward_again(digits, expe
     assert history["backward"]["iteration"] == 4 and set(history["backward"]["seconds"]) == {"full", "checkpointed"}
     assert history["changes"][-1]["changed"]["hardware"] == ["NVIDIA A100-SXM4-40GB", "cpu"]
     assert "hardware NVIDIA A100-SXM4-40GB -> cpu" in capsys.readouterr().err
+    assert [before["iteration"] for before in history["backward_before"]] == [0]  # what ran iterations 0..3
+    record = json.loads((tmp_path / "config.json").read_text())  # how the run was made, for later
+    assert record["experts"] == {"source": str(buffers.source), **buffers.identity()}
+    assert record["torch_version"] == torch.__version__ and record["ran_on"] == "cpu"
 
 
 def test_auto_drops_the_kept_graphs_when_they_run_out_of_memory(digits, experts, tmp_path, monkeypatch):
