@@ -780,61 +780,86 @@ def _holds_buffers(folder: Path) -> bool:
 
 
 def download_buffers(repo_id: str, subpath: str = "", revision: str | None = None,
-                     cache_dir: str | os.PathLike | None = None,
-                     local_dir: str | os.PathLike | None = None) -> Path:
-    """Fetch a buffer folder from a Hugging Face repo (or find it in the cache); return its local path."""
+                     cache_dir: str | os.PathLike | None = None, local_dir: str | os.PathLike | None = None,
+                     repo_type: str = "model") -> Path:
+    """Fetch a buffer folder from a Hugging Face repo into the cache and return its local path.
+
+    Online, the Hub is asked every time (a complete cache costs one request; a branch moved on, or a download
+    cut short, is brought up to date); offline (HF_HUB_OFFLINE, or no route to the Hub) the cached copy is used.
+    """
     from huggingface_hub import constants, snapshot_download
 
-    sub = subpath.strip("/")
-    where = _hub_where(repo_id, revision, sub)
+    sub = _check_subpath(subpath)
+    where = _hub_where(repo_id, revision, sub) + ("" if repo_type == "model" else f", a {repo_type} repo")
 
     def error(reason: str) -> BufferDownloadError:
         return BufferDownloadError(f"cannot get expert buffers from the Hugging Face Hub ({where}): {reason}. "
                                    f"Alternatively, {TRAIN_HINT}")
 
-    kwargs = dict(repo_id=repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+    kwargs = dict(repo_id=repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
                   allow_patterns=[f"{sub}/*"] if sub else None)
-    try:  # files already cached need no network
-        folder = Path(snapshot_download(**kwargs, local_files_only=True)) / sub
-        if _holds_buffers(folder):
-            return folder
-    except OSError:  # LocalEntryNotFoundError, IncompleteSnapshotError: not (all) cached
-        pass
-    except ValueError as err:  # HFValidationError: a malformed repo id or revision
-        raise error(str(err)) from None
-    if _hub_offline():
-        raise error("they are not in the local cache and HF_HUB_OFFLINE is set")
-    if not reachable(constants.ENDPOINT):
-        raise error(f"they are not in the local cache and {urlparse(constants.ENDPOINT).hostname} cannot be reached")
+
+    def cached() -> Path | None:
+        try:
+            folder = Path(snapshot_download(**kwargs, local_files_only=True)) / sub
+        except OSError:  # LocalEntryNotFoundError, IncompleteSnapshotError: not (all) cached
+            return None
+        except ValueError as err:  # HFValidationError: a malformed repo id or revision
+            raise error(str(err).replace("..", ".")) from None
+        return folder if _holds_buffers(folder) else None
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if _hub_offline() or not reachable(constants.ENDPOINT):
+        if (folder := cached()) is None:
+            raise error(f"they are not in the local cache and "
+                        f"{'HF_HUB_OFFLINE is set' if _hub_offline() else f'{host} cannot be reached'}")
+        return folder
     try:  # the Hub answered the check: its own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) apply
         folder = Path(snapshot_download(**kwargs)) / sub
+    except ValueError as err:  # HFValidationError: a malformed repo id or revision
+        raise error(str(err).replace("..", ".")) from None
     # huggingface_hub raises its own, OSError and httpx errors, which share no base class
     except Exception as err:
-        raise error(f"{type(err).__name__}: {err}") from err
+        if (folder := cached()) is None:
+            raise error(f"{type(err).__name__}: {err}") from err
+        warnings.warn(f"the Hugging Face Hub did not answer for {where} ({type(err).__name__}): using the cached "
+                      f"copy, which may be older than the repo's")
+        return folder
     if not _holds_buffers(folder):
         raise error("the repo has no *.safetensors or replay_buffer_*.pt files there")
     return folder
 
 
+def _check_subpath(subpath: str) -> str:
+    """The folder inside the repo, refused where it would lead out of it."""
+    sub = subpath.strip("/")
+    if any(part in ("..", ".") for part in sub.split("/")) or "\\" in sub:
+        raise ValueError(f"sub-path {subpath!r} may not hold '.' or '..' parts (nor backslashes): name the folder "
+                         f"inside the repo, as hf://OWNER/REPO/dataset/model")
+    return sub
+
+
 def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", revision: str | None = None,
-                 token: str | None = None, private: bool = False) -> str:
-    """Upload a shard folder (its *.safetensors and a fresh index.json) to a Hub repo; return the commit URL."""
+                 token: str | None = None, private: bool = False, repo_type: str = "model") -> str:
+    """Upload a shard folder (its *.safetensors and a fresh index.json) to a Hub repo (a model repo, or
+    repo_type="dataset"); return the commit URL."""
     from huggingface_hub import HfApi, constants
 
     folder = Path(folder)
     write_index(folder)  # refuses an inconsistent folder, and lists the shards for downloaders
     buffers = ExpertBuffers.open(folder)
-    sub = subpath.strip("/")
+    sub = _check_subpath(subpath)
     where = _hub_where(repo_id, revision, sub)
     if _hub_offline() or not reachable(constants.ENDPOINT):
         raise BufferUploadError(f"cannot push {folder} to the Hugging Face Hub ({where}): offline "
                                 f"(HF_HUB_OFFLINE is set or {urlparse(constants.ENDPOINT).hostname} cannot be reached)")
     api = HfApi(token=token)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=sub or None, revision=revision,
+            api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=folder, path_in_repo=sub or None,
+                                 revision=revision,
                                  allow_patterns=["*.safetensors", INDEX, EXPERTS_CONFIG],
                                  commit_message=f"Expert buffers: {len(buffers)} experts, {buffers.meta.describe()}")
     except Exception as err:  # see download_buffers
@@ -844,11 +869,14 @@ def push_buffers(folder: str | os.PathLike, repo_id: str, subpath: str = "", rev
 
 
 def _hub_address(url: str) -> str:
-    """hf://OWNER/REPO/SUBPATH@REVISION for a repo's web address (.../OWNER/REPO/tree/REVISION/SUBPATH) or HF://."""
+    """hf://[datasets/]OWNER/REPO/SUBPATH@REVISION for a repo's web address (.../OWNER/REPO/tree/REVISION/SUBPATH,
+    or a file's: .../blob/ or /resolve/REVISION/SUBPATH/FILE, whose folder it names) or HF://."""
     parts = url.split("://", 1)[1].removeprefix("huggingface.co/").strip("/").split("/")
-    if len(parts) > 3 and parts[2] == "tree":
-        return f"hf://{'/'.join(parts[:2] + parts[4:])}@{parts[3]}"
-    return f"hf://{'/'.join(parts)}"
+    kind = [parts.pop(0)] if parts[0] == "datasets" else []
+    if len(parts) > 3 and parts[2] in ("tree", "blob", "resolve"):
+        inside = parts[4:-1] if parts[2] != "tree" else parts[4:]  # a file's address: its folder
+        return f"hf://{'/'.join(kind + parts[:2] + inside)}@{parts[3]}"
+    return f"hf://{'/'.join(kind + parts)}"
 
 
 def _check_where(where: object) -> None:
@@ -870,8 +898,11 @@ def open_buffers(where: str | os.PathLike, **expected) -> ExpertBuffers:
                          "(hf://OWNER/REPO[/SUBPATH][@REVISION])")
     if text.startswith("hf://"):
         location, _, revision = text.removeprefix("hf://").partition("@")
-        parts = location.strip("/").split("/")
+        parts = [part for part in location.split("/") if part]
+        repo_type = "dataset" if parts[:1] == ["datasets"] else "model"  # hf://datasets/OWNER/REPO, as fsspec's
+        parts = parts[1:] if repo_type == "dataset" else parts
         if len(parts) < 2:
-            raise ValueError(f"{text!r} is not a Hub address: use hf://OWNER/REPO[/SUBPATH][@REVISION]")
-        where = download_buffers("/".join(parts[:2]), "/".join(parts[2:]), revision or None)
+            raise ValueError(f"{text!r} is not a Hub address: use hf://OWNER/REPO[/SUBPATH][@REVISION] "
+                             f"(hf://datasets/OWNER/REPO/... for a dataset repo)")
+        where = download_buffers("/".join(parts[:2]), "/".join(parts[2:]), revision or None, repo_type=repo_type)
     return ExpertBuffers.open(where, **expected)

@@ -570,6 +570,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from mtt.synthetic import SyntheticSet, load_original_mtt
 
     _check_plot(args)
+    if "://" in args.synthetic:
+        raise ValueError(f"--synthetic {args.synthetic}: a set is read from a local file (hf:// addresses are for "
+                         f"--buffers); download it first, e.g. with `hf download REPO FILE --local-dir DIR`")
     path = Path(args.synthetic)
     if (path / FINAL_SYNTHETIC).is_file():
         progress = checkpoint_progress(path)

@@ -10,6 +10,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -219,8 +220,11 @@ def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
-    """A quick TCP check of `url`'s host, so that an offline machine fails in seconds instead of after retries."""
+    """A quick TCP check of `url`'s host, so that an offline machine fails in seconds instead of after retries.
+    Behind a proxy the host is not reached directly: then the download's own timeouts decide."""
     u = urlparse(url)
+    if u.scheme in urllib.request.getproxies():
+        return True
     try:
         socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
         return True

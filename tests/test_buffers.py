@@ -448,10 +448,13 @@ REPO = "someone/mtt-buffers"
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """No route to anywhere: every TCP connection fails at once."""
+    """No route to anywhere, and no proxy: every TCP connection fails at once."""
     def refuse(*args, **kwargs):
         raise OSError("network unreachable (test)")
     monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 def test_download_offline_without_cache_fails_fast(tmp_path, monkeypatch, no_network):
@@ -476,9 +479,10 @@ def test_download_unreachable_fails_fast(tmp_path, monkeypatch, no_network):
     assert time.perf_counter() - start < 10
 
 
-def cached_snapshot(cache) -> Path:
-    """An empty snapshot of REPO at main in a Hub cache (huggingface_hub's layout), offline from now on."""
-    repo = cache / "models--someone--mtt-buffers"
+def cached_snapshot(cache, kind: str = "models") -> Path:
+    """An empty snapshot of REPO at main in a Hub cache (huggingface_hub's layout; kind "datasets" for a dataset
+    repo)."""
+    repo = cache / f"{kind}--someone--mtt-buffers"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
@@ -509,6 +513,79 @@ def test_download_uses_the_cache_offline(folder, tmp_path_factory, monkeypatch, 
         open_buffers(f"HF://{REPO}")
     with pytest.raises(BufferDownloadError, match=r"sub-path 'cifar10'.*python -m mtt experts"):
         download_buffers(REPO, "cifar10", cache_dir=cache)  # cached repo, but not that folder
+
+
+def cache_with_shards(folder, cache, kind: str = "models") -> Path:
+    sub = cached_snapshot(cache, kind) / "digits" / "ConvNet"
+    sub.mkdir(parents=True)
+    for shard in ("a.safetensors", "b.safetensors"):
+        (sub / shard).write_bytes((folder / shard).read_bytes())
+    return sub
+
+
+def test_hub_addresses_of_dataset_repos_and_files_and_none_out_of_the_repo(folder, tmp_path_factory, monkeypatch,
+                                                                           no_network):
+    """hf://datasets/OWNER/REPO/... reads a dataset repo; a file's web address names its folder; a sub-path cannot
+    lead out of the repo's snapshot."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.mktemp("hub")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    cache_with_shards(folder, cache, "datasets")
+    assert len(open_buffers(f"hf://datasets/{REPO}/digits/ConvNet", dataset="digits", zca=False)) == 4
+    with pytest.raises(BufferDownloadError, match="a dataset repo"):
+        open_buffers(f"hf://datasets/{REPO}/cifar10")
+    with pytest.raises(BufferDownloadError, match="not in the local cache"):  # the model repo of that name: none
+        open_buffers(f"hf://{REPO}/digits/ConvNet")
+    web = f"https://huggingface.co/{REPO}/blob/main/digits/ConvNet/index.json"
+    with pytest.raises(ValueError, match=f"name a Hub repo as hf://{REPO}/digits/ConvNet@main "):
+        open_buffers(web)
+    with pytest.raises(ValueError, match=f"name a Hub repo as hf://datasets/{REPO}/digits@v1 "):
+        open_buffers(f"https://huggingface.co/datasets/{REPO}/tree/v1/digits")
+    (cache / "elsewhere").mkdir()
+    (cache / "elsewhere" / "a.safetensors").write_bytes((folder / "a.safetensors").read_bytes())
+    for address in (f"hf://{REPO}/../../../../elsewhere", f"hf://datasets/{REPO}/digits/./ConvNet"):
+        with pytest.raises(ValueError, match="may not hold '.' or '..' parts"):
+            open_buffers(address)
+
+
+def test_online_the_hub_is_asked_even_when_the_cache_holds_the_buffers(folder, tmp_path_factory, monkeypatch,
+                                                                       recwarn):
+    """A branch moves on and a download can be cut short: online, the Hub brings the cached copy up to date; should
+    it not answer, the cached copy is used, with a warning that it may be old."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("mtt.buffers.reachable", lambda url: True)
+    cache = tmp_path_factory.mktemp("hub")
+    sub = cache_with_shards(folder, cache)
+    real, asked = huggingface_hub.snapshot_download, []
+
+    def hub(**kwargs):
+        if kwargs.get("local_files_only"):
+            return real(**kwargs)
+        asked.append(kwargs["revision"])
+        if answers:
+            return str(sub.parent.parent)  # what the Hub gave: the snapshot, brought up to date
+        raise ConnectionError("the Hub timed out (test)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    answers = True
+    assert download_buffers(REPO, "digits/ConvNet", revision="main", cache_dir=cache) == sub
+    assert asked == ["main"] and not recwarn.list
+    answers = False
+    assert download_buffers(REPO, "digits/ConvNet", revision="main", cache_dir=cache) == sub
+    assert asked == ["main", "main"]
+    assert "did not answer" in str(recwarn.pop(UserWarning).message)
+    with pytest.raises(BufferDownloadError, match="ConnectionError: the Hub timed out"):
+        download_buffers(REPO, "cifar10", cache_dir=cache)  # nothing cached to fall back on
+
+
+def test_behind_a_proxy_the_hub_is_left_to_its_own_timeouts(monkeypatch, no_network):
+    from mtt.io import reachable
+    assert not reachable("https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert reachable("https://huggingface.co")  # the host is reached through the proxy, not directly
 
 
 def test_download_uses_a_populated_local_dir_offline(folder, tmp_path_factory, monkeypatch, no_network):

@@ -93,6 +93,7 @@ def test_the_original_codes_flags_are_said_as_named_here():
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "."], "--plot . is a folder"),
     (["evaluate", "--synthetic", "x.safetensors", "--plot", "x.xyz"], "--plot x.xyz: name the chart's format"),
     (["evaluate", "--synthetic", "."], "--synthetic: . is a folder without a synthetic.safetensors"),
+    (["evaluate", "--synthetic", "hf://someone/sets/set.safetensors"], "hf:// addresses are for --buffers"),
     (["distill", "--dataset", "digits", "--ipc", 1, "--buffers", "b", "--out", "o", "--method", "datm",
       "--no-soft-labels"], "--label-init onehot"),
     (["distill", "--dataset", "digits", "--ipc", 0, "--buffers", "b", "--out", "o"], "--ipc"),
