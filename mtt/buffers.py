@@ -75,6 +75,7 @@ class BufferMeta:
     version: str = __version__
 
     def __post_init__(self) -> None:
+        _check_meta_types(self)
         # Accept lists (from JSON) and an int im_size; store tuples so metas compare and hash.
         object.__setattr__(self, "im_size", _hw(self.im_size))
         object.__setattr__(self, "param_names", tuple(self.param_names))
@@ -135,6 +136,27 @@ class BufferMeta:
 _STR_FIELDS = {f.name for f in fields(BufferMeta) if f.type == "str"}
 
 
+def _check_meta_types(meta: BufferMeta) -> None:
+    """Metadata as mtt writes it (another tool's shard may say zca "no" or epochs "3"): ValueError otherwise."""
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    wrong = [name for name, ok in (
+        ("dataset", isinstance(meta.dataset, str)), ("model", isinstance(meta.model, str)),
+        ("channels", count(meta.channels)), ("num_classes", count(meta.num_classes)), ("epochs", count(meta.epochs)),
+        ("zca", isinstance(meta.zca, bool)),
+        ("lr", isinstance(meta.lr, (int, float)) and not isinstance(meta.lr, bool) and math.isfinite(meta.lr)
+         and meta.lr > 0),
+        ("param_shapes", isinstance(meta.param_shapes, (list, tuple))
+         and all(isinstance(s, (list, tuple)) and all(count(d) for d in s) for s in meta.param_shapes)),
+        ("param_names", isinstance(meta.param_names, (list, tuple))
+         and all(isinstance(n, str) for n in meta.param_names)),
+    ) if not ok]
+    if wrong:
+        raise ValueError(f"{', '.join(f'{name}={getattr(meta, name)!r}' for name in wrong)} is not what mtt writes "
+                         f"there (counts >= 1, zca true/false, a learning rate > 0)")
+
+
 def _meta_to_strings(meta: BufferMeta) -> dict[str, str]:
     # safetensors metadata is str -> str: strings as they are, everything else as JSON
     return {k: v if k in _STR_FIELDS else json.dumps(v) for k, v in asdict(meta).items()} | {"format": FORMAT}
@@ -145,7 +167,7 @@ def _meta_from_strings(d: dict[str, str], source: Path) -> BufferMeta:
         kwargs = {f.name: d[f.name] if f.name in _STR_FIELDS else json.loads(d[f.name])
                   for f in fields(BufferMeta) if f.name in d}
         return BufferMeta(**kwargs)
-    except (TypeError, ValueError) as err:  # a missing field or a value that is not JSON
+    except (TypeError, ValueError, RecursionError) as err:  # a missing field, a value that is not JSON or not mtt's
         raise ValueError(f"{source} has unreadable buffer metadata ({err}); "
                          "re-create it with this version of mtt") from None
 
@@ -224,7 +246,7 @@ def _read_shard(path: Path) -> _Shard:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise _broken(path, err) from None
     if metadata.get("format") != FORMAT:
@@ -233,18 +255,27 @@ def _read_shard(path: Path) -> _Shard:
                          f"point --buffers (experts: --out) at such a folder, not at a run's")
     meta = _meta_from_strings(metadata, path)
     ids, accs = [], set()
-    for key, shape in shapes.items():
+    for key, (shape, dtype) in shapes.items():
         kind, _, num = key.rpartition("_")
         want = {"expert": (meta.epochs + 1, meta.num_params), "test_acc": (meta.epochs,)}.get(kind)
         if want is None or not num.isdigit():
             raise ValueError(f"{path} holds an unexpected tensor {key!r}; is it an mtt buffer shard?")
         if shape != want:
             raise ValueError(f"{path}: {key} has shape {list(shape)} but {meta.describe()} needs {list(want)}")
+        if dtype not in _FLOAT_DTYPES:  # the others are read as float32
+            raise ValueError(f"{path}: {key} holds {dtype} numbers, where mtt writes float32 (F32): convert it, or "
+                             f"train the experts again (python -m mtt experts)")
         if kind == "expert":
             ids.append(int(num))
         else:
             accs.add(int(num))
+    if not ids:
+        raise ValueError(f"{path} holds no expert trajectory (no expert_* tensor): delete it, or train the experts "
+                         f"again (python -m mtt experts)")
     return _Shard(path, meta, tuple(sorted(ids)), frozenset(accs))
+
+
+_FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names
 
 
 def shard_paths(folder: Path) -> list[Path]:
@@ -305,7 +336,9 @@ def _check_index(folder: Path, shards: list[_Shard]) -> None:
     path = folder / INDEX
     try:
         listed = json.loads(path.read_text())["shards"]
-    except (ValueError, KeyError, TypeError) as err:
+        if not isinstance(listed, (dict, list)) or not all(isinstance(name, str) for name in listed):
+            raise TypeError(f"'shards' is {type(listed).__name__}, not the shards' names")
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise ValueError(f"{path} is not a valid buffer index ({err}): delete it (the shards are read without "
                          "it; `python -m mtt experts` into the folder writes it again)") from None
     on_disk = {s.path.name for s in shards}
@@ -333,13 +366,13 @@ class _ShardReader:
         return self.handles[path]
 
     def trajectory(self, i: int) -> Tensor:
-        return self._file(i).get_tensor(_expert_key(i))
+        return self._file(i).get_tensor(_expert_key(i)).float()  # float32 as mtt writes it: no copy
 
     def snapshot(self, i: int, epoch: int) -> Tensor:
-        return self._file(i).get_slice(_expert_key(i))[epoch]
+        return self._file(i).get_slice(_expert_key(i))[epoch].float()
 
     def test_acc(self, i: int) -> Tensor | None:
-        return self._file(i).get_tensor(_acc_key(i)) if i in self.where[i].with_acc else None
+        return self._file(i).get_tensor(_acc_key(i)).float() if i in self.where[i].with_acc else None
 
     def locate(self, i: int) -> str:
         return f"expert {i} in {self.where[i].path}"

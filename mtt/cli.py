@@ -603,6 +603,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                          "--original-labels labels_best.pt, --dataset and --lr")
     else:
         synthetic = SyntheticSet.load(args.synthetic)
+        if not (synthetic.dataset or args.dataset):
+            raise ValueError(f"{args.synthetic} does not record the dataset it was distilled from: pass --dataset")
     dataset = dataset or load_dataset(args.dataset or synthetic.dataset, args.data_root)
     if args.original_zca:  # the set is in the ZCA space of its run's training set, which its test images are put in
         dataset = dataset.with_zca()

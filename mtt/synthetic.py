@@ -43,7 +43,8 @@ class SyntheticSet:
         if self.images.dim() != 4 or n == 0 or not self.images.is_floating_point():
             raise ValueError(f"synthetic images must be float [N, C, H, W] with N >= 1, got "
                              f"{self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.shape != (n,) or self.labels.is_floating_point() or (n and int(self.labels.min()) < 0):
+        if (self.labels.shape != (n,) or self.labels.is_floating_point() or self.labels.dtype == torch.bool
+                or (n and int(self.labels.min()) < 0)):
             raise ValueError(f"synthetic labels must be one class index >= 0 per image ({n}), got "
                              f"{self.labels.dtype} {tuple(self.labels.shape)}")
         if self.label_logits is not None and (self.label_logits.dim() != 2 or len(self.label_logits) != n):
@@ -108,14 +109,50 @@ class SyntheticSet:
         check_same_space(metadata.get("mtt_version"), metadata.get("dataset", ""), "zca.mean" in tensors,
                          f"the synthetic set {path}", "distil it again with this version, or evaluate it with the "
                          "version that wrote it")
-        zca = ZCA.from_state_dict(tensors) if "zca.mean" in tensors else None
-        syn_lr = float(tensors["syn_lr"]) if "syn_lr" in tensors else None
         try:
-            return cls(tensors["images"], tensors["labels"], syn_lr, metadata.get("dataset", ""),
-                       metadata.get("model", "ConvNet"), tensors.get("label_logits"), zca,
-                       json.loads(metadata.get("config", "{}")))
-        except ValueError as err:
+            zca = ZCA.from_state_dict(tensors) if any(k.startswith("zca.") for k in tensors) else None
+            return cls(_as_float32(tensors["images"]), _as_class_indices(tensors["labels"]), _step_size(tensors),
+                       metadata.get("dataset", ""), metadata.get("model", "ConvNet"),
+                       _as_float32(tensors.get("label_logits")), zca, _config(metadata.get("config", "{}")))
+        except (ValueError, RuntimeError, RecursionError) as err:  # RuntimeError: torch's, on a tensor of no use
             raise ValueError(f"{path} is a damaged synthetic set: {err}") from None
+
+
+def _as_float32(tensor: Tensor | None) -> Tensor | None:
+    """float32, as mtt writes images and logits (another tool's float16 or float64 are cast)."""
+    if tensor is not None and not tensor.is_floating_point():
+        raise ValueError(f"images and label logits must be floating point, got {tensor.dtype}")
+    return None if tensor is None else tensor.float()
+
+
+def _as_class_indices(labels: Tensor) -> Tensor:
+    """int64 class indices (another tool's int32 or uint8 are cast; floats and booleans are no class indices)."""
+    return labels if labels.is_floating_point() or labels.dtype == torch.bool else labels.long()
+
+
+def _step_size(tensors: dict[str, Tensor]) -> float | None:
+    if "syn_lr" not in tensors:
+        return None
+    if tensors["syn_lr"].numel() != 1:
+        raise ValueError(f"syn_lr must be one number, got a tensor of shape {list(tensors['syn_lr'].shape)}")
+    return float(tensors["syn_lr"])
+
+
+# What a set's config may say of the ConvNet it was distilled through: a width or depth past these is a damaged file,
+# not a network to allocate (evaluation builds it).
+MAX_WIDTH, MAX_DEPTH = 8192, 16
+
+
+def _config(text: str) -> dict[str, Any]:
+    """The distillation config recorded with a set: a JSON object, whose network size is a sane one."""
+    config = json.loads(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"its config is a JSON {type(config).__name__}, not an object")
+    for name, most in (("width", MAX_WIDTH), ("depth", MAX_DEPTH)):
+        value = config.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ValueError(f"its config's {name} is {value!r}, not a whole number from 1 to {most}")
+    return config
 
 
 def load_original_mtt(images_path: str | os.PathLike, labels_path: str | os.PathLike, dataset: str,

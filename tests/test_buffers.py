@@ -207,6 +207,41 @@ def test_truncated_shard_is_reported(folder):
             call(folder)
 
 
+def rewrite(path, change_tensors=lambda t: t, **metadata):
+    """The shard at `path` as another tool might have written it: tensors and metadata changed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(change_tensors(tensors), str(path), meta | metadata)
+
+
+def test_shards_written_by_other_tools(folder):
+    """Shards mtt did not write: other float types are read as float32; anything else is one error naming the file
+    and what is wrong (they raised deep in torch, or at the first iteration)."""
+    expected = ExpertBuffers.open(folder).trajectory(2)  # expert 5, in b.safetensors
+    rewrite(folder / "b.safetensors", lambda t: {k: v.half() for k, v in t.items()})
+    got = ExpertBuffers.open(folder).trajectory(2)
+    assert got.dtype == torch.float32 and torch.allclose(got, expected, atol=1e-2)
+    rewrite(folder / "b.safetensors", lambda t: {k: v.long() for k, v in t.items()})
+    with pytest.raises(ValueError, match=r"b\.safetensors: expert_00005 holds I64 numbers, where mtt writes float32"):
+        ExpertBuffers.open(folder)
+    rewrite(folder / "b.safetensors", lambda t: {})
+    with pytest.raises(ValueError, match=r"b\.safetensors holds no expert trajectory"):
+        ExpertBuffers.open(folder)
+    write_shard(folder / "b.safetensors", trajectories([5, 6]), meta_for(small_net()), [5, 6])
+    for field, value in (("zca", '"no"'), ("epochs", '"3"'), ("epochs", "3.0"), ("lr", "-1"), ("channels", "0"),
+                         ("param_shapes", "[" * 100000 + "]" * 100000)):
+        rewrite(folder / "b.safetensors", **{field: value})
+        with pytest.raises(ValueError, match=r"b\.safetensors has unreadable buffer metadata"):
+            ExpertBuffers.open(folder)
+    write_shard(folder / "b.safetensors", trajectories([5, 6]), meta_for(small_net()), [5, 6])
+    for shards in ("null", '"b.safetensors"', "[" * 100000 + "]" * 100000):
+        (folder / "index.json").write_text(f'{{"shards": {shards}}}')
+        with pytest.raises(ValueError, match=r"index\.json is not a valid buffer index"):
+            ExpertBuffers.open(folder)
+
+
 def test_finished_experts(folder, tmp_path_factory):
     (folder / ".c.safetensors.x1y2.tmp").write_bytes(b"half a shard")  # an interrupted atomic write
     assert finished_experts(folder) == {0, 1, 5, 6}

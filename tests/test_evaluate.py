@@ -168,6 +168,37 @@ def test_a_set_that_cannot_be_one_is_refused_when_made_or_loaded(small, digits, 
                            QUICK, "cpu")
 
 
+def test_sets_written_by_other_tools(small, digits, tmp_path):
+    """Other dtypes are cast as mtt writes them (the same evaluation); what cannot be a set is refused naming the
+    file, not a traceback from torch or an allocation of a terabyte for a network its config makes up."""
+    import mtt
+    images, labels, _, _ = small
+    path = tmp_path / "set.safetensors"
+
+    def written(tensors=None, **config):
+        good = {"images": images, "labels": labels, "syn_lr": torch.tensor(0.01)}
+        metadata = {"format": "mtt-synthetic/1", "dataset": "digits", "config": json.dumps({"width": 16} | config),
+                    "mtt_version": mtt.__version__}
+        save_file(good | (tensors or {}), path, metadata)
+        return path
+
+    reference = SyntheticSet.load(written())
+    other = SyntheticSet.load(written({"images": images.half().double(), "labels": labels.int()}))
+    assert other.images.dtype == torch.float32 and other.labels.dtype == torch.int64
+    assert torch.equal(other.images, reference.images.half().float()) and torch.equal(other.labels, reference.labels)
+    for tensors, config, said in [({"labels": labels.bool()}, {}, "one class index >= 0 per image"),
+                                  ({"images": images.long()}, {}, "must be floating point, got torch.int64"),
+                                  ({"syn_lr": torch.tensor([0.01, 0.02])}, {}, "syn_lr must be one number"),
+                                  ({"zca.mean": torch.zeros(64)}, {}, "not a ZCA state"),
+                                  ({}, {"width": 200000}, "width is 200000, not a whole number from 1 to 8192"),
+                                  ({}, {"depth": "abc"}, "depth is 'abc'")]:
+        with pytest.raises(ValueError, match=f"set.safetensors is a damaged synthetic set: .*{said}"):
+            SyntheticSet.load(written(tensors, **config))
+    save_file({"images": images, "labels": labels}, path, {"format": "mtt-synthetic/1", "config": "[1, 2]"})
+    with pytest.raises(ValueError, match="its config is a JSON list, not an object"):
+        SyntheticSet.load(path)
+
+
 def test_a_zca_set_of_mtt_0_1_is_refused(small, digits, tmp_path):
     """mtt 0.1's ZCA whitened normalised images; since 0.2 it whitens pixels, as the original code."""
     zca = ZCA.fit(digits.denormalize(digits.train_images[:500]))
@@ -573,3 +604,11 @@ def test_cli_asks_which_set_of_a_run_folder(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: --synthetic: ") and "is a run folder" in error
     assert "synthetic_best.safetensors (the best evaluated)" in error
+
+
+def test_cli_asks_for_the_dataset_of_a_set_that_does_not_record_it(small, tmp_path, capsys):
+    images, labels, _, _ = small
+    save_file({"images": images, "labels": labels, "syn_lr": torch.tensor(0.01)}, tmp_path / "set.safetensors",
+              {"format": "mtt-synthetic/1"})
+    assert main(["evaluate", "--synthetic", str(tmp_path / "set.safetensors"), "--device", "cpu"]) == 2
+    assert "does not record the dataset it was distilled from: pass --dataset" in capsys.readouterr().err
