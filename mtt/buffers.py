@@ -21,7 +21,7 @@ import operator
 import os
 import warnings
 import zipfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -476,7 +476,33 @@ def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
 def _load_legacy(path: Path) -> object:
     # Zip checkpoints (torch >= 1.6) are memory-mapped: only the pickled structure is read
     # until a tensor's values are used, so checking a file's shapes is cheap.
-    return load_plain_torch_file(path, mmap=zipfile.is_zipfile(path))
+    if not zipfile.is_zipfile(path):
+        return load_plain_torch_file(path)
+    loaded = load_plain_torch_file(path, mmap=True)
+    _check_records(path, loaded)
+    return loaded
+
+
+def _check_records(path: Path, loaded: object) -> None:
+    """Memory-mapped, torch does not check that each tensor's record in the zip holds all of its bytes: a damaged
+    record would read the next one's. The records' sizes must add up to the tensors' storages."""
+    with zipfile.ZipFile(path) as archive:
+        recorded = sum(info.file_size for info in archive.infolist() if "/data/" in info.filename)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors_in(loaded)}
+    if sum(storages.values()) != recorded:
+        raise ValueError(f"{path} is truncated or corrupt: its tensors need {sum(storages.values())} bytes but its "
+                         f"records hold {recorded}; copy or download it again")
+
+
+def _tensors_in(obj: object) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors_in(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors_in(item)
 
 
 def _looks_like_trajectories(obj: object) -> bool:

@@ -300,6 +300,23 @@ def write_legacy(root, dataset_dir="digits_NO_ZCA", model="ConvNet", files=((0, 
     return folder, written
 
 
+def test_legacy_file_with_a_record_shorter_than_its_tensor_is_refused(tmp_path):
+    """Memory-mapped, torch reads a damaged record's tensor from the bytes after it: refused, not experts of
+    garbage (or NaN) found only when drawn."""
+    import zipfile
+    folder, _ = write_legacy(tmp_path, files=((0,),))
+    path = folder / "replay_buffer_0.pt"
+    with zipfile.ZipFile(path) as archive:
+        records = {info.filename: archive.read(info) for info in archive.infolist()}
+    victim = next(name for name, data in records.items() if "/data/" in name and len(data) > 1000)
+    records[victim] = records[victim][:8]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(name, data)
+    with pytest.raises(ValueError, match=r"replay_buffer_0\.pt is truncated or corrupt: its tensors need \d+ bytes"):
+        ExpertBuffers.open(tmp_path, dataset="digits", zca=False)
+
+
 def test_legacy_round_trip(tmp_path):
     folder, written = write_legacy(tmp_path)
     net = small_net()
