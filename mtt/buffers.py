@@ -279,8 +279,9 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names
 
 
 def shard_paths(folder: Path) -> list[Path]:
-    # atomic writes leave ".name.XXXX.tmp" files while in progress: never shards
-    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
+    # atomic writes leave ".name.XXXX.tmp" files while in progress: never shards; nor is what is no file (a named
+    # pipe would block the reading forever)
+    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(".") and p.is_file())
 
 
 def _check_shards(shards: list[_Shard]) -> tuple[BufferMeta, dict[int, _Shard]]:
@@ -397,8 +398,8 @@ _ORIGINAL_MODEL_PREFIXES = ("ConvNet", "MLP", "LeNet", "AlexNet", "VGG", "ResNet
 
 def _replay_files(folder: Path) -> tuple[Path, ...]:
     """replay_buffer_{n}.pt in the order of n (2 before 10); other names (replay_buffer_old.pt) are no part."""
-    files = [p for p in folder.glob("replay_buffer_*.pt") if p.stem.removeprefix("replay_buffer_").isdigit()] \
-        if folder.is_dir() else []
+    files = [p for p in folder.glob("replay_buffer_*.pt")
+             if p.stem.removeprefix("replay_buffer_").isdigit() and p.is_file()] if folder.is_dir() else []
     return tuple(sorted(files, key=lambda p: int(p.stem.removeprefix("replay_buffer_"))))
 
 
