@@ -514,10 +514,10 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             _check_compatible(out_dir, meta)
             _check_same_training(out_dir, settings)
         todo = [k for k in ids if k not in done]
-        held = sorted(set(done) | set(ids))  # asking for fewer than the folder holds removes none
+        kept = sorted(set(done) | set(ids))  # asking for fewer than the folder holds removes none
         procs.barrier()  # every rank has read the folder before any rank adds to it
         if rank == 0:
-            atomic_write_json(out_dir / EXPERTS_CONFIG, settings | {"num_experts": len(held)})
+            atomic_write_json(out_dir / EXPERTS_CONFIG, settings | {"num_experts": len(kept)})
         scores = curriculum_scores(dataset, config, out_dir, procs) if config.curriculum and todo else None
         mine = [k for k in todo if k % world == rank]
         parallel = _parallel_for(probe, config.parallel)
@@ -548,7 +548,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             buffers = ExpertBuffers.open(out_dir)
             position = {k: i for i, k in enumerate(buffers.expert_ids)}
             final = {k: float(buffers.test_acc(position[k])[-1]) for k in ids}
-    return {"experts": len(held), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
+    return {"experts": len(kept), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,
             "out": str(out_dir)}
 
