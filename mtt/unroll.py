@@ -34,7 +34,8 @@ allocating a large graph is slow, as under glibc's default on a CPU, that wins),
 is only a candidate where its graph fits in memory; where it does not, `checkpointed` keeps
 the graphs of as many steps as fit (kept_graphs).
 
-Options of the successors (all off by default; each a small function called from one place):
+Options of the successors (all off by default; the matching options are each a small function called from one
+place, while TESLA (`hessian`) and soft labels (`soft`) change what the walk differentiates, so the walk takes them):
 
 - TESLA (Cui et al., ICML 2023), backward mode `tesla`: APPROXIMATE. The checkpointed walk
   without the Hessian term: the adjoint stays lambda_N at every step, so
