@@ -537,9 +537,12 @@ def _eval_summary(results: dict, args: argparse.Namespace, dataset: Dataset, lr:
                   f"now {lr:.3g})", file=sys.stderr)
     if args.plot:
         from mtt.viz import cross_arch_bars
-        cross_arch_bars(results, path=args.plot, label=what, chance=chance,
-                        title=f"{what}\n{dataset.name}, {args.epochs} epochs, {args.repeats} networks per model")
-        print(f"saved: {args.plot}", file=sys.stderr)
+        try:
+            cross_arch_bars(results, path=args.plot, label=what, chance=chance,
+                            title=f"{what}\n{dataset.name}, {args.epochs} epochs, {args.repeats} networks per model")
+            print(f"saved: {args.plot}", file=sys.stderr)
+        except OSError as err:  # the results, hours of training, are above and in --json: not lost for a chart
+            print(f"warning: no chart: {err}", file=sys.stderr)
     return {model: result.to_dict() for model, result in results.items()}
 
 

@@ -2,6 +2,7 @@
 checked before work starts, and a quick check that a download's host can be reached."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -25,8 +26,11 @@ from safetensors.torch import load_file, save_file
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, fsync it, then rename over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_failed(path, err) from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -35,9 +39,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
             os.fsync(f.fileno())
         tmp.chmod(0o644)  # mkstemp makes owner-only files; results are meant to be shared
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:  # safetensors raises its own error for the system's
+        raise _write_failed(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_failed(path: Path, err: Exception) -> OSError:
+    """One line naming the file that could not be written, and, for a full disk, what to do."""
+    full = getattr(err, "errno", None) == errno.ENOSPC or "StorageFull" in str(err) or "No space left" in str(err)
+    if full:
+        return OSError(f"cannot write {path}: no space left on the device. Free some, then run the command again "
+                       f"(a distillation: with --resume); what was written before is intact")
+    return OSError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -137,8 +152,12 @@ def held_folder(path: str | os.PathLike) -> Iterator[Path]:
         except FileExistsError:
             _refuse_if_held(lock)
             lock.unlink(missing_ok=True)  # a killed run's
-    with os.fdopen(fd, "w") as f:
-        f.write(owner)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(owner)
+    except OSError as err:  # an empty lock would keep every later run out for LOCK_STALE_S
+        lock.unlink(missing_ok=True)
+        raise _write_failed(lock, err) from None
     stop = threading.Event()
     beat = threading.Thread(target=_beat, args=(lock, stop), name="mtt-lock", daemon=True)
     beat.start()
@@ -148,7 +167,10 @@ def held_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         stop.set()
         beat.join()
-        lock.unlink(missing_ok=True)
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError:  # the folder turned read-only: the error that ended the run is the one to see
+            pass
 
 
 def _beat(lock: Path, stop: threading.Event) -> None:
@@ -196,9 +218,9 @@ def _process_exists(pid: int) -> bool:
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete the hidden `.NAME.XXXX.tmp` files that a killed atomic_write leaves behind (no other process is
-    writing into `folder`: it is held)."""
-    for p in folder.glob(".*.tmp"):
+    """Delete the hidden `.NAME.XXXX.tmp` files that a killed atomic_write leaves behind, in `folder` and its
+    sub-folders (a run's snapshots/); no other process is writing into `folder`: it is held."""
+    for p in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
         if p.is_file():
             p.unlink(missing_ok=True)
 

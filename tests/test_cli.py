@@ -1,4 +1,5 @@
 """`python -m mtt` as a user meets it: bad input, interruption, resume, original buffers. Real subprocesses."""
+import errno
 import json
 import os
 import re
@@ -270,6 +271,96 @@ def test_a_held_folders_lock_is_touched_while_held(tmp_path, monkeypatch):
         os.utime(tmp_path / LOCK, (0, 0))
         time.sleep(0.5)
         assert time.time() - (tmp_path / LOCK).stat().st_mtime < 5
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_what_to_do(tmp_path, monkeypatch):
+    """The system's ENOSPC, and safetensors' own error for it (a ~30-line traceback from the CLI before)."""
+    from safetensors import SafetensorError
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    said = "no space left on the device. Free some, then run the command again \\(a distillation: with --resume\\)"
+    with pytest.raises(OSError, match=f"cannot write {re.escape(str(tmp_path / 'history.json'))}: {said}"):
+        mtt_io.atomic_write(tmp_path / "history.json", full)
+
+    def safetensors_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(mtt_io, "save_file", safetensors_full)
+    with pytest.raises(OSError, match=f"checkpoint.safetensors: {said}"):
+        mtt_io.atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "checkpoint.safetensors")
+    assert list(tmp_path.iterdir()) == []  # no temporaries left
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_lock_that_could_not_be_written_keeps_no_later_run_out(tmp_path, monkeypatch):
+    """An empty lock (the disk full when it was made) kept every later run out for LOCK_STALE_S."""
+    real = os.fdopen
+    monkeypatch.setattr(mtt_io.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode)))
+    with pytest.raises(OSError, match=r"\.mtt\.lock: no space left on the device"):
+        with held_folder(tmp_path):
+            pass
+    monkeypatch.undo()
+    assert not (tmp_path / LOCK).exists()
+    with held_folder(tmp_path):
+        pass
+
+
+def test_the_error_that_ended_a_run_is_not_hidden_by_its_lock(tmp_path, monkeypatch):
+    """The folder turned read-only mid-run: the lock cannot be removed, and the error to see is the run's."""
+    real_unlink = Path.unlink
+
+    def read_only(self, missing_ok=False):
+        if self.name == LOCK:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    with pytest.raises(OSError, match="cannot write the checkpoint \\(test\\)"):
+        with held_folder(tmp_path):
+            monkeypatch.setattr(Path, "unlink", read_only)
+            raise OSError("cannot write the checkpoint (test)")
+
+
+def test_a_killed_runs_temporaries_are_removed_from_its_snapshots_too(tmp_path):
+    (tmp_path / "snapshots").mkdir()
+    stale = [tmp_path / ".checkpoint.safetensors.ab12.tmp", tmp_path / "snapshots" / ".iter_000002.safetensors.x.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    with held_folder(tmp_path):
+        assert not any(path.exists() for path in stale)
+
+
+def test_a_chart_that_cannot_be_saved_loses_no_results(tmp_path, monkeypatch, capsys):
+    """The networks were trained (hours, at scale): their numbers are printed and returned (--json) all the same."""
+    import mtt.viz
+    from mtt.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(f"cannot write {tmp_path / 'chart.png'}: no space left on the device (test)")
+
+    monkeypatch.setattr(mtt.viz, "cross_arch_bars", full)
+    assert main(["baseline", "--dataset", "digits", "--ipc", "1", "--method", "random", "--epochs", "1",
+                 "--repeats", "1", "--device", "cpu", "--no-progress", "--plot", str(tmp_path / "chart.png"),
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "ConvNet" in json.loads(out.splitlines()[-1]) and "warning: no chart: cannot write" in err
 
 
 # ----------------------------------------------------------------------------- distill: resume and its errors
