@@ -547,6 +547,9 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
             write_index(out_dir)
             buffers = ExpertBuffers.open(out_dir)
             position = {k: i for i, k in enumerate(buffers.expert_ids)}
+            if missing := [k for k in ids if k not in position]:
+                raise ValueError(f"experts {missing} are no longer in {out_dir} (its files were removed while the "
+                                 f"experts trained?): run the command again to train them")
             final = {k: float(buffers.test_acc(position[k])[-1]) for k in ids}
     return {"experts": len(kept), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,

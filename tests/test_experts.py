@@ -96,6 +96,22 @@ def test_same_seed_same_shards_and_resume(digits, tmp_path):
     assert torch.equal(buffers.trajectory(2), b["experts_00002-00002.safetensors"]["expert_00002"])
 
 
+def test_experts_whose_files_went_away_while_training_are_said_missing(digits, tmp_path, monkeypatch):
+    """The first shard removed while the second trained (the folder deleted mid-run): one error, not a KeyError."""
+    import mtt.experts
+    write = mtt.experts.write_shard
+
+    def and_lose_the_first(path, *args, **kwargs):
+        written = write(path, *args, **kwargs)
+        if path.name != "experts_00000-00000.safetensors":
+            (tmp_path / "experts_00000-00000.safetensors").unlink()
+        return written
+
+    monkeypatch.setattr(mtt.experts, "write_shard", and_lose_the_first)
+    with pytest.raises(ValueError, match=r"experts \[0\] are no longer in .*: run the command again to train them"):
+        train_experts(digits, replace(TINY, num_experts=2, epochs=1), tmp_path, device="cpu", progress=False)
+
+
 def test_resume_refuses_other_experts(digits, tmp_path):
     train_experts(digits, replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
     with pytest.raises(ValueError, match="epochs: 1 there vs 2 now"):
