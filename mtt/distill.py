@@ -346,6 +346,8 @@ CHOSEN_UNDER = ("backward", "compile", "syn_steps", "batch_syn", "segments")
 def chosen_on(device: torch.device) -> str:
     """The device `auto` timed and sized its choice on: the GPU's model (its memory with it), else the device type."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 _FLAGS = {"ipc": "--ipc", "model": "--model", "width": "--width", "depth": "--depth", "zca": "--zca/--no-zca",
           "soft_labels": "--soft-labels", "dataset": "--dataset", "teacher_labels": "--teacher-labels",
           "init": "--init", "label_init": "--label-init", "seed": "--seed"}
