@@ -468,6 +468,16 @@ def _find_legacy_any_zca(path: Path, dataset: str | None, model: str | None,
                                                        else None)
 
 
+def _folders_with_experts_below(path: Path, levels: int = 3) -> list[str]:
+    """The folders up to `levels` below `path` that hold experts (mtt's shards, or the original's files), relative
+    to it: where a user who named a parent (a repo's root) should point."""
+    if not path.is_dir():
+        return []
+    below = {p.parent for depth in range(1, levels + 1) for pattern in ("*.safetensors", "replay_buffer_*.pt")
+             for p in path.glob("/".join(["*"] * depth + [pattern]))}
+    return sorted(str(folder.relative_to(path)) for folder in below if holds_experts(folder) or _replay_files(folder))
+
+
 def _infer_convnet_size(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int]:
     """(width, depth) of a ConvNet from its parameter shapes: the first conv's output channels, and the
     number of convolutions (the only 4-d parameters)."""
@@ -632,6 +642,9 @@ class ExpertBuffers:
             if model is not None and (others := _legacy_layouts(path, dataset, None, None)):
                 raise FileNotFoundError(f"no experts of {model} in {path}: it holds original-MTT experts in "
                                         f"{_where(others, path)}; pass that model (--model), or leave --model out")
+            if below := _folders_with_experts_below(path):
+                raise FileNotFoundError(f"no expert buffers in {path} itself, but in {len(below)} folder(s) below it: "
+                                        f"{', '.join(below[:5])}: pass one of those")
             raise FileNotFoundError(f"no expert buffers in {path}: looked for *.safetensors shards and "
                                     f"replay_buffer_*.pt files (also in {{dataset}}[_NO_ZCA]/{{model}}/ below it); "
                                     f"{TRAIN_HINT}")
@@ -965,4 +978,8 @@ def open_buffers(where: str | os.PathLike, **expected) -> ExpertBuffers:
             raise ValueError(f"{text!r} is not a Hub address: use hf://OWNER/REPO[/SUBPATH][@REVISION] "
                              f"(hf://datasets/OWNER/REPO/... for a dataset repo)")
         where = download_buffers("/".join(parts[:2]), "/".join(parts[2:]), revision or None, repo_type=repo_type)
+        try:
+            return ExpertBuffers.open(where, **expected)
+        except FileNotFoundError as err:  # said of the cache's copy: said of the address too
+            raise FileNotFoundError(f"{text}: {err}") from None
     return ExpertBuffers.open(where, **expected)

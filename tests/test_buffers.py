@@ -602,6 +602,24 @@ def test_hub_addresses_of_dataset_repos_and_files_and_none_out_of_the_repo(folde
             open_buffers(address)
 
 
+def test_a_parent_of_expert_folders_names_them(folder, tmp_path_factory, monkeypatch, no_network):
+    """A repo's root, or a folder above the experts: the error says where below it they are (a run's files are
+    no experts)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path_factory.mktemp("hub")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    root = cache_with_shards(folder, cache).parent.parent
+    (root / "runs" / "r1").mkdir(parents=True)
+    (root / "runs" / "r1" / "synthetic.safetensors").write_bytes(b"not experts")
+    write_legacy(root / "original")
+    said = (r"no expert buffers in .* itself, but in 2 folder\(s\) below it: "
+            r"digits/ConvNet, original/digits_NO_ZCA/ConvNet")
+    with pytest.raises(FileNotFoundError, match=said):
+        ExpertBuffers.open(root)
+    with pytest.raises(FileNotFoundError, match=f"^hf://{REPO}@main: {said}: pass one of those"):
+        open_buffers(f"hf://{REPO}@main")
+
+
 def test_online_the_hub_is_asked_even_when_the_cache_holds_the_buffers(folder, tmp_path_factory, monkeypatch,
                                                                        recwarn):
     """A branch moves on and a download can be cut short: online, the Hub brings the cached copy up to date; should
