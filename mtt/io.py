@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,9 @@ def held_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         stop.set()
         beat.join()
+        if not lock.exists():  # someone removed the folder (or emptied it) while this run wrote into it
+            warnings.warn(f"{path} was removed or emptied while this run wrote into it: what was written there "
+                          f"before then is lost, and another run could have started into it", RuntimeWarning)
         try:
             lock.unlink(missing_ok=True)
         except OSError:  # the folder turned read-only: the error that ended the run is the one to see

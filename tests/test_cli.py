@@ -338,6 +338,14 @@ def test_the_error_that_ended_a_run_is_not_hidden_by_its_lock(tmp_path, monkeypa
             raise OSError("cannot write the checkpoint (test)")
 
 
+def test_a_folder_removed_while_held_is_said_so(tmp_path):
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="was removed or emptied while this run wrote into it"):
+        with held_folder(out):
+            shutil.rmtree(out)
+            (out / "snapshots").mkdir(parents=True)  # the run goes on writing: its writes make the folder again
+
+
 def test_a_killed_runs_temporaries_are_removed_from_its_snapshots_too(tmp_path):
     (tmp_path / "snapshots").mkdir()
     stale = [tmp_path / ".checkpoint.safetensors.ab12.tmp", tmp_path / "snapshots" / ".iter_000002.safetensors.x.tmp"]
