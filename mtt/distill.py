@@ -644,9 +644,12 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
     # The bar is closed however the loop ends, so that what is printed then is not written on its line.
     with graceful_stop() as stop, tqdm(total=config.iterations, initial=state.iteration, disable=not progress,
                                        desc="distill") as bar:
-        if config.compile and procs.is_main and state.iteration < config.iterations:  # or it looks hung
-            bar.write(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)",
-                      file=sys.stderr)
+        def say(line: str) -> None:  # rank 0 reports, on its own line above the bar
+            if procs.is_main:
+                bar.write(line, file=sys.stderr)
+
+        if config.compile and state.iteration < config.iterations:  # or it looks hung
+            say(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)")
         while state.iteration < config.iterations:
             rng = state.generator.get_state()
             try:
@@ -665,12 +668,12 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 state.generator.set_state(rng)
                 _out_of_memory(state, config, folder, err)
             _apply(state, update, evaluation, time.perf_counter() - started)
-            if update.choice is not None and procs.is_main:
-                bar.write(f"backward auto: {_describe_choice(update.choice)}", file=sys.stderr)
-            if evaluation is not None and procs.is_main:  # its own progress bar is gone: one line to keep
-                bar.write(_describe_evaluation(evaluation, state.history), file=sys.stderr)
-            if config.teacher_labels and state.iteration == 1 and procs.is_main:
-                _check_teacher(state.teacher_logits, bar)
+            if update.choice is not None:
+                say(f"backward auto: {_describe_choice(update.choice)}")
+            if evaluation is not None:  # its own progress bar is gone: one line to keep
+                say(_describe_evaluation(evaluation, state.history))
+            if config.teacher_labels and state.iteration == 1:
+                _check_teacher(state.teacher_logits, say)
             if state.iteration % config.checkpoint_every == 0:
                 folder.save(state, config)
             bar.update()
@@ -688,8 +691,7 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
             except KeyboardInterrupt:
                 _interrupted(state, config, folder, stop)
             state.history["evals"].append(evaluation)
-            if procs.is_main:
-                print(_describe_evaluation(evaluation, state.history), file=sys.stderr)
+            say(_describe_evaluation(evaluation, state.history))  # the bar is closed: a plain line
         folder.save_snapshot(state)
         folder.save(state, config)
 
@@ -983,15 +985,14 @@ def _diverged(state: DistillState, config: DistillConfig, folder: RunFolder, wha
 UNINFORMATIVE_TEACHER = 0.3  # mean top softmax probability below which TESLA's labels teach next to nothing
 
 
-def _check_teacher(teacher_logits: Tensor, bar: tqdm) -> None:
+def _check_teacher(teacher_logits: Tensor, say: Callable[[str], None]) -> None:
     """Warn when TESLA's teacher labels are close to uniform (measured: digits experts at epochs 2-6 give a
     top probability of 0.13-0.20, and a set evaluated with such labels stays at chance)."""
     confidence = teacher_logits.softmax(-1).max(-1).values.mean().item()
     if confidence < UNINFORMATIVE_TEACHER:
-        bar.write(f"warning: the teacher labels are nearly uniform (mean top probability {confidence:.2f}): the "
-                  f"target checkpoints barely classify the images, so a set trained on these labels learns little. "
-                  f"Use later start epochs (--min-start-epoch) or better-trained experts, or --no-teacher-labels",
-                  file=sys.stderr)
+        say(f"warning: the teacher labels are nearly uniform (mean top probability {confidence:.2f}): the target "
+            f"checkpoints barely classify the images, so a set trained on these labels learns little. Use later "
+            f"start epochs (--min-start-epoch) or better-trained experts, or --no-teacher-labels")
 
 
 def _describe_choice(choice: BackwardChoice) -> str:
