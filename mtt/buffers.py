@@ -895,8 +895,8 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
     except Exception as err:
         if (folder := cached()) is None:
             raise error(f"{type(err).__name__}: {err}") from err
-        warnings.warn(f"the Hugging Face Hub did not answer for {where} ({type(err).__name__}): using the cached "
-                      f"copy, which may be older than the repo's")
+        warnings.warn(f"asking the Hugging Face Hub for {where} failed ({type(err).__name__}: {err}): using the "
+                      f"cached copy, which may be older than the repo's")
         return folder
     if not _holds_buffers(folder):
         raise error("the repo has no *.safetensors or replay_buffer_*.pt files there")
