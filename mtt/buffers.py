@@ -148,7 +148,8 @@ def _check_meta_types(meta: BufferMeta) -> None:
         ("lr", isinstance(meta.lr, (int, float)) and not isinstance(meta.lr, bool) and math.isfinite(meta.lr)
          and meta.lr > 0),
         ("param_shapes", isinstance(meta.param_shapes, (list, tuple))
-         and all(isinstance(s, (list, tuple)) and all(count(d) for d in s) for s in meta.param_shapes)),
+         and all(isinstance(s, (list, tuple)) and all(isinstance(d, int) and d >= 0 for d in s)
+                 for s in meta.param_shapes)),
         ("param_names", isinstance(meta.param_names, (list, tuple))
          and all(isinstance(n, str) for n in meta.param_names)),
     ) if not ok]
@@ -281,7 +282,8 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}  # safetensors' names
 def shard_paths(folder: Path) -> list[Path]:
     # atomic writes leave ".name.XXXX.tmp" files while in progress: never shards; nor is what is no file (a named
     # pipe would block the reading forever)
-    return sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith(".") and p.is_file())
+    return sorted(p for p in folder.glob("*.safetensors")
+                  if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))  # a dangling link: broken
 
 
 def _check_shards(shards: list[_Shard]) -> tuple[BufferMeta, dict[int, _Shard]]:
@@ -861,6 +863,7 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
     cut short, is brought up to date); offline (HF_HUB_OFFLINE, or no route to the Hub) the cached copy is used.
     """
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import HFValidationError
 
     sub = _check_subpath(subpath)
     where = _hub_where(repo_id, revision, sub) + ("" if repo_type == "model" else f", a {repo_type} repo")
@@ -878,7 +881,7 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
         except OSError:  # LocalEntryNotFoundError, IncompleteSnapshotError: not (all) cached
             return None
         except ValueError as err:  # HFValidationError: a malformed repo id or revision
-            raise error(str(err).replace("..", ".")) from None
+            raise error(str(err).rstrip(".")) from None
         return folder if _holds_buffers(folder) else None
 
     host = urlparse(constants.ENDPOINT).hostname
@@ -889,8 +892,8 @@ def download_buffers(repo_id: str, subpath: str = "", revision: str | None = Non
         return folder
     try:  # the Hub answered the check: its own timeouts (HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) apply
         folder = Path(snapshot_download(**kwargs)) / sub
-    except ValueError as err:  # HFValidationError: a malformed repo id or revision
-        raise error(str(err).replace("..", ".")) from None
+    except HFValidationError as err:  # a malformed repo id or revision: no cached copy has such a name
+        raise error(str(err).rstrip(".")) from None
     # huggingface_hub raises its own, OSError and httpx errors, which share no base class
     except Exception as err:
         if (folder := cached()) is None:

@@ -41,7 +41,7 @@ from mtt.initialise import (correctly_classified_images, experts_label_logits, f
                             teacher_logits)
 from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
-from mtt.synthetic import SyntheticSet
+from mtt.synthetic import MAX_DEPTH, MAX_WIDTH, SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, StepPlan, Student, UnrollResult,
                         checkpointed_after_out_of_memory, choose_backward, plan_steps, shallow_layer_mask, unroll)
 
@@ -123,6 +123,9 @@ class DistillConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("width", MAX_WIDTH), ("depth", MAX_DEPTH)):  # what a saved set may say (SyntheticSet)
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be at most {most}, got {getattr(self, name)}")
         for name in ["lr_img", "lr_lr", "lr_teacher", "lr_labels"]:
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
@@ -576,6 +579,8 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
         if folder.writes:
             held.enter_context(held_folder(out_dir))  # the run's alone while it runs
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
+        # rank 0's say on whether `auto` chooses again (the ranks' GPUs may differ): all choose together, or none
+        state.backward, state.kept_graphs = procs.from_main((state.backward, state.kept_graphs))
         folder.save_json(RUN_CONFIG, dataclasses.asdict(config) | _provenance(buffers.source, folder.experts,
                                                                                 procs.device))
         if evaluator is not None:

@@ -168,11 +168,11 @@ def held_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         stop.set()
         beat.join()
-        if not lock.exists():  # someone removed the folder (or emptied it) while this run wrote into it
+        try:
+            lock.unlink()
+        except FileNotFoundError:  # someone removed the folder (or emptied it) while this run wrote into it
             warnings.warn(f"{path} was removed or emptied while this run wrote into it: what was written there "
                           f"before then is lost, and another run could have started into it", RuntimeWarning)
-        try:
-            lock.unlink(missing_ok=True)
         except OSError:  # the folder turned read-only: the error that ended the run is the one to see
             pass
 
@@ -223,8 +223,9 @@ def _process_exists(pid: int) -> bool:
 
 def _remove_stale_temporaries(folder: Path) -> None:
     """Delete the hidden `.NAME.XXXX.tmp` files that a killed atomic_write leaves behind, in `folder` and its
-    sub-folders (a run's snapshots/); no other process is writing into `folder`: it is held."""
-    for p in [*folder.glob(".*.tmp"), *folder.glob("*/.*.tmp")]:
+    sub-folders (a run's snapshots/), except those another run holds; no other process writes into `folder`."""
+    others = {sub for sub in folder.iterdir() if sub.is_dir() and (sub / LOCK).exists()}
+    for p in [*folder.glob(".*.tmp"), *(p for p in folder.glob("*/.*.tmp") if p.parent not in others)]:
         if p.is_file():
             p.unlink(missing_ok=True)
 

@@ -138,9 +138,9 @@ def _step_size(tensors: dict[str, Tensor]) -> float | None:
     return float(tensors["syn_lr"])
 
 
-# What a set's config may say of the ConvNet it was distilled through: a width or depth past these is a damaged file,
-# not a network to allocate (evaluation builds it).
-MAX_WIDTH, MAX_DEPTH = 8192, 16
+# What a set's config may say of the ConvNet it was distilled through (DistillConfig refuses more too): a width or
+# depth past these is a damaged file, not a network to allocate (evaluation builds it).
+MAX_WIDTH, MAX_DEPTH = 8192, 1000
 
 
 def _config(text: str) -> dict[str, Any]:

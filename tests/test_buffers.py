@@ -2,6 +2,7 @@
 import collections
 import dataclasses
 import functools
+import json
 import os
 import pickle
 import socket
@@ -216,6 +217,11 @@ def rewrite(path, change_tensors=lambda t: t, **metadata):
     save_file(change_tensors(tensors), str(path), meta | metadata)
 
 
+def test_metadata_of_a_network_with_an_empty_parameter_is_mtts_own():
+    meta = meta_for(small_net())
+    assert BufferMeta(**(dataclasses.asdict(meta) | {"param_shapes": [*meta.param_shapes[:-1], (0,)]}))
+
+
 def test_shards_written_by_other_tools(folder):
     """Shards mtt did not write: other float types are read as float32; anything else is one error naming the file
     and what is wrong (they raised deep in torch, or at the first iteration)."""
@@ -247,6 +253,9 @@ def test_finished_experts(folder, tmp_path_factory):
     os.mkfifo(folder / "d.safetensors")  # no file: reading it would block forever
     assert finished_experts(folder) == {0, 1, 5, 6}
     assert len(ExpertBuffers.open(folder)) == 4
+    os.symlink(folder / "gone.safetensors", folder / "e.safetensors")  # a link to nothing: broken, not skipped
+    with pytest.raises(ValueError, match=r"e\.safetensors is truncated or corrupt"):
+        ExpertBuffers.open(folder)
     assert finished_experts(tmp_path_factory.mktemp("empty") / "not-yet") == set()
 
 
@@ -652,6 +661,13 @@ def test_online_the_hub_is_asked_even_when_the_cache_holds_the_buffers(folder, t
         recwarn.pop(UserWarning).message)
     with pytest.raises(BufferDownloadError, match="ConnectionError: the Hub timed out"):
         download_buffers(REPO, "cifar10", cache_dir=cache)  # nothing cached to fall back on
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: real(**kwargs) if kwargs.get(
+        "local_files_only") else json.loads("<html>a proxy's page</html>"))  # a ValueError, no malformed address
+    assert download_buffers(REPO, "digits/ConvNet", cache_dir=cache) == sub
+    assert "JSONDecodeError" in str(recwarn.pop(UserWarning).message)
+    with pytest.raises(BufferDownloadError, match=r"some one/repo") as err:
+        download_buffers("some one/repo", cache_dir=cache)  # malformed: said once, in one sentence
+    assert ".. Alternatively" not in str(err.value)
 
 
 def test_behind_a_proxy_the_hub_is_left_to_its_own_timeouts(monkeypatch, no_network):

@@ -347,12 +347,16 @@ def test_a_folder_removed_while_held_is_said_so(tmp_path):
 
 
 def test_a_killed_runs_temporaries_are_removed_from_its_snapshots_too(tmp_path):
+    """...but not from a folder inside that another run holds, whose writes are in progress."""
     (tmp_path / "snapshots").mkdir()
     stale = [tmp_path / ".checkpoint.safetensors.ab12.tmp", tmp_path / "snapshots" / ".iter_000002.safetensors.x.tmp"]
+    live = tmp_path / "other-run" / ".checkpoint.safetensors.cd34.tmp"
     for path in stale:
         path.write_bytes(b"half a file")
-    with held_folder(tmp_path):
-        assert not any(path.exists() for path in stale)
+    with held_folder(tmp_path / "other-run"):
+        live.write_bytes(b"a write in progress")
+        with held_folder(tmp_path):  # the same process holds both here: what matters is the other's lock
+            assert not any(path.exists() for path in stale) and live.exists()
 
 
 def test_a_chart_that_cannot_be_saved_loses_no_results(tmp_path, monkeypatch, capsys):

@@ -356,6 +356,8 @@ def test_bad_config_values():
             small_config(**{field: value}).validate()
     with pytest.raises(ValueError, match="lr_img must be > 0 and finite, got inf"):
         small_config(lr_img=float("inf")).validate()
+    with pytest.raises(ValueError, match="width must be at most 8192, got 200000"):  # a set could not say it
+        small_config(width=200000).validate()
 
 
 def test_experts_of_another_dataset_are_named_as_such(digits, experts, tmp_path):

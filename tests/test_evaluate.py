@@ -183,6 +183,7 @@ def test_sets_written_by_other_tools(small, digits, tmp_path):
         return path
 
     reference = SyntheticSet.load(written())
+    assert SyntheticSet.load(written(depth=17)).depth == 17  # ConvNetNP at depth 17: a set mtt itself writes
     other = SyntheticSet.load(written({"images": images.half().double(), "labels": labels.int()}))
     assert other.images.dtype == torch.float32 and other.labels.dtype == torch.int64
     assert torch.equal(other.images, reference.images.half().float()) and torch.equal(other.labels, reference.labels)
