@@ -247,7 +247,7 @@ def _read_shard(path: Path) -> _Shard:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            shapes = {k: (tuple(part.get_shape()), part.get_dtype()) for k in f.keys() for part in [f.get_slice(k)]}
     except (SafetensorError, OSError) as err:
         raise _broken(path, err) from None
     if metadata.get("format") != FORMAT:
