@@ -517,11 +517,11 @@ def _copied_out(replayed: Callable) -> Callable:
 def memory_share(device: torch.device) -> float:
     """The share of the free memory that `full`'s graph, or the step graphs `checkpointed` keeps, may fill.
 
-    On CUDA 85 %: `full_graph_bytes` came within 1.3-2.3 % of the peak measured at each of the paper's CIFAR
-    shapes (an H200, BENCHMARKS.md), the rest is left to the allocator's rounding and fragmentation, and a run
-    that runs out anyway redoes the iteration with `checkpointed`. So `full` runs where the original's published
-    time was taken (CIFAR-100 IPC 10, ~57 GiB, on an 80 GB card), not a slower walk. Elsewhere running out of RAM is not an error a run can
-    survive (Linux's OOM killer ends the process): half."""
+    On CUDA 85 %: `full_graph_bytes` came within 1.3-2.3 % of the peak measured at each of the paper's CIFAR shapes
+    (an H200, BENCHMARKS.md), the rest is left to the allocator's rounding and fragmentation, and a run that runs
+    out anyway redoes the iteration with `checkpointed`. So `full` runs where the original's published time was
+    taken (CIFAR-100 IPC 10, ~57 GiB, on an 80 GB card), not a slower walk. Elsewhere running out of RAM is not an
+    error a run can survive (Linux's OOM killer ends the process): half."""
     return 0.85 if device.type == "cuda" else 0.5
 
 
