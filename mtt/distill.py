@@ -43,7 +43,8 @@ from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import MAX_DEPTH, MAX_WIDTH, SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, StepPlan, Student, UnrollResult,
-                        checkpointed_after_out_of_memory, choose_backward, plan_steps, shallow_layer_mask, unroll)
+                        checkpointed_after_out_of_memory, choose_backward, full_graph_bytes, plan_steps,
+                        shallow_layer_mask, unroll)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests swap in one that generates no code)
@@ -859,8 +860,9 @@ def _unroll_labels(state: DistillState, config: DistillConfig, student: Student,
 def _unroll(state: DistillState, config: DistillConfig, student: Student, segments: Segments,
             labels: Tensor | None, mask: Tensor | None, procs: Ranks) -> tuple[UnrollResult, tuple]:
     """Unroll in the run's backward mode, `auto`'s choice made on the first iteration; should `auto`'s graphs no
-    longer fit (another job took memory), the iteration is redone with `checkpointed` keeping none. Returns the
-    result and (mode, kept graphs, the choice made in this iteration or None)."""
+    longer fit (another job took memory), the iteration is redone with `checkpointed`, keeping the graphs of half
+    of the steps after `full` (where they fit), then none. Returns the result and (mode, kept graphs, the choice
+    made in this iteration or None)."""
     compiler = COMPILE_BACKEND if config.compile else None
     mode, kept = (config.backward, 0) if config.backward != "auto" else (state.backward, state.kept_graphs)
     choice = None
@@ -876,15 +878,25 @@ def _unroll(state: DistillState, config: DistillConfig, student: Student, segmen
                       param_mask=mask, allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler,
                       kept_graphs=kept)
 
-    try:
-        return run(mode, kept), (mode, kept, choice)
-    except torch.OutOfMemoryError:
-        if not (config.backward == "auto" and (mode == "full" or kept)):
-            raise
-    used = "full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs"
-    choice = checkpointed_after_out_of_memory(procs.device, f"{used} ran out of memory at iteration "
-                                                            f"{state.iteration}: checkpointed from here on")
-    return run(choice.mode, choice.kept_graphs), (choice.mode, choice.kept_graphs, choice)
+    failed = []  # what ran out of memory in this iteration
+    while True:
+        try:
+            return run(mode, kept), (mode, kept, choice)
+        except torch.OutOfMemoryError:
+            if not (config.backward == "auto" and (mode == "full" or kept)):
+                raise
+        failed.append("full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs")
+        # After `full`, half of its graph is kept (compiled steps are all recomputed); after kept graphs, none.
+        graph = _full_graph_bytes(state, student, segments, labels) if mode == "full" and not compiler else 0
+        choice = checkpointed_after_out_of_memory(procs.device, f"{', then '.join(failed)} ran out of memory at "
+                                                                f"iteration {state.iteration}: checkpointed from "
+                                                                f"here on", graph, len(segments.plans))
+        mode, kept = choice.mode, choice.kept_graphs
+
+
+def _full_graph_bytes(state: DistillState, student: Student, segments: Segments, labels: Tensor | None) -> int:
+    targets = labels if state.label_logits is None else state.label_logits.detach()
+    return full_graph_bytes(student, segments.theta_start, state.images, state.syn_lr, segments.plans, targets)
 
 
 def _mean_over_ranks(result: UnrollResult, state: DistillState, procs: Ranks) -> tuple[float, dict[str, Tensor]]:

@@ -537,14 +537,21 @@ class BackwardChoice:
     kept_graphs: int = 0             # checkpointed: the last steps whose graphs the forward path keeps (what fits)
 
 
-def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_bytes: int = 0,
+def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_bytes: int = 0, steps: int = 0,
                                      free_bytes: int | None = None) -> BackwardChoice:
-    """`full` ran out of memory: `checkpointed` instead, the same gradient with one step's graph in memory. Call it
-    outside the `except` block, whose traceback still holds the failed graph, so that emptying the cache frees it."""
+    """`full` ran out of memory: `checkpointed` instead, the same gradient, keeping the graphs of half of the `steps`
+    (fewer where those do not fit in memory_share of what is free), with graph_bytes `full`'s estimate; none with
+    graph_bytes 0 (kept graphs that ran out, compiled steps). Call it outside the `except` block, whose traceback
+    still holds the failed graph, so that emptying the cache frees it."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return BackwardChoice("checkpointed", {}, graph_bytes, free_memory(device) if free_bytes is None else free_bytes,
-                          reason)
+    free = free_memory(device) if free_bytes is None else free_bytes
+    kept = 0
+    if graph_bytes and free:
+        kept = min(steps // 2, graphs_that_fit(graph_bytes, steps, free, memory_share(device)))
+    if kept:
+        reason += f"; keeping the graphs of the last {kept} of {steps} steps"
+    return BackwardChoice("checkpointed", {}, graph_bytes, free, reason, kept)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -643,7 +650,8 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     except torch.OutOfMemoryError:
         times = None  # out of this block, so that the error's traceback lets go of the failed graph
     if times is None:
-        return checkpointed_after_out_of_memory(device, "full ran out of memory", graph, free)
+        return checkpointed_after_out_of_memory(device, "full ran out of memory", 0 if compiler else graph, len(plans),
+                                                free)
     medians = {mode: statistics.median(t) for mode, t in times.items()}
     mode = min(medians, key=medians.get)
     reason = f"{mode} was faster" if len(medians) > 1 else mode

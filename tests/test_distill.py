@@ -424,7 +424,8 @@ def out_of_memory_from(call: int, compute):
 
 def test_auto_goes_on_with_checkpointed_when_full_runs_out_of_memory(digits, experts, tmp_path, monkeypatch, capsys):
     """Memory can shrink under a run that `auto` started on `full` (another job, the evaluation's networks):
-    the iteration is redone with `checkpointed`, which holds one step's graph, and the run goes on with it."""
+    the iteration is redone with `checkpointed` keeping the graphs of half of the steps (they fit here), and the
+    run goes on with it."""
     import mtt.distill
     import mtt.unroll
     monkeypatch.setattr(mtt.distill, "choose_backward", lambda *args, **kwargs: BackwardChoice("full", reason="timed"))
@@ -435,7 +436,9 @@ def test_auto_goes_on_with_checkpointed_when_full_runs_out_of_memory(digits, exp
     history = json.loads((tmp_path / "auto" / "history.json").read_text())
     assert len(history["loss"]) == 4
     assert history["backward"]["mode"] == "checkpointed" and history["backward"]["iteration"] == 1
+    assert history["backward"]["kept_graphs"] == 2  # of syn_steps=5
     assert "full ran out of memory at iteration 1" in history["backward"]["reason"]
+    assert "keeping the graphs of the last 2 of 5 steps" in history["backward"]["reason"]
     assert "backward auto: checkpointed (full ran out of memory at iteration 1" in capsys.readouterr().err
     with safe_open(str(tmp_path / "auto" / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["backward"] == "checkpointed"
@@ -539,6 +542,33 @@ def test_auto_drops_the_kept_graphs_when_they_run_out_of_memory(digits, experts,
     chosen = json.loads((tmp_path / "history.json").read_text())["backward"]
     assert chosen["kept_graphs"] == 0 and chosen["iteration"] == 1
     assert "checkpointed keeping 3 steps' graphs ran out of memory at iteration 1" in chosen["reason"]
+
+
+def test_auto_keeps_no_graph_when_full_and_then_the_kept_graphs_run_out_of_memory(digits, experts, tmp_path,
+                                                                                 monkeypatch):
+    """Where the free memory misleads (a cap set with torch.cuda.set_per_process_memory_fraction, which the
+    driver does not report): `full` runs out, then the half of its graphs kept, in one iteration; it ends on
+    `checkpointed` keeping none, not in an error."""
+    import mtt.distill
+    import mtt.unroll
+    monkeypatch.setattr(mtt.distill, "choose_backward", lambda *args, **kwargs: BackwardChoice("full", reason="timed"))
+    monkeypatch.setattr(mtt.unroll, "_unroll_full", out_of_memory_from(1, mtt.unroll._unroll_full))
+    original_walk, walks = mtt.unroll._adjoint_walk, []
+
+    def walk(*args):
+        walks.append(args[-1])
+        if args[-1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original_walk(*args)
+
+    monkeypatch.setattr(mtt.unroll, "_adjoint_walk", walk)
+    distill(small_config(backward="auto", iterations=3), digits, ExpertBuffers.open(experts), tmp_path,
+            progress=False)
+    assert walks == [2, 0, 0]  # iteration 1 (kept 2 of 5, then none), iteration 2
+    chosen = json.loads((tmp_path / "history.json").read_text())["backward"]
+    assert chosen["mode"] == "checkpointed" and chosen["kept_graphs"] == 0 and chosen["iteration"] == 1
+    assert chosen["reason"].startswith("full, then checkpointed keeping 2 steps' graphs ran out of memory at "
+                                       "iteration 1")
 
 
 def test_out_of_memory_saves_the_state_and_says_how_to_go_on(digits, experts, tmp_path, monkeypatch):

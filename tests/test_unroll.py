@@ -8,8 +8,9 @@ from torch.func import functional_call
 
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
-from mtt.unroll import (EAGER_STEPS, CompileFailed, StepPlan, Steps, Student, choose_backward, full_graph_bytes,
-                        graphs_that_fit, memory_share, plan_steps, student_path, unroll)
+from mtt.unroll import (EAGER_STEPS, CompileFailed, StepPlan, Steps, Student, checkpointed_after_out_of_memory,
+                        choose_backward, full_graph_bytes, graphs_that_fit, memory_share, plan_steps, student_path,
+                        unroll)
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -213,6 +214,16 @@ def test_full_runs_whole_on_an_80gb_card_where_the_original_was_timed():
     assert graphs_that_fit(graph, 20, free, memory_share(torch.device("cpu"))) == 14
     assert graphs_that_fit(graph, 20, 40 * 2**30, 0.85) == 12  # an A100 40GB: the last 12 steps' graphs
     assert graphs_that_fit(graph, 20, None, 0.5) == 20  # free memory unknown: nothing to go by
+
+
+def test_after_full_ran_out_of_memory_half_of_its_graphs_are_kept_where_they_fit():
+    graph, gib = 56_858 * 2**20, 2**30
+    cpu = torch.device("cpu")
+    choice = checkpointed_after_out_of_memory(cpu, "full ran out", graph, 20, free_bytes=78 * gib)
+    assert (choice.mode, choice.kept_graphs) == ("checkpointed", 10)
+    assert choice.reason == "full ran out; keeping the graphs of the last 10 of 20 steps"
+    assert checkpointed_after_out_of_memory(cpu, "", graph, 20, free_bytes=40 * gib).kept_graphs == 7  # 50 % fits
+    assert checkpointed_after_out_of_memory(cpu, "kept ran out", 0, 20, free_bytes=78 * gib).kept_graphs == 0
 
 
 def segment_plans(plans, k):
