@@ -75,6 +75,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size() -> int:
+    """The processes torchrun launched on this machine (1 without torchrun): they share its RAM."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
 @contextmanager
 def ranks(device: torch.device) -> Iterator[Ranks]:
     """This process's Ranks for the duration of a run; starts (and ends) the process group if needed."""

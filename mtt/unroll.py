@@ -67,6 +67,7 @@ from torch.func import functional_call, vmap
 
 from mtt.augment import DSAParams, apply_params, sample_params
 from mtt.device import seconds, to_device
+from mtt.distributed import local_world_size
 
 BackwardMode = Literal["full", "checkpointed", "tesla"]
 EXACT_MODES = ("full", "checkpointed")
@@ -555,15 +556,15 @@ def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_by
 
 
 def free_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated: free CUDA memory (the cached blocks PyTorch's allocator would reuse
-    included), else the OS's MemAvailable (Linux)."""
+    """Bytes this process can still allocate: free CUDA memory (the cached blocks PyTorch's allocator would reuse
+    included), else its share of the OS's MemAvailable (Linux), which torchrun's processes on this machine split."""
     if device.type == "cuda":  # the driver's free memory and what PyTorch holds cached for reuse
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return torch.cuda.mem_get_info(device)[0] + cached
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024 // local_world_size()
     except OSError:
         pass
     return None

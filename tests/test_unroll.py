@@ -9,8 +9,8 @@ from torch.func import functional_call
 from mtt.augment import DEFAULT_STRATEGY, apply_params
 from mtt.networks import get_network
 from mtt.unroll import (EAGER_STEPS, CompileFailed, StepPlan, Steps, Student, checkpointed_after_out_of_memory,
-                        choose_backward, full_graph_bytes, graphs_that_fit, memory_share, plan_steps, student_path,
-                        unroll)
+                        choose_backward, free_memory, full_graph_bytes, graphs_that_fit, memory_share, plan_steps,
+                        student_path, unroll)
 
 IPC, CLASSES, STEPS, BATCH = 3, 4, 6, 5  # batch_syn (5) < synthetic set (12): minibatches cycle
 
@@ -214,6 +214,14 @@ def test_full_runs_whole_on_an_80gb_card_where_the_original_was_timed():
     assert graphs_that_fit(graph, 20, free, memory_share(torch.device("cpu"))) == 14
     assert graphs_that_fit(graph, 20, 40 * 2**30, 0.85) == 12  # an A100 40GB: the last 12 steps' graphs
     assert graphs_that_fit(graph, 20, None, 0.5) == 20  # free memory unknown: nothing to go by
+
+
+def test_torchrun_processes_on_one_machine_split_its_ram(monkeypatch):
+    """Each torchrun process chooses its backward against its share of the RAM, not all of it (on a GPU each
+    has its own)."""
+    whole = free_memory(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert free_memory(torch.device("cpu")) == pytest.approx(whole / 4, rel=0.25)  # MemAvailable moves meanwhile
 
 
 def test_after_full_ran_out_of_memory_half_of_its_graphs_are_kept_where_they_fit():
