@@ -730,10 +730,11 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
                                model=synthetic.model)
         check_distilled_from(run, buffers)
     out = ensure_writable_dir(args.out or run / "plots")
-    paths = viz.run_figures(run, synthetic, dataset, out, buffers, f".{args.format}", args.seed, args.device)
-    for path in paths:
-        print(f"saved: {path}", file=sys.stderr)
-    return {"figures": [str(path) for path in paths]}
+    paths = []
+    for path in viz.run_figures(run, synthetic, dataset, out, buffers, f".{args.format}", args.seed, args.device):
+        print(f"saved: {path}", file=sys.stderr)  # as each is: should a later one fail, these are known
+        paths.append(str(path))
+    return {"figures": paths}
 
 
 @command

@@ -117,7 +117,7 @@ def run_demo(out_dir: str | Path = "demo", device: str = "auto", config: QuickCo
                "config": dataclasses.asdict(config)}
     atomic_write_json(out / "results.json", results)
 
-    viz.run_figures(run.run_dir, synthetic, dataset, out, run.buffers)
+    list(viz.run_figures(run.run_dir, synthetic, dataset, out, run.buffers))  # saves them, one by one
     atomic_write_text(out / "report.md", _report(results, config))
     return results
 

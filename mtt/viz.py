@@ -12,7 +12,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -681,10 +681,11 @@ def _value_labels(ax, xs: Sequence[float], values: Sequence[float], tops: Sequen
 
 def run_figures(run_dir: PathLike, synthetic: SyntheticSet, dataset: Dataset | DatasetSpec | str, out_dir: PathLike,
                 buffers: ExpertBuffers | None = None, suffix: str = ".png", seed: int = 0,
-                device: DeviceLike = "cpu") -> list[Path]:
+                device: DeviceLike = "cpu") -> Iterator[Path]:
     """A run's figures, as `python -m mtt plot` and the demo save them into out_dir: synthetic (the set), evolution
     (its images over the snapshots), curves (loss, step size, accuracy) and, given the experts, trajectories (their
-    PCA, with a student trained on the set from expert 0's start; `dataset` must then be a loaded Dataset)."""
+    PCA, with a student trained on the set from expert 0's start; `dataset` must then be a loaded Dataset). Yields
+    each path once its figure is saved, so that a failure (a full disk) leaves those before it known."""
     figures = {"synthetic": lambda path: image_grid(synthetic, dataset, path=path)}
     if load_snapshots(run_dir):
         figures["evolution"] = lambda path: image_evolution(run_dir, dataset, path=path)
@@ -693,7 +694,6 @@ def run_figures(run_dir: PathLike, synthetic: SyntheticSet, dataset: Dataset | D
         figures["trajectories"] = lambda path: trajectory_pca(buffers, experts=[0], student_paths=[
             student_paths_for(synthetic, buffers, dataset, expert=0, start_epoch=0, seed=seed, device=device)],
             path=path)
-    paths = [Path(out_dir) / f"{name}{suffix}" for name in figures]
-    for draw, path in zip(figures.values(), paths):
-        draw(path)
-    return paths
+    for name, draw in figures.items():
+        draw(path := Path(out_dir) / f"{name}{suffix}")
+        yield path

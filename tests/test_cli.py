@@ -712,6 +712,23 @@ def test_plot_draws_a_runs_figures(experts, tmp_path):
     assert "no such folder" in the_error(mtt("plot", tmp_path / "nowhere"))
 
 
+def test_plot_into_a_full_disk_names_the_figures_it_saved_before(experts, tmp_path, monkeypatch, capsys):
+    from mtt import viz
+    from mtt.cli import main
+
+    run = tmp_path / "run"
+    assert mtt(*distill_args(experts, run, "--iterations", 2)).returncode == 0
+
+    def full(*args, path, **kwargs):
+        raise OSError(f"cannot write {path}: no space left on the device (test)")
+
+    monkeypatch.setattr(viz, "training_curves", full)
+    assert main(["plot", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"saved: {run / 'plots' / 'synthetic.png'}" in err and f"saved: {run / 'plots' / 'evolution.png'}" in err
+    assert f"error: cannot write {run / 'plots' / 'curves.png'}: no space left" in err
+
+
 def test_a_run_extended_and_stopped_is_drawn_and_named_as_it_stopped(experts, tmp_path):
     """After a finished run was resumed for more and stopped, its synthetic.safetensors is out of date: plot draws
     the checkpoint's set, and evaluate names the checkpoint among the sets to choose from."""
