@@ -546,6 +546,8 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
                                                     config.unroll.cell_budget_s)
         record(results | {"cases": results["cases"] + [row]})
     row["interleaved_rounds"] = interleave(row["cells"], runs, config.unroll.rounds, device)
+    row["auto"] = auto_with_compile(case, student, config.backend, device)
+    record(results | {"cases": results["cases"] + [row]})
     row["profiles"] = {name: profile_run(run, device) for name, run in runs.items()
                        if row["cells"][name]["status"] == "ok"}
     row["checks"] = {f"{ours}_vs_{name}": {"rel_err_images": relative_error(outputs[ours][0], outputs[name][0]),
@@ -555,6 +557,25 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
                      for name in ("full", "reference") if outputs.get(name) is not None}
     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips_before
     return row
+
+
+def auto_with_compile(case: UnrollCase, student: Student, backend: Any, device: torch.device) -> dict[str, Any]:
+    """What `--compile` runs under `auto` here: each mode timed compiled and eager, the fastest kept (the steps
+    compiled above already, so this is the timing alone)."""
+    p = case.problem
+    release(device)
+    try:
+        started = time.perf_counter()
+        choice = choose_backward(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
+                                 compiler=backend)
+        synchronize(device)
+        return {"status": "ok", "chose": f"{'compiled ' if choice.compiled else ''}{choice.mode}",
+                "kept_graphs": choice.kept_graphs, "reason": choice.reason, "seconds": choice.seconds,
+                "choose_s": time.perf_counter() - started}
+    except Exception as err:
+        return {"status": "error", "error": first_line(err)}
+    finally:
+        release(device)
 
 
 # ----------------------------------------------------------------------------- part: experts
@@ -1136,6 +1157,11 @@ def render_compile(results: dict) -> list[str]:
                              "(0: every step was replayed; the reason is in the log)")
             lines += [f"  - {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in check.items())
                       for name, check in case.get("checks", {}).items()]
+            if auto := case.get("auto"):
+                lines.append(f"  - `auto` with --compile chose **{auto['chose']}** ({auto['reason']}; choosing took "
+                             f"{auto['choose_s']:.1f} s): " + ", ".join(f"{name} {t * 1e3:.1f} ms"
+                                                                          for name, t in auto["seconds"].items())
+                             if auto["status"] == "ok" else f"  - `auto` with --compile: {auto['error']}")
             lines += [describe_profile(name, profile) for name, profile in case.get("profiles", {}).items()]
     return lines
 

@@ -305,8 +305,8 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                         "constant-memory backward, approximate (drops the Hessian term)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the student's steps, in any backward mode (auto then times both modes "
-                        "compiled): on a GPU several times faster per iteration after a minute or more of "
-                        "compiling (default: off)")
+                        "compiled and eager, and keeps the fastest): on a GPU several times faster per iteration "
+                        "after a minute or more of compiling (default: off)")
     p.add_argument("--dsa", type=_strategy, default=None,
                    help="DSA strategy of the student's steps and of the evaluations: ops joined by _ from color, "
                         "crop, cutout, flip, scale, rotate, or 'none' (default: all six, as the paper)")

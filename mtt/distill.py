@@ -90,7 +90,8 @@ class DistillConfig:
                                  # (full not fitting: checkpointed keeping the step graphs that fit);
                                  # "tesla": TESLA's constant-memory backward, APPROXIMATE (no Hessian term)
     compile: bool = False        # torch.compile the student's steps, in any backward mode (a GPU's speed, a
-                                 # minute or more to compile; "auto" times both modes compiled)
+                                 # minute or more to compile; "auto" times both modes compiled and eager and
+                                 # keeps the fastest)
     match: str = "final"         # matching loss at step N; "closest": at the step closest to the target (ATT)
     pad_fraction: float = 0.0    # PAD: share of the shallow layers' parameters the matching loss ignores
     # The successors' options (mtt/recipes.py switches them on by --method); all off in plain MTT.
@@ -259,6 +260,7 @@ class DistillState:
     history: dict[str, list] = field(default_factory=lambda: {"loss": [], "syn_lr": [], "seconds": [], "evals": []})
     backward: str | None = None      # the mode in use (under `auto`, what it chose), once known
     kept_graphs: int = 0             # and, `checkpointed` under `auto`, how many steps' graphs its walk keeps
+    compiled: bool = False           # and whether its steps run compiled (under `auto` with compile: if faster)
     ema_images: Tensor | None = None      # FTD: the EMA of the images, when ema_decay > 0
     teacher_logits: Tensor | None = None  # TESLA: the last iteration's teacher labels (for evaluation)
 
@@ -331,7 +333,8 @@ def save_checkpoint(state: DistillState, config: DistillConfig, path: Path,
     tensors |= state.derived()
     metadata = {"iteration": str(state.iteration), "config": json.dumps(dataclasses.asdict(config)),
                 "history": json.dumps(state.history), "experts": json.dumps(experts), "backward": state.backward or "",
-                "kept_graphs": str(state.kept_graphs), "chosen_on": chosen_on(state.images.device),
+                "kept_graphs": str(state.kept_graphs), "compiled": "1" if state.compiled else "",
+                "chosen_on": chosen_on(state.images.device),
                 "mtt_version": __version__}
     atomic_save_safetensors(tensors, path, metadata)
     atomic_write_json(path.parent / HISTORY, state.history)  # after: a history never runs ahead of its checkpoint
@@ -440,6 +443,8 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
                          variables.get("label_logits"), momenta, generator, int(metadata["iteration"]),
                          json.loads(metadata["history"]), metadata.get("backward") or None,
                          int(metadata.get("kept_graphs", 0)),
+                         # saved before `auto` chose whether to compile: its modes ran compiled with compile on
+                         metadata.get("compiled", "1" if saved.get("compile") else "") == "1",
                          **{k: tensors[k].to(device) for k in DERIVED if k in tensors})
     if config.ema_decay and state.ema_images is None:  # EMA switched on at resume: it starts from here
         state.ema_images = state.images.clone()
@@ -450,7 +455,7 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
     if changed:
         state.history.setdefault("changes", []).append({"iteration": state.iteration, "changed": changed})
     if any(k in changed for k in (*CHOSEN_UNDER, "hardware")):  # e.g. a `full` run resumed under `auto`
-        state.backward, state.kept_graphs = None, 0
+        state.backward, state.kept_graphs, state.compiled = None, 0, False
     return state
 
 
@@ -581,7 +586,8 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             held.enter_context(held_folder(out_dir))  # the run's alone while it runs
         state = _start_or_resume(config, dataset, folder, procs.device, resume, student, buffers)
         # rank 0's say on whether `auto` chooses again (the ranks' GPUs may differ): all choose together, or none
-        state.backward, state.kept_graphs = procs.from_main((state.backward, state.kept_graphs))
+        state.backward, state.kept_graphs, state.compiled = procs.from_main((state.backward, state.kept_graphs,
+                                                                             state.compiled))
         folder.save_json(RUN_CONFIG, dataclasses.asdict(config) | _provenance(buffers.source, folder.experts,
                                                                                 procs.device))
         if evaluator is not None:
@@ -655,7 +661,9 @@ def _loop(state: DistillState, config: DistillConfig, student: Student, buffers:
                 bar.write(line, file=sys.stderr)
 
         if config.compile and state.iteration < config.iterations:  # or it looks hung
-            say(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)")
+            say(f"backward {config.backward}, compiled: the first iteration compiles it (a minute or more)"
+                + ("; auto times both modes compiled and eager, and keeps the fastest" if config.backward == "auto"
+                   else ""))
         while state.iteration < config.iterations:
             rng = state.generator.get_state()
             try:
@@ -785,6 +793,7 @@ class Update:
     momenta: dict[str, Tensor]
     backward: str                        # the exact mode this iteration used
     kept_graphs: int                     # and the steps whose graphs its walk kept (`checkpointed` under `auto`)
+    compiled: bool                       # and whether its steps ran compiled
     choice: BackwardChoice | None = None  # when `auto` chose it in this iteration
     skipped: bool = False                # DATM: the loss exceeded loss_threshold, nothing was updated
     ema_images: Tensor | None = None
@@ -861,37 +870,42 @@ def _unroll(state: DistillState, config: DistillConfig, student: Student, segmen
             labels: Tensor | None, mask: Tensor | None, procs: Ranks) -> tuple[UnrollResult, tuple]:
     """Unroll in the run's backward mode, `auto`'s choice made on the first iteration; should `auto`'s graphs no
     longer fit (another job took memory), the iteration is redone with `checkpointed`, keeping the graphs of half
-    of the steps after `full` (where they fit), then none. Returns the result and (mode, kept graphs, the choice
-    made in this iteration or None)."""
+    of the steps after eager `full` (where they fit), then none. Returns the result and (mode, kept graphs,
+    compiled, the choice made in this iteration or None)."""
     compiler = COMPILE_BACKEND if config.compile else None
-    mode, kept = (config.backward, 0) if config.backward != "auto" else (state.backward, state.kept_graphs)
+    if config.backward != "auto":
+        mode, kept, compiled = config.backward, 0, config.compile
+    else:
+        mode, kept, compiled = state.backward, state.kept_graphs, state.compiled
     choice = None
     if mode is None:  # `auto`, and nothing chosen yet in this run: measure on this very segment
         choice = procs.from_main(choose_backward(student, segments.theta_start, segments.theta_target,
                                                  state.images, state.syn_lr, segments.plans, labels,
                                                  state.label_logits, compiler=compiler))  # one for all
-        mode, kept = choice.mode, choice.kept_graphs
+        mode, kept, compiled = choice.mode, choice.kept_graphs, choice.compiled
 
-    def run(mode: str, kept: int) -> UnrollResult:
+    def run(mode: str, kept: int, compiled: bool) -> UnrollResult:
         return unroll(student, segments.theta_start, segments.theta_target, state.images, state.syn_lr,
                       segments.plans, labels=labels, label_logits=state.label_logits, mode=mode, match=config.match,
-                      param_mask=mask, allow_approximate=mode in APPROXIMATE_MODES, compiler=compiler,
-                      kept_graphs=kept)
+                      param_mask=mask, allow_approximate=mode in APPROXIMATE_MODES,
+                      compiler=compiler if compiled else None, kept_graphs=kept)
 
     failed = []  # what ran out of memory in this iteration
     while True:
         try:
-            return run(mode, kept), (mode, kept, choice)
+            return run(mode, kept, compiled), (mode, kept, compiled, choice)
         except torch.OutOfMemoryError:
             if not (config.backward == "auto" and (mode == "full" or kept)):
                 raise
-        failed.append("full" if mode == "full" else f"checkpointed keeping {kept} steps' graphs")
-        # After `full`, half of its graph is kept (compiled steps are all recomputed); after kept graphs, none.
-        graph = _full_graph_bytes(state, student, segments, labels) if mode == "full" and not compiler else 0
+        failed.append(("compiled full" if compiled else "full") if mode == "full"
+                      else f"checkpointed keeping {kept} steps' graphs")
+        # After eager `full`, half of its graph is kept (compiled steps are all recomputed); after kept graphs, none.
+        graph = _full_graph_bytes(state, student, segments, labels) if mode == "full" and not compiled else 0
         choice = checkpointed_after_out_of_memory(procs.device, f"{', then '.join(failed)} ran out of memory at "
                                                                 f"iteration {state.iteration}: checkpointed from "
-                                                                f"here on", graph, len(segments.plans))
-        mode, kept = choice.mode, choice.kept_graphs
+                                                                f"here on", graph, len(segments.plans),
+                                                  compiled=compiled)
+        mode, kept, compiled = choice.mode, choice.kept_graphs, choice.compiled
 
 
 def _full_graph_bytes(state: DistillState, student: Student, segments: Segments, labels: Tensor | None) -> int:
@@ -981,7 +995,7 @@ def _apply(state: DistillState, update: Update, evaluation: dict[str, Any] | Non
     if update.skipped:
         state.history.setdefault("skipped", []).append(state.iteration)
     state.ema_images, state.teacher_logits = update.ema_images, update.teacher_logits
-    state.backward, state.kept_graphs = update.backward, update.kept_graphs
+    state.backward, state.kept_graphs, state.compiled = update.backward, update.kept_graphs, update.compiled
     if update.choice is not None:  # the earlier choices (a resume chose again) stay on record: they made the set
         if "backward" in state.history:
             state.history.setdefault("backward_before", []).append(state.history["backward"])

@@ -32,7 +32,8 @@ is faster depends on the device, the problem's size and the allocator (`checkpoi
 recomputes every step, ~1.3x the arithmetic, but keeps one step's graph instead of N: where
 allocating a large graph is slow, as under glibc's default on a CPU, that wins), and `full`
 is only a candidate where its graph fits in memory; where it does not, `checkpointed` keeps
-the graphs of as many steps as fit (kept_graphs).
+the graphs of as many steps as fit (kept_graphs). Given a compiler, it times each mode compiled
+and eager (compiling pays on a GPU, not on a CPU).
 
 Options of the successors (all off by default; the matching options are each a small function called from one
 place, while TESLA (`hessian`) and soft labels (`soft`) change what the walk differentiates, so the walk takes them):
@@ -536,23 +537,24 @@ class BackwardChoice:
     free_bytes: int | None = None    # free memory on the device when measured (None: unknown)
     reason: str = ""
     kept_graphs: int = 0             # checkpointed: the last steps whose graphs the forward path keeps (what fits)
+    compiled: bool = False           # the mode's steps run compiled (`auto` with a compiler, where that was faster)
 
 
 def checkpointed_after_out_of_memory(device: torch.device, reason: str, graph_bytes: int = 0, steps: int = 0,
-                                     free_bytes: int | None = None) -> BackwardChoice:
+                                     free_bytes: int | None = None, compiled: bool = False) -> BackwardChoice:
     """`full` ran out of memory: `checkpointed` instead, the same gradient, keeping the graphs of half of the `steps`
     (fewer where those do not fit in memory_share of what is free), with graph_bytes `full`'s estimate; none with
-    graph_bytes 0 (kept graphs that ran out, compiled steps). Call it outside the `except` block, whose traceback
-    still holds the failed graph, so that emptying the cache frees it."""
+    graph_bytes 0 (kept graphs that ran out) or compiled (its steps are all recomputed). Call it outside the
+    `except` block, whose traceback still holds the failed graph, so that emptying the cache frees it."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     free = free_memory(device) if free_bytes is None else free_bytes
     kept = 0
-    if graph_bytes and free:
+    if graph_bytes and free and not compiled:
         kept = min(steps // 2, graphs_that_fit(graph_bytes, steps, free, memory_share(device)))
     if kept:
         reason += f"; keeping the graphs of the last {kept} of {steps} steps"
-    return BackwardChoice("checkpointed", {}, graph_bytes, free, reason, kept)
+    return BackwardChoice("checkpointed", {}, graph_bytes, free, reason, kept, compiled)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -605,11 +607,11 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                     plans: list[StepPlan], labels: Tensor | None = None, label_logits: Tensor | None = None,
                     repeats: int = 3, free_bytes: int | None = None,
                     compiler: Compiler | None = None) -> BackwardChoice:
-    """The faster exact backward mode on this segment, among those whose memory fits; with a compiler, both are
-    timed (and would run) compiled, and a mode that does not compile is left out (both: CompileFailed).
-    Where `full` does not fit, `checkpointed` keeps the graphs of as many of the last steps as would
-    (kept_graphs; eager only: compiled steps are recomputed), which takes no timing: each one kept is a
-    step less to recompute.
+    """The fastest exact backward on this segment among those whose memory fits: `full` and `checkpointed`, and
+    with a compiler each of them compiled too (kept only where that is faster: compiling pays on a GPU, not on a
+    CPU); a mode that does not compile is left out, and if neither does, CompileFailed. Where `full` does not fit,
+    eager `checkpointed` keeps the graphs of as many of the last steps as would (kept_graphs; compiled steps are
+    all recomputed), which needs no timing without a compiler: each graph kept is a step less to recompute.
 
     Each candidate runs once to warm up (allocator, kernel choice, compiling), then the candidates take
     turns `repeats` times, so that a drift of the machine's speed (other jobs, the allocator
@@ -622,42 +624,49 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     free = free_memory(device) if free_bytes is None else free_bytes
     graph = full_graph_bytes(student, theta_start, images, syn_lr, plans, targets)
     share = memory_share(device)
-    if (fit := graphs_that_fit(graph, len(plans), free, share)) < len(plans):
-        kept = 0 if compiler else fit
-        keeping = ("compiled, every step is recomputed" if compiler else
-                   f"the graphs of the last {kept} of {len(plans)} steps fit")
-        return BackwardChoice("checkpointed", {}, graph, free,
-                              f"full would hold ~{graph / 2**30:.2f} GiB, more than {share:.0%} of the "
-                              f"{free / 2**30:.2f} GiB free; {keeping}", kept)
+    fit = graphs_that_fit(graph, len(plans), free, share)
+    modes = EXACT_MODES if fit == len(plans) else ("checkpointed",)
+    kept = 0 if fit == len(plans) else fit
+    too_big = "" if fit == len(plans) else (f"full would hold ~{graph / 2**30:.2f} GiB, more than {share:.0%} of the "
+                                            f"{free / 2**30:.2f} GiB free")
+    keeping = f"the graphs of the last {kept} of {len(plans)} steps fit"
+    candidates = [(mode, False) for mode in modes] + [(mode, True) for mode in modes if compiler]
+    if len(candidates) == 1:
+        return BackwardChoice("checkpointed", {}, graph, free, f"{too_big}; {keeping}", kept)
 
-    def run(mode: str) -> None:
+    def run(mode: str, compiled: bool) -> None:
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
-               compiler=compiler)
+               compiler=compiler if compiled else None, kept_graphs=0 if compiled or mode == "full" else kept)
 
     uncompiled: dict[str, CompileFailed] = {}
-    times: dict[str, list[float]] | None = None
+    times: dict[tuple[str, bool], list[float]] | None = None
     try:
-        for mode in EXACT_MODES:  # the warm-up, compiling included
+        for mode, compiled in candidates:  # the warm-up, compiling included
             try:
-                run(mode)
+                run(mode, compiled)
             except CompileFailed as err:
                 uncompiled[mode] = err
-        if len(uncompiled) == len(EXACT_MODES):
+        if compiler and len(uncompiled) == len(modes):
             raise uncompiled["checkpointed"]
-        times = {mode: [] for mode in EXACT_MODES if mode not in uncompiled}
+        times = {(mode, compiled): [] for mode, compiled in candidates if not (compiled and mode in uncompiled)}
         for _ in range(repeats):
-            for mode, took in times.items():
-                took.append(seconds(lambda: run(mode), device))
+            for (mode, compiled), took in times.items():
+                took.append(seconds(lambda: run(mode, compiled), device))
     except torch.OutOfMemoryError:
         times = None  # out of this block, so that the error's traceback lets go of the failed graph
     if times is None:
-        return checkpointed_after_out_of_memory(device, "full ran out of memory", 0 if compiler else graph, len(plans),
-                                                free)
-    medians = {mode: statistics.median(t) for mode, t in times.items()}
-    mode = min(medians, key=medians.get)
-    reason = f"{mode} was faster" if len(medians) > 1 else mode
+        return checkpointed_after_out_of_memory(device, "full ran out of memory", graph, len(plans), free)
+    medians = {candidate: statistics.median(t) for candidate, t in times.items()}
+    mode, compiled = min(medians, key=medians.get)
+    reason = f"{_named(mode, compiled)} was faster"
+    if too_big:
+        reason += f" ({too_big}{'' if compiled else '; ' + keeping})"
     if compiler:
         reason += f"; compiled by {getattr(compiler, '__name__', compiler)}"
     reason += "".join(f"; {failed} could not be compiled ({err.reason})" for failed, err in uncompiled.items())
-    return BackwardChoice(mode, medians, graph, free, reason)
+    return BackwardChoice(mode, {_named(*c): t for c, t in medians.items()}, graph, free, reason,
+                          0 if compiled or mode == "full" else kept, compiled)
 
+
+def _named(mode: str, compiled: bool) -> str:
+    return f"compiled {mode}" if compiled else mode

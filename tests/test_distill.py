@@ -366,14 +366,32 @@ def test_experts_of_another_dataset_are_named_as_such(digits, experts, tmp_path)
         distill(small_config(dataset="mnist"), digits, ExpertBuffers.open(experts), tmp_path, progress=False)
 
 
-def test_auto_times_both_modes_compiled(digits, experts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def test_auto_with_compile_runs_compiled_only_where_that_was_faster_and_resumes_so(digits, experts, tmp_path,
+                                                                                 monkeypatch, faster):
+    """compile=True under `auto`: both modes timed eager and compiled, the fastest run from then on and on resume.
+    The "compiled" steps are the eager ones here, and whichever side is slowed loses."""
     import mtt.distill
-    monkeypatch.setattr(mtt.distill, "COMPILE_BACKEND", "aot_eager")
-    distill(small_config(iterations=2, backward="auto", compile=True), digits, ExpertBuffers.open(experts), tmp_path,
-            progress=False)
+    import mtt.unroll
+    from test_unroll import slowed
+    eager, calls = mtt.unroll.EAGER_STEPS, []
+    counted = mtt.unroll.Steps(*(lambda *args, step=step: calls.append(None) or step(*args) for step in eager))
+    slow = slowed(eager, 0.05)
+    monkeypatch.setattr(mtt.unroll, "EAGER_STEPS", slow if faster == "compiled" else eager)
+    monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: counted if faster == "compiled" else slow)
+    buffers = ExpertBuffers.open(experts)
+    distill(small_config(iterations=2, backward="auto", compile=True), digits, buffers, tmp_path, progress=False)
     chosen = json.loads((tmp_path / "history.json").read_text())["backward"]
-    assert chosen["mode"] in ("full", "checkpointed") and set(chosen["seconds"]) == {"full", "checkpointed"}
-    assert "; compiled by aot_eager" in chosen["reason"]
+    assert set(chosen["seconds"]) == {"full", "checkpointed", "compiled full", "compiled checkpointed"}
+    assert chosen["compiled"] == (faster == "compiled") and f"; compiled by {mtt.distill.COMPILE_BACKEND}" in \
+        chosen["reason"]
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["compiled"] == ("1" if faster == "compiled" else "")
+    calls.clear()
+    distill(small_config(iterations=3, backward="auto", compile=True), digits, buffers, tmp_path, resume=True,
+            progress=False)
+    assert json.loads((tmp_path / "history.json").read_text())["backward"] == chosen  # not chosen again
+    assert bool(calls) == (faster == "compiled")  # the resumed iteration ran the steps chosen
 
 
 @pytest.mark.parametrize("backward", ["checkpointed", "full"])
@@ -480,8 +498,8 @@ def test_auto_keeps_the_step_graphs_that_fit_and_resumes_with_them(digits, exper
     distill(small_config(backward="auto", iterations=7, compile=True), digits, buffers, tmp_path / "auto",
             resume=True, progress=False)
     chosen = json.loads((tmp_path / "auto" / "history.json").read_text())["backward"]
-    assert chosen["iteration"] == 6 and chosen["kept_graphs"] == 0 and "compiled" in chosen["reason"]
-    assert walks[-1] == 0
+    assert chosen["iteration"] == 6 and set(chosen["seconds"]) == {"checkpointed", "compiled checkpointed"}
+    assert chosen["kept_graphs"] == walks[-1] == (0 if chosen["compiled"] else 2)
 
 
 @pytest.mark.parametrize("before", ["tesla", "full"])

@@ -190,10 +190,14 @@ def test_smoke_compiled_steps_trace_and_equal_the_eager_unroll(smoke):
         # the same arithmetic as the original's loop and eager full, float32 round-off apart
         for check in case["checks"].values():
             assert check["rel_err_images"] < 1e-3 and check["rel_err_syn_lr"] < 1e-3 and check["cosine_images"] > 0.999
+        # what --compile runs under auto: both modes timed compiled and eager
+        assert case["auto"]["status"] == "ok", case["auto"]
+        assert set(case["auto"]["seconds"]) == {"full", "checkpointed", "compiled full", "compiled checkpointed"}
     assert len({op for case in results["cases"] for op in case["ops"]}) > 1  # one compiled step for several ops
     table = (out / "report.md").read_text()
     assert "| cifar100 IPC 50 | compiled-checkpointed |" in table and "| cifar100 IPC 50 | compiled-full |" in table
     assert "compiling and the first iteration" in table and "  - profile of full: " in table
+    assert "  - `auto` with --compile chose **" in table
 
 
 def test_smoke_cuda_graphs_part_runs_the_replayed_steps(smoke):

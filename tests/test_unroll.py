@@ -1,5 +1,6 @@
 """The two backward modes against an independent plain-autograd unroll, in float64."""
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -200,8 +201,9 @@ def test_auto_skips_full_when_its_graph_would_not_fit(problem):
     assert choice.mode == "checkpointed" and choice.seconds == {} and "more than 50%" in choice.reason
     assert choice.kept_graphs == STEPS // 2 and f"the last {STEPS // 2} of {STEPS} steps fit" in choice.reason
     compiled = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels,
-                               free_bytes=graph, compiler="aot_eager")
-    assert compiled.mode == "checkpointed" and compiled.kept_graphs == 0  # a compiled walk recomputes every step
+                               free_bytes=graph, compiler="aot_eager")  # timed: eager keeping 3, or compiled
+    assert compiled.mode == "checkpointed" and set(compiled.seconds) == {"checkpointed", "compiled checkpointed"}
+    assert compiled.kept_graphs == (0 if compiled.compiled else STEPS // 2)  # a compiled walk recomputes every step
 
 
 def test_full_runs_whole_on_an_80gb_card_where_the_original_was_timed():
@@ -307,6 +309,33 @@ def test_steps_replayed_as_cuda_graphs_equal_the_eager_steps(problem, mode):
     assert_close(replayed.grad_lr, eager.grad_lr)
 
 
+def slowed(steps: Steps, seconds: float) -> Steps:
+    """The same step functions, each call `seconds` slower."""
+    def slow(step):
+        def run(*args):
+            time.sleep(seconds)
+            return step(*args)
+        return run
+    return Steps(*(slow(step) for step in steps))
+
+
+@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def test_auto_with_a_compiler_keeps_compiled_steps_only_where_they_are_faster(problem, monkeypatch, faster):
+    """With a compiler `auto` times each mode eager and compiled and keeps the fastest: compiling pays on a GPU
+    and not on a CPU. The "compiled" steps here are the eager ones, and whichever side is slowed loses."""
+    import mtt.unroll
+    net, student, theta_start, theta_target, images, labels, syn_lr, plans = problem
+    slow = slowed(EAGER_STEPS, 0.05)
+    monkeypatch.setattr(mtt.unroll, "EAGER_STEPS", slow if faster == "compiled" else EAGER_STEPS)
+    monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: EAGER_STEPS if faster == "compiled" else slow)
+    choice = choose_backward(student, theta_start, theta_target, images, syn_lr, plans, labels=labels, repeats=1,
+                             compiler="test-backend")
+    assert set(choice.seconds) == {"full", "checkpointed", "compiled full", "compiled checkpointed"}
+    assert choice.compiled == (faster == "compiled") and choice.kept_graphs == 0
+    assert choice.reason.startswith(f"{'compiled ' if choice.compiled else ''}{choice.mode} was faster; compiled by "
+                                    "test-backend")
+
+
 def test_auto_leaves_out_a_mode_that_does_not_compile(problem, monkeypatch):
     """A compiler that fails on `full`'s step (the one autograd differentiates afterwards) and not on the walk's:
     `auto` keeps `checkpointed`, compiled, and says why `full` was left out; when neither compiles, it says so."""
@@ -319,9 +348,9 @@ def test_auto_leaves_out_a_mode_that_does_not_compile(problem, monkeypatch):
     args = (student, theta_start, theta_target, images, syn_lr, plans)
     monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: EAGER_STEPS._replace(graph=cannot))
     choice = choose_backward(*args, labels=labels, repeats=1, compiler="test-backend")
-    assert choice.mode == "checkpointed" and set(choice.seconds) == {"checkpointed"}
-    assert choice.reason == ("checkpointed; compiled by test-backend; full could not be compiled (RuntimeError: no "
-                             "backward here)")
+    assert set(choice.seconds) == {"full", "checkpointed", "compiled checkpointed"}
+    assert choice.reason.endswith("; compiled by test-backend; full could not be compiled (RuntimeError: no "
+                                  "backward here)")
     monkeypatch.setattr(mtt.unroll, "_compiled_steps", lambda backend: Steps(cannot, cannot, cannot))
     with pytest.raises(CompileFailed, match="'test-backend'.*RuntimeError: no backward here.*drop --compile"):
         choose_backward(*args, labels=labels, repeats=1, compiler="test-backend")
