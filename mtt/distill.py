@@ -1028,7 +1028,8 @@ def _check_teacher(teacher_logits: Tensor, say: Callable[[str], None]) -> None:
 
 def _describe_choice(choice: BackwardChoice) -> str:
     timed = ", ".join(f"{mode} {seconds:.3g} s" for mode, seconds in choice.seconds.items())
-    return f"{choice.mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
+    mode = f"compiled {choice.mode}" if choice.compiled else choice.mode
+    return f"{mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
 
 
 def accuracy_text(evaluation: dict[str, Any]) -> str:

@@ -368,7 +368,7 @@ def test_experts_of_another_dataset_are_named_as_such(digits, experts, tmp_path)
 
 @pytest.mark.parametrize("faster", ["eager", "compiled"])
 def test_auto_with_compile_runs_compiled_only_where_that_was_faster_and_resumes_so(digits, experts, tmp_path,
-                                                                                 monkeypatch, faster):
+                                                                                 monkeypatch, capsys, faster):
     """compile=True under `auto`: both modes timed eager and compiled, the fastest run from then on and on resume.
     The "compiled" steps are the eager ones here, and whichever side is slowed loses."""
     import mtt.distill
@@ -385,6 +385,8 @@ def test_auto_with_compile_runs_compiled_only_where_that_was_faster_and_resumes_
     assert set(chosen["seconds"]) == {"full", "checkpointed", "compiled full", "compiled checkpointed"}
     assert chosen["compiled"] == (faster == "compiled") and f"; compiled by {mtt.distill.COMPILE_BACKEND}" in \
         chosen["reason"]
+    said = f"backward auto: {'compiled ' if faster == 'compiled' else ''}{chosen['mode']} ({chosen['reason']}"
+    assert said in capsys.readouterr().err
     with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
         assert f.metadata()["compiled"] == ("1" if faster == "compiled" else "")
     calls.clear()
