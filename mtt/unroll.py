@@ -609,7 +609,7 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                     compiler: Compiler | None = None) -> BackwardChoice:
     """The fastest exact backward on this segment among those whose memory fits: `full` and `checkpointed`, and
     with a compiler each of them compiled too (kept only where that is faster: compiling pays on a GPU, not on a
-    CPU); a mode that does not compile is left out, and if neither does, CompileFailed. Where `full` does not fit,
+    CPU); a mode that does not compile is left out, and said so in the reason. Where `full` does not fit,
     eager `checkpointed` keeps the graphs of as many of the last steps as would (kept_graphs; compiled steps are
     all recomputed), which needs no timing without a compiler: each graph kept is a step less to recompute.
 
@@ -646,8 +646,6 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
                 run(mode, compiled)
             except CompileFailed as err:
                 uncompiled[mode] = err
-        if compiler and len(uncompiled) == len(modes):
-            raise uncompiled["checkpointed"]
         times = {(mode, compiled): [] for mode, compiled in candidates if not (compiled and mode in uncompiled)}
         for _ in range(repeats):
             for (mode, compiled), took in times.items():
@@ -661,7 +659,7 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     reason = f"{_named(mode, compiled)} was faster"
     if too_big:
         reason += f" ({too_big}{'' if compiled else '; ' + keeping})"
-    if compiler:
+    if compiler and len(uncompiled) < len(modes):
         reason += f"; compiled by {getattr(compiler, '__name__', compiler)}"
     reason += "".join(f"; {failed} could not be compiled ({err.reason})" for failed, err in uncompiled.items())
     return BackwardChoice(mode, {_named(*c): t for c, t in medians.items()}, graph, free, reason,
