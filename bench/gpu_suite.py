@@ -561,13 +561,14 @@ def compile_case(dataset: str, ipc: int, config: CompileConfig, device: torch.de
 
 def auto_with_compile(case: UnrollCase, student: Student, backend: Any, device: torch.device) -> dict[str, Any]:
     """What `--compile` runs under `auto` here: each mode timed compiled and eager, the fastest kept (the steps
-    compiled above already, so this is the timing alone)."""
+    compiled above already, so this is the timing alone; one round, not a run's three: the cells above time the
+    candidates better, this checks the mechanism on the device)."""
     p = case.problem
     release(device)
     try:
         started = time.perf_counter()
         choice = choose_backward(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
-                                 compiler=backend)
+                                 repeats=1, compiler=backend)
         synchronize(device)
         return {"status": "ok", "chose": f"{'compiled ' if choice.compiled else ''}{choice.mode}",
                 "kept_graphs": choice.kept_graphs, "reason": choice.reason, "seconds": choice.seconds,
