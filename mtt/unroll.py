@@ -657,6 +657,8 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     medians = {candidate: statistics.median(t) for candidate, t in times.items()}
     mode, compiled = min(medians, key=medians.get)
     reason = f"{_named(mode, compiled)} was faster"
+    if len(medians) > 2:
+        reason = f"{_named(mode, compiled)} was the fastest of {', '.join(_named(*c) for c in medians)}"
     if too_big:
         reason += f" ({too_big}{'' if compiled else '; ' + keeping})"
     if compiler and len(uncompiled) < len(modes):
