@@ -43,8 +43,8 @@ from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
 from mtt.synthetic import MAX_DEPTH, MAX_WIDTH, SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, StepPlan, Student, UnrollResult,
-                        checkpointed_after_out_of_memory, choose_backward, full_graph_bytes, plan_steps,
-                        shallow_layer_mask, unroll)
+                        backward_name, checkpointed_after_out_of_memory, choose_backward, full_graph_bytes,
+                        plan_steps, shallow_layer_mask, unroll)
 
 
 COMPILE_BACKEND = "inductor"  # torch.compile's backend with compile=True (tests swap in one that generates no code)
@@ -897,8 +897,7 @@ def _unroll(state: DistillState, config: DistillConfig, student: Student, segmen
         except torch.OutOfMemoryError:
             if not (config.backward == "auto" and (mode == "full" or kept)):
                 raise
-        failed.append(("compiled full" if compiled else "full") if mode == "full"
-                      else f"checkpointed keeping {kept} steps' graphs")
+        failed.append(backward_name(mode, compiled) if mode == "full" else f"checkpointed keeping {kept} steps' graphs")
         # After eager `full`, half of its graph is kept (compiled steps are all recomputed); after kept graphs, none.
         graph = _full_graph_bytes(state, student, segments, labels) if mode == "full" and not compiled else 0
         choice = checkpointed_after_out_of_memory(procs.device, f"{', then '.join(failed)} ran out of memory at "
@@ -1028,8 +1027,7 @@ def _check_teacher(teacher_logits: Tensor, say: Callable[[str], None]) -> None:
 
 def _describe_choice(choice: BackwardChoice) -> str:
     timed = ", ".join(f"{mode} {seconds:.3g} s" for mode, seconds in choice.seconds.items())
-    mode = f"compiled {choice.mode}" if choice.compiled else choice.mode
-    return f"{mode} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
+    return f"{backward_name(choice.mode, choice.compiled)} ({choice.reason}{'; per unroll: ' + timed if timed else ''})"
 
 
 def accuracy_text(evaluation: dict[str, Any]) -> str:

@@ -527,6 +527,11 @@ def memory_share(device: torch.device) -> float:
     return 0.85 if device.type == "cuda" else 0.5
 
 
+def backward_name(mode: str, compiled: bool) -> str:
+    """How a mode is named in `auto`'s timings and reports: "full", "compiled checkpointed", ..."""
+    return f"compiled {mode}" if compiled else mode
+
+
 @dataclass
 class BackwardChoice:
     """What `auto` chose, and the measurements it chose by (recorded in the run's history)."""
@@ -656,17 +661,13 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         return checkpointed_after_out_of_memory(device, "full ran out of memory", graph, len(plans), free)
     medians = {candidate: statistics.median(t) for candidate, t in times.items()}
     mode, compiled = min(medians, key=medians.get)
-    reason = f"{_named(mode, compiled)} was faster"
+    reason = f"{backward_name(mode, compiled)} was faster"
     if len(medians) > 2:
-        reason = f"{_named(mode, compiled)} was the fastest of {', '.join(_named(*c) for c in medians)}"
+        reason = f"{backward_name(mode, compiled)} was the fastest of {', '.join(backward_name(*c) for c in medians)}"
     if too_big:
         reason += f" ({too_big}{'' if compiled else '; ' + keeping})"
     if compiler and len(uncompiled) < len(modes):
         reason += f"; compiled by {getattr(compiler, '__name__', compiler)}"
     reason += "".join(f"; {failed} could not be compiled ({err.reason})" for failed, err in uncompiled.items())
-    return BackwardChoice(mode, {_named(*c): t for c, t in medians.items()}, graph, free, reason,
+    return BackwardChoice(mode, {backward_name(*c): t for c, t in medians.items()}, graph, free, reason,
                           0 if compiled or mode == "full" else kept, compiled)
-
-
-def _named(mode: str, compiled: bool) -> str:
-    return f"compiled {mode}" if compiled else mode
