@@ -89,7 +89,12 @@ def ranks(device: torch.device) -> Iterator[Ranks]:
         yield Ranks(0, 1, device)
         return
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:  # else CUDA's "invalid device ordinal", deep in a traceback
+            raise ValueError(f"torchrun started {local_world_size()} processes on this machine, which has {gpus} "
+                             f"GPU(s), and each process takes a GPU of its own: pass --nproc_per_node={gpus} "
+                             f"(or fewer)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     started = not dist.is_initialized()
     if started:

@@ -58,3 +58,21 @@ def test_the_process_group_and_its_threads_end_with_ranks(tmp_path):
         os.write(1, f"gloo threads left: {sum('gloo' in name for name in threads)}\\n".encode())  # one write
     """)
     assert done.stdout.splitlines().count("gloo threads left: 0") == 2, done.stdout
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch):
+    """torchrun --nproc_per_node=4 on a machine with 2 GPUs: rank 2 has no GPU of its own (checked before CUDA
+    is touched, so it runs here without one)."""
+    import torch
+
+    from mtt.distributed import ranks
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"torchrun started 4 processes on this machine, which has 2 GPU\(s\).*"
+                                         r"--nproc_per_node=2"):
+        with ranks(torch.device("cuda")):
+            pass
+
