@@ -91,8 +91,9 @@ from mtt.experts import ExpertConfig, estimate_seconds, start_group, train_epoch
 from mtt.io import atomic_write_json, atomic_write_text
 from mtt.networks import get_network
 from mtt.paper import PUBLISHED
-from mtt.unroll import (CUDA_GRAPH_BACKENDS, CUDA_GRAPHS, EXACT_MODES, BackwardChoice, Student, choose_backward,
-                        free_memory, full_graph_bytes, graphs_that_fit, memory_share, plan_steps, unroll)
+from mtt.unroll import (CUDA_GRAPH_BACKENDS, CUDA_GRAPHS, EXACT_MODES, BackwardChoice, Student, backward_name,
+                        choose_backward, free_memory, full_graph_bytes, graphs_that_fit, memory_share, plan_steps,
+                        unroll)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE_OUT = "runs/gpu_suite"  # git-ignored: survives between device commands while the machine is warm
@@ -570,7 +571,7 @@ def auto_with_compile(case: UnrollCase, student: Student, backend: Any, device: 
         choice = choose_backward(student, p.theta_start, p.theta_target, p.images, p.syn_lr, p.plans, labels=p.labels,
                                  repeats=1, compiler=backend)
         synchronize(device)
-        return {"status": "ok", "chose": f"{'compiled ' if choice.compiled else ''}{choice.mode}",
+        return {"status": "ok", "chose": backward_name(choice.mode, choice.compiled),
                 "kept_graphs": choice.kept_graphs, "reason": choice.reason, "seconds": choice.seconds,
                 "choose_s": time.perf_counter() - started}
     except Exception as err:

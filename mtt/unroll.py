@@ -639,9 +639,12 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
     if len(candidates) == 1:
         return BackwardChoice("checkpointed", {}, graph, free, f"{too_big}; {keeping}", kept)
 
+    def kept_by(mode: str, compiled: bool) -> int:  # `full` keeps every graph anyway; compiled steps recompute
+        return 0 if compiled or mode == "full" else kept
+
     def run(mode: str, compiled: bool) -> None:
         unroll(student, theta_start, theta_target, images, syn_lr, plans, labels, label_logits, mode,
-               compiler=compiler if compiled else None, kept_graphs=0 if compiled or mode == "full" else kept)
+               compiler=compiler if compiled else None, kept_graphs=kept_by(mode, compiled))
 
     uncompiled: dict[str, CompileFailed] = {}
     times: dict[tuple[str, bool], list[float]] | None = None
@@ -661,13 +664,12 @@ def choose_backward(student: Student, theta_start: Tensor, theta_target: Tensor,
         return checkpointed_after_out_of_memory(device, "full ran out of memory", graph, len(plans), free)
     medians = {candidate: statistics.median(t) for candidate, t in times.items()}
     mode, compiled = min(medians, key=medians.get)
-    reason = f"{backward_name(mode, compiled)} was faster"
-    if len(medians) > 2:
-        reason = f"{backward_name(mode, compiled)} was the fastest of {', '.join(backward_name(*c) for c in medians)}"
+    timed = {backward_name(*candidate): t for candidate, t in medians.items()}
+    reason = f"{backward_name(mode, compiled)} was " + (f"the fastest of {', '.join(timed)}" if len(timed) > 2
+                                                         else "faster")
     if too_big:
         reason += f" ({too_big}{'' if compiled else '; ' + keeping})"
     if compiler and len(uncompiled) < len(modes):
         reason += f"; compiled by {getattr(compiler, '__name__', compiler)}"
     reason += "".join(f"; {failed} could not be compiled ({err.reason})" for failed, err in uncompiled.items())
-    return BackwardChoice(mode, {backward_name(*c): t for c, t in medians.items()}, graph, free, reason,
-                          0 if compiled or mode == "full" else kept, compiled)
+    return BackwardChoice(mode, timed, graph, free, reason, kept_by(mode, compiled), compiled)
