@@ -189,7 +189,7 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
                    help="PAD's later stages: in the epochs after AFTER every class leaves out its easiest SHARE "
                         "(PAD: 40:0.1 60:0.2); works with or without --easy-to-hard")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
-    _common(p, seed_help="random seed: expert k uses seed + k")
+    _common(p, seed_help="random seed in [0, 65536): expert k draws from stream seed * 65536 + k, so two seeds share no expert")
     p.set_defaults(run=run_experts)
 
 

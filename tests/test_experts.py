@@ -17,6 +17,7 @@ from mtt.buffers import ExpertBuffers, flatten_params
 from mtt.data import load_dataset
 from mtt.experts import (ExpertConfig, SequentialExperts, VectorisedExperts, augment, init_expert, train_experts,
                          train_group)
+from mtt.networks import get_network
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,6 +70,23 @@ def test_expert_follows_same_path_whatever_its_group(digits):
     assert together.shape == (2, TINY.epochs + 1, alone.shape[-1]) and acc.shape == (2, TINY.epochs)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
     assert not torch.equal(together[0, 0], together[1, 0])  # different seeds, different experts
+
+
+def test_two_seeds_share_no_expert_and_seed_0_keeps_its_experts(digits):
+    """Under seed + k, --seed 1's expert 0 was --seed 0's expert 1 (49 of 50 experts retrained); seed 0's expert k
+    still draws its weights as torch.manual_seed(k) would, so existing seed-0 folders extend and reproduce as before."""
+    first = lambda seed, k: flatten_params(init_expert(digits, replace(TINY, seed=seed), k)[0])  # noqa: E731
+    assert not any(torch.equal(first(1, k), first(0, j)) for k in range(2) for j in range(3))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        expected = get_network(TINY.model, digits.channels, digits.num_classes, digits.im_size, width=TINY.width,
+                               depth=TINY.depth)
+    assert torch.equal(first(0, 1), flatten_params(expected))
+    for bad in (-1, 2**16, 1.5):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 65536\)"):
+            replace(TINY, seed=bad)
+    with pytest.raises(ValueError, match="num_experts must be at most 65520"):
+        replace(TINY, num_experts=65521)
 
 
 def test_same_seed_same_shards_and_resume(digits, tmp_path):
