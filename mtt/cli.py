@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
     """Bad flags end with one `error:` line naming the flag, like every other error here."""
 
     def error(self, message: str) -> None:
-        print(f"error: {message}{self._as_named_here(message)} (see {self.prog} --help)", file=sys.stderr)
+        _report(f"error: {message}{self._as_named_here(message)} (see {self.prog} --help)")
         raise SystemExit(2)
 
     def _as_named_here(self, message: str) -> str:
@@ -794,6 +794,17 @@ def _continue_with(command: str, argv: list[str]) -> str:
     return f"; continue with: {launcher} -m mtt {shlex.join([*argv, *resume])}"
 
 
+def _report(line: str) -> None:
+    """The line that ends the command. Under torchrun every process fails alike on bad input, so rank 0 alone
+    prints it, and each failing rank gives its line to torchrun's failure summary (which shows a rank that failed
+    alone, e.g. out of GPU memory)."""
+    from mtt.distributed import is_main_process, tell_torchrun
+
+    if is_main_process():
+        print(line, file=sys.stderr)
+    tell_torchrun(line)
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)  # one line, as the errors: no source path and line
 
@@ -814,17 +825,14 @@ def _run_command(argv: list[str] | None) -> int:
         result = args.run(args)
     except (ValueError, OSError) as err:
         # Bad input and known failure modes end with one readable line, not a stack trace.
-        print(f"error: {err}", file=sys.stderr)
+        _report(f"error: {err}")
         _remove_if_empty(new_folders)
         return 2
     except Interrupted as err:  # the run saved its work and says how to continue
-        from mtt.distributed import is_main_process
-
-        if is_main_process():  # under torchrun every process stops alike: rank 0 says so
-            print(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
+        _report(f"{err}{_continue_with(command, sys.argv[1:] if argv is None else argv)}")
         return Interrupted.exit_code
     except KeyboardInterrupt:
-        print(f"interrupted: {command} stopped; it had nothing to save", file=sys.stderr)
+        _report(f"interrupted: {command} stopped; it had nothing to save")
         _remove_if_empty(new_folders)
         return Interrupted.exit_code
     if args.json:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from mtt.io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,17 @@ def world_size() -> int:
 def local_world_size() -> int:
     """The processes torchrun launched on this machine (1 without torchrun): they share its RAM."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def tell_torchrun(error: str) -> None:
+    """Give the line that ends this process to torchrun, whose failure summary shows it for this rank (in place of
+    "To enable traceback see ..."): one place for every rank's error, where printing them repeats one line per
+    process. Nothing to do without torchrun, which names the file in TORCHELASTIC_ERROR_FILE (its format is
+    torch.distributed.elastic's ErrorHandler.record_exception's)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        atomic_write_json(path, {"message": {"message": error, "extraInfo": {"py_callstack": error,
+                                                                           "timestamp": str(int(time.time()))}}})
 
 
 @contextmanager

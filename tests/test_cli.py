@@ -662,6 +662,29 @@ def test_torchrun_splits_the_segments_and_equals_one_process(experts, tmp_path):
     assert uneven.returncode == 0  # one process: any K
 
 
+def test_torchrun_prints_an_error_once_and_gives_each_rank_its_line(tmp_path):
+    """Bad input fails every process alike: one `error:` line (rank 0's), not one per process, and torchrun's failure
+    summary shows each rank's line where it said "To enable traceback see ...". A rank that fails alone (its GPU
+    ran out of memory) is named there too: rank 1 prints nothing and hands its line to torchrun's error file."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mtt"]
+    bad = ["distill", "--dataset", "digits", "--ipc", "1", "--buffers", str(tmp_path / "none"), "--device", "cpu",
+           "--out", str(tmp_path / "run")]
+    result = subprocess.run([*torchrun, *bad], capture_output=True, text=True, env=ENV)
+    assert result.returncode != 0
+    said = f"error: no expert buffers at {tmp_path / 'none'}"
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        next(line for line in result.stderr.splitlines() if line.startswith(said))], result.stderr
+    assert result.stderr.count(f"traceback : {said}") == 2, result.stderr
+    assert "To enable traceback" not in result.stderr
+
+    error_file = tmp_path / "rank1" / "error.json"
+    error_file.parent.mkdir()
+    alone = subprocess.run([sys.executable, "-m", "mtt", *bad], capture_output=True, text=True,
+                           env=ENV | {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_ERROR_FILE": str(error_file)})
+    assert alone.returncode == 2 and alone.stderr == ""
+    assert json.loads(error_file.read_text())["message"]["message"].startswith(said)
+
+
 def test_torchrun_teacher_labels_are_the_mean_over_all_segments(experts, tmp_path):
     """TESLA's labels with 4 segments on 2 ranks: every rank holds (and rank 0 saves) the mean of all 4
     segments' teacher labels, not of its own 2."""
