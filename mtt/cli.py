@@ -98,6 +98,16 @@ def _float_above(low: float, *, inclusive: bool = False) -> Callable[[str], floa
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _seed(text: str) -> int:
+    """A seed, which numbers random streams (mtt.seeds): an int in [0, 65536)."""
+    from mtt.seeds import STREAMS_PER_SEED
+
+    value = NON_NEGATIVE(text)
+    if value >= STREAMS_PER_SEED:
+        raise argparse.ArgumentTypeError(f"must be < {STREAMS_PER_SEED}, got {value}")
+    return value
 RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
 
 
@@ -128,9 +138,9 @@ def _drop_stage(text: str) -> tuple[int, float]:
     return stage
 
 
-def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed") -> None:
+def _common(parser: argparse.ArgumentParser, seed_help: str = "random seed in [0, 65536)") -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps")
-    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--seed", type=_seed, default=0, help=seed_help)
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
@@ -189,7 +199,7 @@ def add_experts(subparsers: argparse._SubParsersAction) -> None:
                    help="PAD's later stages: in the epochs after AFTER every class leaves out its easiest SHARE "
                         "(PAD: 40:0.1 60:0.2); works with or without --easy-to-hard")
     p.add_argument("--out", required=True, help="buffer folder; finished experts there are not trained again")
-    _common(p, seed_help="random seed in [0, 65536): expert k draws from stream seed * 65536 + k, so two seeds share no expert")
+    _common(p, seed_help="random seed in [0, 65536); two seeds share no expert")
     p.set_defaults(run=run_experts)
 
 
@@ -326,7 +336,7 @@ def add_distill(subparsers: argparse._SubParsersAction) -> None:
                         "(learning rates and other settings that do not change the learned state's shape)")
     p.add_argument("--log", choices=TRACKERS, default=None,
                    help="also log loss, step size, accuracy and image grids (needs that package)")
-    _common(p, seed_help="random seed (default 0; on --resume the run's)")
+    _common(p, seed_help="random seed in [0, 65536) (default 0; on --resume the run's)")
     p.set_defaults(seed=None, device=None)  # 0 and auto for a fresh run; on --resume the run's, unless given
     p.set_defaults(run=run_distill)
 
@@ -481,7 +491,7 @@ def _eval_flags(p: argparse.ArgumentParser, lr_help: str, lr_default: float | No
 
     p.add_argument("--models", type=_names, default="ConvNet",
                    help="comma-separated, e.g. ConvNet,ResNet18,VGG11,AlexNet")
-    p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (seeds seed..seed+repeats-1)")
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="networks per model (two --seed values share none)")
     p.add_argument("--epochs", type=POSITIVE, default=1000, help="training epochs per network")
     p.add_argument("--lr", type=RATE, default=lr_default, help=lr_help)
     p.add_argument("--dsa", type=_strategy, default=DEFAULT_STRATEGY,

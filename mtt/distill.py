@@ -41,6 +41,7 @@ from mtt.initialise import (correctly_classified_images, experts_label_logits, f
                             teacher_logits)
 from mtt.networks import check_network_name, get_network
 from mtt.recipes import METHODS, apply_recipe
+from mtt.seeds import check_seed
 from mtt.synthetic import MAX_DEPTH, MAX_WIDTH, SyntheticSet
 from mtt.unroll import (APPROXIMATE_MODES, BACKWARD_MODES, MATCH_MODES, BackwardChoice, StepPlan, Student, UnrollResult,
                         backward_name, checkpointed_after_out_of_memory, choose_backward, full_graph_bytes,
@@ -104,7 +105,7 @@ class DistillConfig:
     label_momentum: float = 0.5  # SGD momentum of the learned label logits (DATM: 0.9)
     teacher_labels: bool = False  # TESLA: soft targets = the target checkpoint's logits, recomputed, not learned
     ema_decay: float = 0.0       # FTD: keep an EMA of the images, which is what is evaluated and saved; 0 = off
-    seed: int = 0
+    seed: int = 0                # in [0, 65536): the run's draws; evaluation network j: stream j (mtt.seeds)
     device: str = "auto"
     eval_every: int = 500        # 0 = only at the end (and never when eval_repeats is 0, unless given an evaluator)
     eval_repeats: int = 5
@@ -145,6 +146,7 @@ class DistillConfig:
         self._validate_successors()
         if self.eval_every < 0 or self.eval_repeats < 0 or self.eval_epochs < 1:
             raise ValueError("eval_every and eval_repeats must be >= 0 and eval_epochs >= 1")
+        check_seed(self.seed)  # it numbers the evaluation networks' streams
         for name in ("zca", "soft_labels", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -1046,22 +1048,22 @@ def _describe_evaluation(evaluation: dict[str, Any], history: dict[str, list]) -
 
 
 def _default_evaluator(config: DistillConfig, dataset: Dataset, progress: bool, procs: Ranks) -> Evaluator:
-    """ConvNets trained on the current synthetic set with the paper's protocol (mtt.evaluate), one per seed
-    config.seed .. config.seed + eval_repeats - 1. Under torchrun each rank trains a contiguous block of the
-    seeds and every rank gathers all the accuracies, in seed order: the same result as one process."""
+    """ConvNets trained on the current synthetic set with the paper's protocol (mtt.evaluate), eval_repeats of
+    them, network j from stream j of config.seed. Under torchrun each rank trains a contiguous block of the
+    networks and every rank gathers all the accuracies, in network order: the same result as one process."""
     from mtt.evaluate import EvalConfig, EvalResult, evaluate
 
-    # This rank's block of the seeds; none where there are fewer networks than ranks.
-    first, last = (config.eval_repeats * r // procs.world for r in (procs.rank, procs.rank + 1))
-    mine = None if last == first else EvalConfig(
-        model=config.model, epochs=config.eval_epochs, repeats=last - first, seed=config.seed + first,
-        width=config.width, depth=config.depth, dsa=config.dsa, progress=progress)
+    # This rank's block of the networks; none where there are fewer networks than ranks.
+    mine = range(*(config.eval_repeats * r // procs.world for r in (procs.rank, procs.rank + 1)))
+    eval_config = EvalConfig(model=config.model, epochs=config.eval_epochs, repeats=config.eval_repeats,
+                             seed=config.seed, width=config.width, depth=config.depth, dsa=config.dsa,
+                             progress=progress)
 
     def run(state: DistillState) -> dict[str, Any]:
         images, targets = state.result()
-        runs = [] if mine is None else evaluate(images, targets, dataset.test_images, dataset.test_labels,
-                                                dataclasses.replace(mine, lr=state.syn_lr.item()),
-                                                device=procs.device).runs
+        runs = [] if not mine else evaluate(images, targets, dataset.test_images, dataset.test_labels,
+                                            dataclasses.replace(eval_config, lr=state.syn_lr.item()),
+                                            device=procs.device, networks=mine).runs
         result = EvalResult.of(run for share in procs.gather(runs) for run in share)
         return {"mean": result.mean, "std": result.std, "runs": result.runs}
 

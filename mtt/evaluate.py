@@ -26,6 +26,7 @@ from mtt.augment import DEFAULT_STRATEGY, DSA
 from mtt.data import Dataset, _chunked
 from mtt.device import DeviceLike, resolve_device, to_device
 from mtt.networks import get_network
+from mtt.seeds import check_seed, stream
 from mtt.synthetic import SyntheticSet
 
 BASELINE_METHODS = ("random", "herding", "full")
@@ -45,7 +46,7 @@ class EvalConfig:
     weight_decay: float = 5e-4
     dsa: str = DEFAULT_STRATEGY
     repeats: int = 5
-    seed: int = 0
+    seed: int = 0  # in [0, 65536): network j draws from stream seed * 65536 + j (mtt.seeds)
     width: int = 128  # ConvNet family only
     depth: int = 3
     progress: bool = True  # a progress bar over the runs' training passes
@@ -54,6 +55,7 @@ class EvalConfig:
         if self.epochs < 0 or self.repeats < 1 or self.batch_size < 1:
             raise ValueError(f"need epochs >= 0, repeats >= 1 and batch_size >= 1, got epochs={self.epochs}, "
                              f"repeats={self.repeats}, batch_size={self.batch_size}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -163,20 +165,23 @@ def _seeded(seed: int, device: torch.device) -> Iterator[torch.Generator]:
 
 
 def evaluate(images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor,
-             config: EvalConfig, device: DeviceLike = "auto") -> EvalResult:
-    """`config.repeats` runs with seeds seed..seed+repeats-1; mean +- std of test accuracy."""
-    return _repeat(lambda seed: (images, labels), test_images, test_labels, config, device)
+             config: EvalConfig, device: DeviceLike = "auto", networks: range | None = None) -> EvalResult:
+    """`config.repeats` runs, network j from stream j of config.seed; mean +- std of test accuracy.
+    `networks`: only those of the repeats (under torchrun, a rank's share)."""
+    return _repeat(lambda network: (images, labels), test_images, test_labels, config, device, networks)
 
 
 def _repeat(train_set: Callable[[int], tuple[Tensor, Tensor]], test_images: Tensor, test_labels: Tensor,
-            config: EvalConfig, device: DeviceLike) -> EvalResult:
+            config: EvalConfig, device: DeviceLike, networks: range | None = None) -> EvalResult:
+    """Network j (of `networks`, default all the repeats) trained on train_set(j) from stream j of config.seed."""
+    networks = range(config.repeats) if networks is None else networks
     runs: list[float] = []
-    with tqdm(total=config.repeats * (config.epochs + 1), desc=config.model, unit="pass", leave=False,
+    with tqdm(total=len(networks) * (config.epochs + 1), desc=config.model, unit="pass", leave=False,
               disable=not config.progress) as bar:
-        for seed in range(config.seed, config.seed + config.repeats):
-            images, labels = train_set(seed)
-            runs.append(train_and_test(images, labels, test_images, test_labels, config, seed, device,
-                                       on_epoch=lambda *_: bar.update()))
+        for network in networks:
+            images, labels = train_set(network)
+            runs.append(train_and_test(images, labels, test_images, test_labels, config,
+                                       stream(config.seed, network), device, on_epoch=lambda *_: bar.update()))
             bar.set_postfix(acc=f"{runs[-1]:.2f}")
     return EvalResult.of(runs)
 
@@ -322,7 +327,7 @@ def herding_features(dataset: Dataset, seed: int = 0, device: DeviceLike = "auto
 
 def evaluate_baseline(dataset: Dataset, ipc: int | None, method: str, models: list[str],
                       config: EvalConfig | None = None, device: DeviceLike = "auto") -> dict[str, EvalResult]:
-    """A baseline on each model; repeat r draws its own subset (seed + r) as well as its own network."""
+    """A baseline on each model; repeat r draws its own subset (from stream r of the seed) and its own network."""
     config = config or EvalConfig()
     if config.lr is None:
         config = replace(config, lr=BASELINE_LR)
@@ -330,10 +335,10 @@ def evaluate_baseline(dataset: Dataset, ipc: int | None, method: str, models: li
     check_models(models, config, dataset.channels, dataset.num_classes, dataset.im_size)
     cache: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def train_set(seed: int) -> tuple[Tensor, Tensor]:  # the same subsets for every model
-        if seed not in cache:
-            cache[seed] = baseline_images(dataset, ipc, method, seed, device)
-        return cache[seed]
+    def train_set(repeat: int) -> tuple[Tensor, Tensor]:  # the same subsets for every model
+        if repeat not in cache:
+            cache[repeat] = baseline_images(dataset, ipc, method, stream(config.seed, repeat), device)
+        return cache[repeat]
 
     return {m: _repeat(train_set, dataset.test_images, dataset.test_labels, replace(config, model=m), device)
             for m in models}

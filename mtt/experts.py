@@ -9,8 +9,8 @@ Two paths, the same experts up to float32 round-off (batched kernels add in anot
 for bit). Sequential (P=1) is a plain nn.Module loop with torch.optim.SGD and is the reference. Vectorised (P>1)
 stacks P networks with torch.func.stack_module_state and takes each SGD step for all of them at once with
 vmap(grad(functional_call)). Expert k draws its initialisation, data order and DSA parameters from its own stream
-(expert_stream: seed * 2**16 + k), so it follows the same batches whatever P, rank or world size it trains under, and
-two seeds never share an expert.
+(mtt.seeds.stream: seed * 2**16 + k), so it follows the same batches whatever P, rank or world size it trains
+under, and two seeds never share an expert.
 
 Two options for MTT's successors, both off by default:
 - FTD's flat experts (sam_rho, gsam_alpha): each step goes along GSAM's direction, from a
@@ -51,11 +51,11 @@ from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors, read_json
 from mtt.networks import fixed_sizes, get_network
+from mtt.seeds import STREAMS_PER_SEED, check_seed, stream
 
 
-# torch's CPU generator keeps 32 bits of a seed (2**32 + k seeds what k does): each seed gets 2**16 streams,
-# experts 0 .. SCORER_ID - 1 and then PAD's scoring networks.
-SCORER_ID = 2**16 - 16  # scoring network j draws from stream SCORER_ID + j of the seed, which no expert uses
+# A seed's random streams (mtt.seeds): experts 0 .. SCORER_ID - 1, then PAD's scoring networks.
+SCORER_ID = STREAMS_PER_SEED - 16  # scoring network j draws from stream SCORER_ID + j of the seed, which no expert uses
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ExpertConfig:
     weight_decay: float = 0.0
     dsa: str = DEFAULT_STRATEGY  # or "none"
     parallel: int = 1  # experts trained at once with vmap on one device
-    seed: int = 0  # in [0, 2**16): expert k draws from stream seed * 2**16 + k (expert_stream)
+    seed: int = 0  # in [0, 2**16): expert k draws from stream seed * 2**16 + k (mtt.seeds)
     width: int = 128
     depth: int = 3
     sam_rho: float = 0.0  # FTD: > 0 trains with adaptive SAM of this radius (FTD: 0.01); 0 = plain SGD
@@ -91,8 +91,7 @@ class ExpertConfig:
             raise ValueError(f"lr must be > 0 and finite (the paper's experts use 0.01), got {self.lr!r}")
         if not 0 <= self.momentum < 1:  # at 1 or more SGD's velocity grows without bound
             raise ValueError(f"momentum must be in [0, 1) (the paper's experts use 0), got {self.momentum!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**16:
-            raise ValueError(f"seed must be an int in [0, 65536), got {self.seed!r}")
+        check_seed(self.seed)
         if self.num_experts > SCORER_ID:
             raise ValueError(f"num_experts must be at most {SCORER_ID} (each seed has {SCORER_ID} experts' random "
                              f"streams), got {self.num_experts}")
@@ -133,26 +132,15 @@ def _drop_easy_stages(stages: Any) -> tuple[tuple[int, float], ...]:
 
 # ----------------------------------------------------------------------------- one expert's randomness
 
-def expert_stream(seed: int, expert_id: int) -> int:
-    """The seed of expert `expert_id`'s random stream under `seed`: seed * 2**16 + expert_id.
-
-    Not seed + expert_id, under which --seed 1 would retrain 49 of --seed 0's 50 experts: two seeds
-    share no stream. Seed 0's expert k draws from stream k, as it always did.
-    """
-    if not (0 <= seed < 2**16 and 0 <= expert_id < 2**16):
-        raise ValueError(f"expert {expert_id} of seed {seed} has no stream: seeds and ids are in [0, 65536)")
-    return seed * 2**16 + expert_id
-
-
 def init_expert(dataset: Dataset, config: ExpertConfig, expert_id: int) -> tuple[nn.Module, torch.Generator]:
     """Expert `expert_id`'s initial network (on the CPU) and the generator of its data order and DSA.
 
-    Both come from one stream (expert_stream), forked so the caller's global RNG is left alone;
+    Both come from one stream (mtt.seeds.stream), forked so the caller's global RNG is left alone;
     the data generator's seed is the stream's next draw, so it is not the same sequence that
     drew the weights.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(expert_stream(config.seed, expert_id))
+        torch.manual_seed(stream(config.seed, expert_id))
         net = get_network(config.model, dataset.channels, dataset.num_classes, dataset.im_size,
                           width=config.width, depth=config.depth)
         data_seed = int(torch.randint(2**62, ()))
@@ -605,7 +593,7 @@ FREE_ON_RESUME = ("num_experts", "parallel")  # how many experts, and how many a
 def _training_settings(dataset: Dataset, config: ExpertConfig) -> dict[str, Any]:
     """What config.json records: the data and every setting, as JSON gives them back (tuples as lists)."""
     scoring = {"el2n": {"file": str(SCORES_FILE), "networks": EL2N_NETWORKS, "epochs": EL2N_EPOCHS,
-                        "seed": expert_stream(config.seed, SCORER_ID)}} if config.curriculum else {}
+                        "seed": stream(config.seed, SCORER_ID)}} if config.curriculum else {}
     return json.loads(json.dumps({"dataset": dataset.name, "zca": dataset.zca is not None,
                                   "train_images": len(dataset.train_images), **asdict(config), **scoring}))
 

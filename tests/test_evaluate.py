@@ -97,6 +97,21 @@ def test_seeds_make_runs_reproducible_and_repeats_differ(small):
     assert len(set(result.runs)) == 3
     assert result.runs[1] == train_and_test(images, labels, test_x, test_y, QUICK, seed=1, device="cpu")
     assert result.std == pytest.approx(torch.tensor(result.runs).std(unbiased=False).item(), rel=1e-6)
+    # a rank's share of the networks is what one process trains for them
+    assert evaluate(images, labels, test_x, test_y, replace(QUICK, repeats=3), "cpu", networks=range(1, 3)).runs == \
+        result.runs[1:]
+
+
+def test_two_seeds_share_no_network(small):
+    """Under seed + j, --seed 1's networks were --seed 0's shifted by one: evaluating a set again "with another seed"
+    retrained 4 of its 5 networks. Network j of seed s draws from stream s * 65536 + j; seed 0's are as they were."""
+    images, labels, test_x, test_y = small
+    other = evaluate(images, labels, test_x, test_y, replace(QUICK, repeats=2, seed=1), device="cpu")
+    assert other.runs == [train_and_test(images, labels, test_x, test_y, QUICK, seed=65536 + j, device="cpu")
+                          for j in range(2)]
+    for bad in (-1, 65536):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 65536\)"):
+            replace(QUICK, seed=bad)
 
 
 def test_soft_labels_train_against_softmax_targets(small):
@@ -368,7 +383,7 @@ def test_random_baseline_draws_a_subset_per_repeat(digits, monkeypatch):
     small_test = replace(digits, test_images=digits.test_images[:50], test_labels=digits.test_labels[:50])
     results = evaluate_baseline(small_test, 1, "random", ["ConvNet", "ConvNetW32"],
                                 EvalConfig(epochs=1, repeats=2, seed=5), "cpu")
-    assert drawn == [5, 6]  # once per seed, shared by both models
+    assert drawn == [5 * 65536, 5 * 65536 + 1]  # once per repeat (stream r of seed 5), shared by both models
     assert set(results) == {"ConvNet", "ConvNetW32"}
 
 
