@@ -968,6 +968,34 @@ def check_auto_survives_out_of_memory(ctx: CheckContext) -> tuple[bool | None, s
                     f"{config.iterations} iterations; backward then: {chosen.get('mode')} ({chosen.get('reason')})")
 
 
+def check_experts_survive_out_of_memory(ctx: CheckContext) -> tuple[bool | None, str]:
+    """8 experts at once under a memory cap that holds about 3 of them (3x what one epoch of one expert took on top
+    of what is allocated): training must warn, go on with fewer at once (8, then 4, then 2) and finish all 8, where
+    a real out-of-memory error in a vmapped group used to end the command with a traceback."""
+    if ctx.device.type != "cuda":
+        return None, "not run: the memory cap (torch.cuda.set_per_process_memory_fraction) is CUDA's"
+    device, config = ctx.device, ExpertConfig(num_experts=8, epochs=1, width=128, batch_size=256, parallel=8)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    train_group(ctx.digits, replace(config, parallel=1), [0], device)
+    one = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_allocated(device) + 3 * one
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory, device)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            summary = train_experts(ctx.digits, config, ctx.work / "experts-oom", device, progress=False)
+    except ValueError as err:
+        return False, f"one expert x 1 epoch took {one / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB: {first_line(err)}"
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    said = [str(w.message).split(" (")[0] for w in caught if "ran out of memory" in str(w.message)]
+    passed = summary["trained"] == 8 and bool(said)
+    return passed, (f"one expert x 1 epoch took {one / 2**20:.0f} MiB, cap {cap / 2**20:.0f} MiB: trained "
+                    f"{summary['trained']} of 8; {'; '.join(said) or 'no warning (nothing ran out)'}")
+
+
 @contextlib.contextmanager
 def deterministic_algorithms() -> Iterator[list[warnings.WarningMessage]]:
     """torch.use_deterministic_algorithms(warn_only) inside; yields the warnings of ops that have no such kernel."""
@@ -1050,7 +1078,7 @@ CHECKS: tuple[Check, ...] = (
     check_modes_agree_float64, check_modes_agree_float32, check_reference_equals_full_float64,
     check_segments_modes_agree_float64, check_kept_graphs_agree_float64, check_choose_backward, check_distill_auto,
     check_auto_survives_out_of_memory, check_resume_bit_identical, check_experts_vectorised_equal_sequential,
-    check_cuda_graphs_equal_eager_float64, check_steps_queue_their_copies)
+    check_experts_survive_out_of_memory, check_cuda_graphs_equal_eager_float64, check_steps_queue_their_copies)
 
 
 def run_cuda_tests(config: CudaTestsConfig, device: torch.device, out: Path, record: Callable[[dict], None]) -> None:

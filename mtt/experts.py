@@ -539,13 +539,23 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
         with graceful_stop() as stop, tqdm(total=len(mine) * config.epochs, unit="epoch", file=sys.stderr,
                                            desc="experts" if world == 1 else f"experts (rank 0 of {world})",
                                            disable=not progress or rank != 0 or not mine) as bar:
-            for i in range(0, len(mine), parallel):
-                group = mine[i:i + parallel]
+            pending = list(mine)
+            while pending:
+                group, pending = pending[:parallel], pending[parallel:]
+                epochs_shown, ran_out = bar.n, None
                 try:
                     with stop.abandonable():  # Ctrl-C drops the group in training; finished shards stay
                         trajectories, test_acc = train_group(dataset, config, group, device, bar, scores)
                 except KeyboardInterrupt:
                     _interrupted(out_dir, len(ids), world, stop)
+                except torch.OutOfMemoryError as err:
+                    ran_out = str(err).splitlines()[0] if str(err) else "out of memory"
+                if ran_out is not None:  # (out of the except: the error's traceback no longer holds the group)
+                    parallel = _fewer_at_once(group, device, ran_out)
+                    pending = group + pending  # this group again, in smaller ones: the same experts (by id)
+                    bar.n = epochs_shown
+                    bar.refresh()
+                    continue
                 _check_finite(trajectories, group, config)
                 # One shard per group as soon as it is done: a crash loses at most this group.
                 write_shard(out_dir / shard_name(group), trajectories, meta, group, test_acc)
@@ -564,6 +574,22 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
     return {"experts": len(kept), "trained": len(todo), "epochs": config.epochs, "params": meta.num_params,
             "test_acc": [final[k] for k in ids if k in final], "seconds": time.perf_counter() - start,
             "out": str(out_dir)}
+
+
+def _fewer_at_once(group: Sequence[int], device: torch.device, reason: str) -> int:
+    """How many experts to train at once after `group` ran out of memory: half as many, said in a warning (each
+    expert follows the same path whatever its group, so nothing changes but the time); none fits alone: an error."""
+    if len(group) == 1:
+        raise ValueError(f"the device ran out of memory training one expert alone ({reason}): use a smaller "
+                         f"--batch-size, a smaller network, or a device with more memory; experts finished before "
+                         f"it, if any, are kept")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the failed group's blocks, for the smaller groups
+    fewer = len(group) // 2
+    warnings.warn(f"{len(group)} experts at once ran out of memory on {device} ({reason}): training {fewer} at once "
+                  f"from here (the same experts, in more time; next time pass --parallel {fewer} or fewer)",
+                  stacklevel=3)
+    return fewer
 
 
 def _check_finite(trajectories: Tensor, group: Sequence[int], config: ExpertConfig) -> None:

@@ -130,6 +130,40 @@ def test_experts_whose_files_went_away_while_training_are_said_missing(digits, t
         train_experts(digits, replace(TINY, num_experts=2, epochs=1), tmp_path, device="cpu", progress=False)
 
 
+def test_a_group_that_runs_out_of_memory_trains_again_in_halves(digits, tmp_path, monkeypatch):
+    """A device that holds 2 experts at once (a real out-of-memory error from train_group for more; on a GPU,
+    gpu_suite's cuda-tests): --parallel 4 warns and trains the same experts 2 at a time, not a traceback that
+    loses the run; one expert alone that does not fit is an error that keeps the finished ones."""
+    import mtt.experts
+    train = mtt.experts.train_group
+
+    def on_a_small_device(dataset, config, group, *args, **kwargs):
+        if len(group) > fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train(dataset, config, group, *args, **kwargs)
+
+    monkeypatch.setattr(mtt.experts, "train_group", on_a_small_device)
+    fits = 2
+    with pytest.warns(UserWarning, match=r"4 experts at once ran out of memory on cpu \(CUDA out of memory\. Tried "
+                                         r"to allocate 2\.00 GiB\): training 2 at once from here"):
+        train_experts(digits, replace(TINY, num_experts=5, parallel=4), tmp_path / "halved", device="cpu",
+                      progress=False)
+    assert sorted(p.name for p in (tmp_path / "halved").glob("*.safetensors")) == [
+        "experts_00000-00001.safetensors", "experts_00002-00003.safetensors", "experts_00004-00004.safetensors"]
+    fits = 5
+    train_experts(digits, replace(TINY, num_experts=5, parallel=1), tmp_path / "alone", device="cpu", progress=False)
+    halved, alone = ExpertBuffers.open(tmp_path / "halved"), ExpertBuffers.open(tmp_path / "alone")
+    for k in range(5):
+        torch.testing.assert_close(halved.trajectory(k), alone.trajectory(k), atol=1e-5, rtol=0)
+
+    fits = 0
+    with pytest.raises(ValueError, match=r"ran out of memory training one expert alone \(CUDA out of memory.*\): use "
+                                         r"a smaller --batch-size"):
+        train_experts(digits, replace(TINY, num_experts=6, parallel=1), tmp_path / "halved", device="cpu",
+                      progress=False)
+    assert ExpertBuffers.open(tmp_path / "halved").expert_ids == [0, 1, 2, 3, 4]
+
+
 def test_resume_refuses_other_experts(digits, tmp_path):
     train_experts(digits, replace(TINY, num_experts=1, epochs=1), tmp_path, device="cpu", progress=False)
     with pytest.raises(ValueError, match="epochs: 1 there vs 2 now"):
