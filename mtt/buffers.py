@@ -804,8 +804,21 @@ class ExpertBuffers:
         """The first n of these experts alone (for ablations over their number)."""
         if not 1 <= n <= len(self):
             raise ValueError(f"cannot take the first {n} experts of {self.source}: it holds {len(self)}")
+        return self._only(self._ids[:n])
+
+    def diverged(self) -> list[int]:
+        """The indices of the experts whose last snapshot is not finite: their training diverged. mtt does not save
+        such experts; other code's files (the original's, a download) may hold them."""
+        return [i for i in range(len(self)) if not torch.isfinite(self.snapshot(i, self.meta.epochs)).all()]
+
+    def without(self, indices: Iterable[int]) -> ExpertBuffers:
+        """These experts but those at `indices`."""
+        left_out = {self._id(i) for i in indices}
+        return self._only([eid for eid in self._ids if eid not in left_out])
+
+    def _only(self, ids: list[int]) -> ExpertBuffers:
         subset = ExpertBuffers(self.meta, self._reader, self.source)
-        subset._ids = self._ids[:n]
+        subset._ids = ids
         return subset
 
     def final_accuracy(self) -> float | None:

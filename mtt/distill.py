@@ -582,6 +582,7 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
             evaluator = None  # the caller's runs on rank 0 alone
         if not procs.is_main:
             callbacks, progress = (), False
+        buffers = _without_diverged(buffers, say=procs.is_main)
         student = _student_for(config, dataset, buffers, procs.device)
         folder = RunFolder(out_dir, buffers.identity(), writes=procs.is_main)
         if folder.writes:
@@ -598,6 +599,20 @@ def distill(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, out
     synthetic = _synthetic_set(state, config, dataset)
     folder.save_synthetic(synthetic)
     return synthetic
+
+
+def _without_diverged(buffers: ExpertBuffers, say: bool) -> ExpertBuffers:
+    """The experts but those whose training diverged (their last snapshot not finite), left out with a warning:
+    drawn, one would stop the run with a non-finite loss, hours in. A resume leaves out the same ones."""
+    diverged = buffers.diverged()
+    if len(diverged) == len(buffers):
+        raise ValueError(f"every expert in {buffers.source} diverged (its last epoch's parameters are not finite): "
+                         f"train them again with a lower --lr (python -m mtt experts), or use other --buffers")
+    if diverged and say:
+        print(f"warning: {len(diverged)} of the {len(buffers)} experts diverged (their last epoch's parameters are "
+              f"not finite): {', '.join(map(buffers.locate, diverged))}; distilling from the other "
+              f"{len(buffers) - len(diverged)}", file=sys.stderr)
+    return buffers.without(diverged) if diverged else buffers
 
 
 def _provenance(source: Path, experts: dict[str, Any], device: torch.device) -> dict[str, Any]:

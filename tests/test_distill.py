@@ -1,5 +1,6 @@
 """The distillation loop on digits with real (tiny) experts: outputs, resume, guards, presets, CLI."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -186,13 +187,39 @@ def test_learning_rates_and_unroll_may_change_on_resume_and_the_change_is_record
 def test_experts_with_non_finite_parameters_are_blamed_not_the_settings(digits, experts, tmp_path):
     buffers = ExpertBuffers.open(experts)
     damaged = torch.stack([buffers.trajectory(0)])
-    damaged[0, 1:, :5] = float("nan")  # diverged after epoch 0
+    damaged[0, 1:-1, :5] = float("nan")  # damaged in the middle: its last epoch is finite, so it is found when drawn
     write_shard(tmp_path / "bad" / "experts_00000-00000.safetensors", damaged, buffers.meta, [0])
     write_index(tmp_path / "bad")
     with pytest.raises(ValueError, match=r"the experts' parameters are not finite \(experts \[0\], start epochs "
                                          r"\[\d\]\): expert 0 in .*bad/experts_00000-00000.safetensors diverged or "
                                          r"is damaged"):
         distill(small_config(), digits, ExpertBuffers.open(tmp_path / "bad"), tmp_path / "run", progress=False)
+
+
+def test_diverged_experts_are_left_out_before_the_run(digits, experts, tmp_path, capsys):
+    """An expert whose last epoch is not finite (its training diverged: the original's files or a download may hold
+    one) would stop the run when drawn, hours in: it is left out at the start, with a warning naming it, and the run
+    (and its resume) is the run from the other experts alone."""
+    buffers = ExpertBuffers.open(experts)
+    trajectories = torch.stack([buffers.trajectory(0), buffers.trajectory(1)])
+    trajectories[1, 2:, :5] = float("nan")  # diverged in epoch 2
+    write_shard(tmp_path / "mixed" / "experts_00000-00001.safetensors", trajectories, buffers.meta, [0, 1])
+    write_index(tmp_path / "mixed")
+    mixed = ExpertBuffers.open(tmp_path / "mixed")
+    assert mixed.diverged() == [1] and mixed.without([1]).expert_ids == [0]
+    run = distill(small_config(iterations=3), digits, mixed, tmp_path / "run", progress=False)
+    assert re.search(r"warning: 1 of the 2 experts diverged \(their last epoch's parameters are not finite\): "
+                     r"expert 1 in .*mixed/experts_00000-00001.safetensors; distilling from the other 1",
+                     capsys.readouterr().err)
+    alone = distill(small_config(iterations=3), digits, buffers.first(1), tmp_path / "alone", progress=False)
+    assert torch.equal(run.images, alone.images)  # expert 0 drawn every time, as from it alone
+    resumed = distill(small_config(iterations=4), digits, mixed, tmp_path / "run", resume=True, progress=False)
+    assert torch.isfinite(resumed.images).all()
+
+    trajectories[0, -1, 0] = float("inf")
+    write_shard(tmp_path / "mixed" / "experts_00000-00001.safetensors", trajectories, buffers.meta, [0, 1])
+    with pytest.raises(ValueError, match=r"every expert in .*mixed diverged .*train them again with a lower --lr"):
+        distill(small_config(), digits, ExpertBuffers.open(tmp_path / "mixed"), tmp_path / "none", progress=False)
 
 
 def test_a_diverged_run_continues_with_the_advice_it_gives(digits, experts, tmp_path):
