@@ -157,6 +157,9 @@ Distillation: {config.iterations} iterations of {config.syn_steps} unrolled step
 ## Matching loss, learned step size and accuracy during distillation
 ![curves](curves.png)
 
+## The experts' test accuracy, and the epochs the distillation matched
+![experts](experts.png)
+
 ## Expert trajectory and the student's path (PCA)
 ![trajectories](trajectories.png)
 """

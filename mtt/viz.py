@@ -415,6 +415,44 @@ def training_curves(history_or_run_dir: Mapping[str, Any] | PathLike, path: Path
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- the experts
+
+def matched_epochs(run_dir: PathLike) -> tuple[int, int] | None:
+    """The expert epochs a run matches, from its config.json: from its lowest start epoch to its highest target
+    (starts from [min_start_epoch, max_start_epoch), targets expert_epochs later); None without a config."""
+    config = _run_config(run_dir)
+    if not {"max_start_epoch", "expert_epochs"} <= config.keys():
+        return None
+    return config.get("min_start_epoch", 0), config["max_start_epoch"] - 1 + config["expert_epochs"]
+
+
+def expert_accuracy(buffers: ExpertBuffers, run_dir: PathLike | None = None, path: PathLike | None = None) -> Figure:
+    """Each expert's test accuracy after every epoch (thin lines) and their mean, with the epochs a run matches
+    shaded (given its folder): whether the experts learned, and where in their training the synthetic set learns
+    from. Experts that recorded no accuracy (the original's files) are said so."""
+    fig = _figure(6.5, 3.6)
+    ax = fig.subplots()
+    ax.set(title=f"{len(buffers)} experts' test accuracy", xlabel="expert epoch", ylabel="test accuracy (%)")
+    curves = [100 * acc.double().numpy() for acc in map(buffers.test_acc, range(len(buffers)))
+              if acc is not None and len(acc)]
+    if not curves:
+        _note(ax, "these experts recorded no test accuracy")
+        return _save(fig, path)
+    for curve in curves:
+        ax.plot(np.arange(1, len(curve) + 1), curve, color=SKY, lw=0.6, alpha=0.5)
+    mean = np.mean([c for c in curves if len(c) == len(curves[0])], axis=0)
+    ax.plot(np.arange(1, len(mean) + 1), mean, color=BLUE, lw=2, label="mean")
+    ax.axhline(100 / buffers.meta.num_classes, color=GREY, ls="--", lw=1, label="chance")
+    window = matched_epochs(run_dir) if run_dir is not None else None
+    if window is not None:
+        ax.axvspan(*window, color=ORANGE, alpha=0.2, lw=0, label=f"matched by the run: epochs {window[0]}-{window[1]}")
+    ax.set_xlim(0, len(mean))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- PCA of trajectories
 
 @dataclass
@@ -683,14 +721,16 @@ def run_figures(run_dir: PathLike, synthetic: SyntheticSet, dataset: Dataset | D
                 buffers: ExpertBuffers | None = None, suffix: str = ".png", seed: int = 0,
                 device: DeviceLike = "cpu") -> Iterator[Path]:
     """A run's figures, as `python -m mtt plot` and the demo save them into out_dir: synthetic (the set), evolution
-    (its images over the snapshots), curves (loss, step size, accuracy) and, given the experts, trajectories (their
-    PCA, with a student trained on the set from expert 0's start; `dataset` must then be a loaded Dataset). Yields
+    (its images over the snapshots), curves (loss, step size, accuracy) and, given the experts, experts (their test
+    accuracy, the epochs matched shaded) and trajectories (their PCA, with a student trained on the set from expert
+    0's start; `dataset` must then be a loaded Dataset). Yields
     each path once its figure is saved, so that a failure (a full disk) leaves those before it known."""
     figures = {"synthetic": lambda path: image_grid(synthetic, dataset, path=path)}
     if load_snapshots(run_dir):
         figures["evolution"] = lambda path: image_evolution(run_dir, dataset, path=path)
     figures["curves"] = lambda path: training_curves(run_dir, path=path)
     if buffers is not None:
+        figures["experts"] = lambda path: expert_accuracy(buffers, run_dir, path=path)
         figures["trajectories"] = lambda path: trajectory_pca(buffers, experts=[0], student_paths=[
             student_paths_for(synthetic, buffers, dataset, expert=0, start_epoch=0, seed=seed, device=device)],
             path=path)

@@ -725,7 +725,7 @@ def test_plot_draws_a_runs_figures(experts, tmp_path):
     result = mtt("plot", run, "--buffers", experts, "--format", "svg", "--out", tmp_path / "figures", "--device", "cpu")
     assert result.returncode == 0 and "stopped at" not in result.stderr, result.stderr
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
-        "curves.svg", "evolution.svg", "synthetic.svg", "trajectories.svg"]
+        "curves.svg", "evolution.svg", "experts.svg", "synthetic.svg", "trajectories.svg"]
     assert "holds no distillation run" in the_error(mtt("plot", experts))
     other = tmp_path / "other"
     train_experts(load_dataset("digits"), ExpertConfig(num_experts=2, epochs=4, width=WIDTH, seed=9), other,

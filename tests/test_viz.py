@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from mtt import viz
-from mtt.buffers import ExpertBuffers
+from mtt.buffers import ExpertBuffers, write_shard
 from mtt.data import load_dataset
 from mtt.distill import DistillConfig, distill, load_snapshots
 from mtt.evaluate import EvalResult
@@ -120,6 +120,28 @@ def test_training_curves(run, tmp_path):
                                                      {"iteration": 4, "mean": 55.0, "std": 1.0, "runs": []}]}
     with_evals = viz.training_curves(history)
     assert list(with_evals.axes[2].lines[0].get_ydata()) == [40.0, 55.0]
+
+
+def test_expert_accuracy_shows_each_expert_and_the_epochs_the_run_matched(run, tmp_path):
+    fig = viz.expert_accuracy(run.buffers, run.dir, path=tmp_path / "experts.png")
+    ax = fig.axes[0]
+    curves = [line.get_ydata() for line in ax.lines]
+    for k in range(2):  # each expert's accuracy after epochs 1..3, in %, then their mean, then chance (10 classes)
+        np.testing.assert_allclose(curves[k], 100 * run.buffers.test_acc(k).double().numpy())
+    np.testing.assert_allclose(curves[2], (curves[0] + curves[1]) / 2)
+    assert list(curves[3]) == [10.0, 10.0]
+    # starts from [0, 2), targets 1 epoch later: the run matches epochs 0-2
+    assert viz.matched_epochs(run.dir) == (0, 2)
+    (span,) = ax.patches
+    assert span.get_x() == 0 and span.get_width() == 2
+    assert ax.get_legend().get_texts()[-1].get_text() == "matched by the run: epochs 0-2"
+    assert_png(tmp_path / "experts.png")
+    # without the run, no span; experts that recorded no accuracy (the original's files): said so
+    assert not viz.expert_accuracy(run.buffers).axes[0].patches
+    trajectories = torch.stack([run.buffers.trajectory(0)])
+    write_shard(tmp_path / "bare" / "experts_00000-00000.safetensors", trajectories, run.buffers.meta, [0])
+    bare = viz.expert_accuracy(ExpertBuffers.open(tmp_path / "bare"))
+    assert [t.get_text() for t in bare.axes[0].texts] == ["these experts recorded no test accuracy"]
 
 
 def test_training_curves_of_a_run_still_going(run, tmp_path):
