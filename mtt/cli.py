@@ -697,7 +697,8 @@ def run_baseline(args: argparse.Namespace) -> dict[str, Any]:
 @command
 def add_plot(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plot", help="a distillation run's figures: its images, their evolution, the curves "
-                                           "and, with --buffers, the trajectories (PCA)", formatter_class=_Formatter)
+                                           "and, with --buffers, the experts' accuracy and the trajectories (PCA)",
+                              formatter_class=_Formatter)
     p.add_argument("run_dir", metavar="RUN", help="run folder (distill --out); a run that stopped is drawn as its "
                                                   "checkpoint holds it")
     p.add_argument("--out", default=None, help="folder for the figures (default: RUN/plots)")
