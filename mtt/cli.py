@@ -98,6 +98,7 @@ def _float_above(low: float, *, inclusive: bool = False) -> Callable[[str], floa
 
 
 POSITIVE, NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
 
 
 def _seed(text: str) -> int:
@@ -108,7 +109,6 @@ def _seed(text: str) -> int:
     if value >= STREAMS_PER_SEED:
         raise argparse.ArgumentTypeError(f"must be < {STREAMS_PER_SEED}, got {value}")
     return value
-RATE, NON_NEGATIVE_RATE = _float_above(0.0), _float_above(0.0, inclusive=True)
 
 
 def _fraction(text: str) -> float:
