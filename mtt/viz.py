@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from mtt.augment import DEFAULT_STRATEGY
 from mtt.buffers import ExpertBuffers
 from mtt.data import SPECS, ZCA, Dataset, DatasetSpec, dataset_key
 from mtt.device import DeviceLike, resolve_device
-from mtt.distill import (CHECKPOINT, FINAL_SYNTHETIC, HISTORY, RUN_CONFIG, SNAPSHOTS, check_distilled_from,
-                         load_snapshots)
+from mtt.distill import (CHECKPOINT, FINAL_SYNTHETIC, HISTORY, RUN_CONFIG, SNAPSHOTS, DistillConfig,
+                         check_distilled_from, load_snapshots)
 from mtt.io import atomic_save_figure, atomic_write, read_json
 from mtt.networks import get_network
 from mtt.paper import mean_and_std
@@ -417,19 +417,22 @@ def training_curves(history_or_run_dir: Mapping[str, Any] | PathLike, path: Path
 
 # ----------------------------------------------------------------------------- the experts
 
-def matched_epochs(run_dir: PathLike) -> tuple[int, int] | None:
-    """The expert epochs a run matches, from its config.json: from its lowest start epoch to its highest target
-    (starts from [min_start_epoch, max_start_epoch), targets expert_epochs later); None without a config."""
-    config = _run_config(run_dir)
+def matched_epochs(run: DistillConfig | PathLike) -> tuple[int, int] | None:
+    """The expert epochs a run matches (its config, or its folder's config.json): from its lowest start epoch to its
+    highest target (starts from [min_start_epoch, max_start_epoch), targets expert_epochs later); None where a
+    folder has no config."""
+    config = asdict(run) if isinstance(run, DistillConfig) else _run_config(run)
     if not {"max_start_epoch", "expert_epochs"} <= config.keys():
         return None
     return config.get("min_start_epoch", 0), config["max_start_epoch"] - 1 + config["expert_epochs"]
 
 
-def expert_accuracy(buffers: ExpertBuffers, run_dir: PathLike | None = None, path: PathLike | None = None) -> Figure:
+def expert_accuracy(buffers: ExpertBuffers, run: DistillConfig | PathLike | None = None,
+                    path: PathLike | None = None) -> Figure:
     """Each expert's test accuracy after every epoch (thin lines) and their mean, with the epochs a run matches
-    shaded (given its folder): whether the experts learned, and where in their training the synthetic set learns
-    from. Experts that recorded no accuracy (the original's files) are said so."""
+    shaded (given its config or folder: before it starts, or after): whether the experts learned, and where in
+    their training the synthetic set learns from. Experts that recorded no accuracy (the original's files) are
+    said so."""
     fig = _figure(6.5, 3.6)
     ax = fig.subplots()
     ax.set(title=f"{len(buffers)} experts' test accuracy", xlabel="expert epoch", ylabel="test accuracy (%)")
@@ -443,7 +446,7 @@ def expert_accuracy(buffers: ExpertBuffers, run_dir: PathLike | None = None, pat
     mean = np.mean([c for c in curves if len(c) == len(curves[0])], axis=0)
     ax.plot(np.arange(1, len(mean) + 1), mean, color=BLUE, lw=2, label="mean")
     ax.axhline(100 / buffers.meta.num_classes, color=GREY, ls="--", lw=1, label="chance")
-    window = matched_epochs(run_dir) if run_dir is not None else None
+    window = matched_epochs(run) if run is not None else None
     if window is not None:
         ax.axvspan(*window, color=ORANGE, alpha=0.2, lw=0, label=f"matched by the run: epochs {window[0]}-{window[1]}")
     ax.set_xlim(0, len(mean))

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     config = DistillConfig(dataset="digits", ipc=1, width=16, syn_steps=4, expert_epochs=1, max_start_epoch=2,
                            lr_img=10, iterations=4, eval_repeats=0, snapshot_every=2, device="cpu")
     synthetic = distill(config, dataset, buffers, root / "run", progress=False)
-    return SimpleNamespace(dataset=dataset, buffers=buffers, dir=root / "run", synthetic=synthetic)
+    return SimpleNamespace(dataset=dataset, buffers=buffers, dir=root / "run", synthetic=synthetic, config=config)
 
 
 def assert_png(path, min_size=(300, 150), max_size=(4000, 4000)):
@@ -131,7 +131,7 @@ def test_expert_accuracy_shows_each_expert_and_the_epochs_the_run_matched(run, t
     np.testing.assert_allclose(curves[2], (curves[0] + curves[1]) / 2)
     assert list(curves[3]) == [10.0, 10.0]
     # starts from [0, 2), targets 1 epoch later: the run matches epochs 0-2
-    assert viz.matched_epochs(run.dir) == (0, 2)
+    assert viz.matched_epochs(run.dir) == (0, 2) == viz.matched_epochs(run.config)  # after the run, or before it
     (span,) = ax.patches
     assert span.get_x() == 0 and span.get_width() == 2
     assert ax.get_legend().get_texts()[-1].get_text() == "matched by the run: epochs 0-2"
