@@ -232,7 +232,11 @@ def run_experts(args: argparse.Namespace) -> dict[str, Any]:
                               **dataclasses.asdict(config), "out": args.out}, args.device)
     result = train_experts(dataset, config, args.out, device=args.device, progress=not args.no_progress)
     if main:
-        print(f"saved: {result['experts']} experts in {args.out} ({result['trained']} trained now)", file=sys.stderr)
+        final = [100 * acc for acc in result["test_acc"]]
+        accuracy = (f"; test accuracy after the last epoch {sum(final) / len(final):.1f} % (from {min(final):.1f} to "
+                    f"{max(final):.1f})" if final else "")
+        print(f"saved: {result['experts']} experts in {args.out} ({result['trained']} trained now){accuracy}",
+              file=sys.stderr)
     return result
 
 

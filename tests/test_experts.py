@@ -235,17 +235,21 @@ def test_batchnorm_falls_back_to_sequential(digits, tmp_path):
         "experts_00000-00000.safetensors", "experts_00001-00001.safetensors"]
 
 
-def run_cli(*args: str, launcher: list[str] | None = None) -> dict:
+def run_cli(*args: str, launcher: list[str] | None = None) -> tuple[dict, str]:
+    """The JSON summary and what was said on stderr."""
     cmd = (launcher or [sys.executable]) + ["-m", "mtt", "experts", *args]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def test_cli_round_trip(digits, tmp_path):
     out = tmp_path / "experts"
-    summary = run_cli(*CLI_TINY, "--num-experts", "2", "--out", str(out))
+    summary, said = run_cli(*CLI_TINY, "--num-experts", "2", "--out", str(out))
     assert summary["experts"] == 2 and summary["epochs"] == 2 and len(summary["test_acc"]) == 2
+    final = [100 * acc for acc in summary["test_acc"]]
+    assert (f"saved: 2 experts in {out} (2 trained now); test accuracy after the last epoch "
+            f"{sum(final) / 2:.1f} % (from {min(final):.1f} to {max(final):.1f})") in said
     buffers = ExpertBuffers.open(out, dataset="digits", model="ConvNet")
     assert len(buffers) == 2 and buffers.trajectory(1).shape == (3, summary["params"])
     assert buffers.meta.num_params == summary["params"] and not buffers.meta.zca
@@ -259,7 +263,7 @@ def test_torchrun_two_ranks_split_the_experts(digits, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = [*CLI_TINY, "--num-experts", "3", "--parallel", "2"]
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]  # --standalone: a free port
-    summary = run_cli(*args, "--out", str(multi), launcher=torchrun)
+    summary, _ = run_cli(*args, "--out", str(multi), launcher=torchrun)
     assert summary["experts"] == summary["trained"] == 3 and len(summary["test_acc"]) == 3
     # rank 0 took experts 0 and 2, rank 1 expert 1; each wrote its own shard
     assert sorted(p.name for p in multi.glob("*.safetensors")) == [
