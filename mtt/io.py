@@ -1,5 +1,6 @@
 """Atomic file writes (a crash mid-write leaves the previous file, never half of a new one), output folders
-checked before work starts, and a quick check that a download's host can be reached."""
+checked before work starts (and kept on Google Drive on Colab), and a quick check that a download's host can be
+reached."""
 from __future__ import annotations
 
 import errno
@@ -127,6 +128,25 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     except OSError as err:
         raise ValueError(f"{flag} {path} is not writable ({err.strerror or err}): choose another {flag}") from None
     return path
+
+
+COLAB_DRIVE = Path("/content/drive")  # where Colab mounts Google Drive
+
+
+def on_drive(path: str | os.PathLike) -> Path:
+    """Where to keep `path` so that it outlives the runtime: on Colab, MyDrive/mtt/PATH on Google Drive (mounted here,
+    which asks for access, if it is not yet), since a runtime that disconnects or times out takes /content and the
+    hours of experts and distillation in it; elsewhere, and for an absolute path, `path` itself."""
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    try:
+        from google.colab import drive
+    except ImportError:  # not on Colab
+        return path
+    if not (COLAB_DRIVE / "MyDrive").is_dir():
+        drive.mount(str(COLAB_DRIVE))
+    return COLAB_DRIVE / "MyDrive" / "mtt" / path
 
 
 LOCK = ".mtt.lock"  # "HOST PID" of the process writing into the folder
