@@ -18,6 +18,7 @@ from mtt.data import load_dataset
 from mtt.experts import (ExpertConfig, SequentialExperts, VectorisedExperts, augment, init_expert, train_experts,
                          train_group)
 from mtt.networks import get_network
+from mtt.seeds import stream
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,6 +88,8 @@ def test_two_seeds_share_no_expert_and_seed_0_keeps_its_experts(digits):
             replace(TINY, seed=bad)
     with pytest.raises(ValueError, match="num_experts must be at most 65520"):
         replace(TINY, num_experts=65521)
+    with pytest.raises(ValueError, match="item 65536 of seed 0 has no stream: a seed has 65536"):
+        stream(0, 65536)  # e.g. PAD's scoring networks past the 16 streams they have
 
 
 def test_same_seed_same_shards_and_resume(digits, tmp_path):
