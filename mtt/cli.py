@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shlex
 import sys
 import warnings
@@ -821,7 +822,14 @@ def _report(line: str) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)  # one line, as the errors: no source path and line
+    """One line, as the errors: no source path and line. Under torchrun rank 0 says what holds for every rank, and
+    each rank its own (RankWarning)."""
+    from mtt.distributed import RankWarning, is_main_process, world_size
+
+    own = issubclass(category, RankWarning)
+    if own or is_main_process():
+        rank = f"rank {os.environ.get('RANK', 0)}: " if own and world_size() > 1 else ""
+        print(f"warning: {rank}{message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,6 +83,11 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+class RankWarning(UserWarning):
+    """A warning about this process alone (its GPU ran out of memory). Under torchrun each rank that has one says it;
+    the other warnings hold for every rank alike (they read the same flags and files), and rank 0 alone says them."""
+
+
 def tell_torchrun(error: str) -> None:
     """Give the line that ends this process to torchrun, whose failure summary shows it for this rank (in place of
     "To enable traceback see ..."): one place for every rank's error, where printing them repeats one line per

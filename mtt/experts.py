@@ -47,7 +47,7 @@ from mtt.buffers import (EXPERTS_CONFIG, BufferMeta, ExpertBuffers, finished_exp
                          write_index, write_shard)
 from mtt.data import Dataset
 from mtt.device import DeviceLike, resolve_device, seconds, to_device
-from mtt.distributed import Ranks, ranks
+from mtt.distributed import RankWarning, Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors, read_json
 from mtt.networks import fixed_sizes, get_network
@@ -588,7 +588,7 @@ def _fewer_at_once(group: Sequence[int], device: torch.device, reason: str) -> i
     fewer = len(group) // 2
     warnings.warn(f"{len(group)} experts at once ran out of memory on {device} ({reason}): training {fewer} at once "
                   f"from here (the same experts, in more time; next time pass --parallel {fewer} or fewer)",
-                  stacklevel=3)
+                  RankWarning, stacklevel=3)
     return fewer
 
 

@@ -262,6 +262,23 @@ def test_cli_round_trip(digits, tmp_path):
     torch.testing.assert_close(buffers.trajectory(1), expected[0], atol=1e-5, rtol=0)
 
 
+def test_torchrun_says_a_warning_of_every_rank_once_and_a_ranks_own_with_its_rank(tmp_path, monkeypatch, capsys):
+    """ConvNetBN's experts train one at a time (BatchNorm): both ranks warn, rank 0 alone says it. A warning about one
+    process (RankWarning: its GPU ran out of memory) is said by the rank that has it, named."""
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    _, said = run_cli(*CLI_TINY, "--model", "ConvNetBN", "--num-experts", "2", "--parallel", "2", "--out",
+                      str(tmp_path / "bn"), launcher=torchrun)
+    assert said.count("has BatchNorm, whose running stats cannot be vmapped") == 1, said
+
+    from mtt.cli import _show_warning
+    from mtt.distributed import RankWarning
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _show_warning("2 experts at once ran out of memory", RankWarning, "f.py", 1)
+    _show_warning("the same for every rank", UserWarning, "f.py", 1)
+    assert capsys.readouterr().err == "warning: rank 1: 2 experts at once ran out of memory\n"
+
+
 def test_torchrun_two_ranks_split_the_experts(digits, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     args = [*CLI_TINY, "--num-experts", "3", "--parallel", "2"]
