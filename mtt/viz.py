@@ -443,7 +443,7 @@ def expert_accuracy(buffers: ExpertBuffers, run: DistillConfig | PathLike | None
         return _save(fig, path)
     for curve in curves:
         ax.plot(np.arange(1, len(curve) + 1), curve, color=SKY, lw=0.6, alpha=0.5)
-    mean = np.mean([c for c in curves if len(c) == len(curves[0])], axis=0)
+    mean = np.mean(curves, axis=0)  # one length: the experts of one set trained as many epochs
     ax.plot(np.arange(1, len(mean) + 1), mean, color=BLUE, lw=2, label="mean")
     ax.axhline(100 / buffers.meta.num_classes, color=GREY, ls="--", lw=1, label="chance")
     window = matched_epochs(run) if run is not None else None
