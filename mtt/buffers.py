@@ -811,6 +811,11 @@ class ExpertBuffers:
         such experts; other code's files (the original's, a download) may hold them."""
         return [i for i in range(len(self)) if not torch.isfinite(self.snapshot(i, self.meta.epochs)).all()]
 
+    def without_diverged(self) -> ExpertBuffers:
+        """These experts but those that diverged: the ones a distillation draws from (mtt.distill leaves the others
+        out), and so the ones a run's figures and checks are made with."""
+        return self.without(self.diverged())
+
     def without(self, indices: Iterable[int]) -> ExpertBuffers:
         """These experts but those at `indices`."""
         left_out = {self._id(i) for i in indices}

@@ -743,7 +743,7 @@ def run_plot(args: argparse.Namespace) -> dict[str, Any]:
     buffers = None
     if args.buffers:
         buffers = open_buffers(args.buffers, dataset=dataset.name, zca=synthetic.zca is not None,
-                               model=synthetic.model)
+                               model=synthetic.model).without_diverged()  # what the run drew from
         check_distilled_from(run, buffers)
     out = ensure_writable_dir(args.out or run / "plots")
     paths = []

@@ -462,13 +462,14 @@ def load_checkpoint(path: Path, config: DistillConfig, device: torch.device,
 
 
 def check_distilled_from(run_dir: str | Path, buffers: ExpertBuffers) -> None:
-    """Refuse experts other than those the run in `run_dir` was distilled from (what its checkpoint records), for
-    figures that set its images against them; a run copied without its checkpoint cannot be checked."""
+    """Refuse experts other than those the run in `run_dir` was distilled from (what its checkpoint records: those of
+    them that had not diverged), for figures that set its images against them; a run copied without its checkpoint
+    cannot be checked."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         return
     saved = json.loads(_checkpoint_metadata(path).get("experts", "null"))
-    if saved is not None and saved != (given := buffers.identity()):
+    if saved is not None and saved != (given := buffers.without_diverged().identity()):
         raise ValueError(f"{run_dir} was distilled from other experts ({_describe(saved)}) than {buffers.source} "
                          f"({_describe(given)}): pass the --buffers the run was distilled from")
 

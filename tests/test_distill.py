@@ -16,7 +16,8 @@ import mtt.distill
 from mtt.buffers import ExpertBuffers, write_index, write_shard
 from mtt.data import load_dataset
 from mtt.distill import (BEST_SYNTHETIC, DistillationDiverged, DistillConfig, EvaluationFailed, OutOfMemory,
-                         best_evaluation, distill, load_snapshots, preset, stored_config, stored_set)
+                         best_evaluation, check_distilled_from, distill, load_snapshots, preset, stored_config,
+                         stored_set)
 from mtt.experts import ExpertConfig, train_experts
 from mtt.interrupt import Interrupted
 from mtt.synthetic import SyntheticSet
@@ -215,6 +216,8 @@ def test_diverged_experts_are_left_out_before_the_run(digits, experts, tmp_path,
     assert torch.equal(run.images, alone.images)  # expert 0 drawn every time, as from it alone
     resumed = distill(small_config(iterations=4), digits, mixed, tmp_path / "run", resume=True, progress=False)
     assert torch.isfinite(resumed.images).all()
+    check_distilled_from(tmp_path / "run", mixed)  # the figures' check: these are the experts it drew from
+    assert mixed.without_diverged().expert_ids == [0]
 
     trajectories[0, -1, 0] = float("inf")
     write_shard(tmp_path / "mixed" / "experts_00000-00001.safetensors", trajectories, buffers.meta, [0, 1])
