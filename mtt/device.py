@@ -98,3 +98,9 @@ def seconds(run: Callable[[], object], device: torch.device) -> float:
     run()
     synchronize(device)
     return time.perf_counter() - started
+
+
+def out_of_memory_reason(err: torch.OutOfMemoryError) -> str:
+    """The first line of an out-of-memory error (what ran out, and how much was asked): the rest is advice on the
+    allocator's settings, not on the run."""
+    return str(err).splitlines()[0] if str(err) else "out of memory"

@@ -33,7 +33,7 @@ from mtt import __version__
 from mtt.augment import DEFAULT_STRATEGY, parse_strategy
 from mtt.buffers import ExpertBuffers, holds_experts
 from mtt.data import Dataset, check_same_space, dataset_key
-from mtt.device import resolve_device
+from mtt.device import out_of_memory_reason, resolve_device
 from mtt.distributed import Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors
@@ -772,12 +772,11 @@ def _interrupted(state: DistillState, config: DistillConfig, folder: RunFolder, 
 
 def _out_of_memory(state: DistillState, config: DistillConfig, folder: RunFolder, err: torch.OutOfMemoryError) -> None:
     folder.save(state, config)  # the state before this iteration: nothing of it is lost
-    reason = str(err).splitlines()[0] if str(err) else "out of memory"
-    raise OutOfMemory(f"the device ran out of memory at iteration {state.iteration} ({reason}). The state before it "
-                      f"is saved in {folder.checkpoint}: run the same command with --resume and less to hold per "
-                      f"iteration: --backward checkpointed (memory constant in --syn-steps; now {config.backward}), "
-                      f"a smaller --batch-syn (now {config.batch_syn or 'all'}) or fewer --segments (now "
-                      f"{config.segments}), or free the device of other jobs") from None
+    raise OutOfMemory(f"the device ran out of memory at iteration {state.iteration} ({out_of_memory_reason(err)}). "
+                      f"The state before it is saved in {folder.checkpoint}: run the same command with --resume and "
+                      f"less to hold per iteration: --backward checkpointed (memory constant in --syn-steps; now "
+                      f"{config.backward}), a smaller --batch-syn (now {config.batch_syn or 'all'}) or fewer "
+                      f"--segments (now {config.segments}), or free the device of other jobs") from None
 
 
 def _student_for(config: DistillConfig, dataset: Dataset, buffers: ExpertBuffers, device: torch.device) -> Student:

@@ -46,7 +46,7 @@ from mtt.augment import DEFAULT_STRATEGY, DSAParams, apply_params, parse_strateg
 from mtt.buffers import (EXPERTS_CONFIG, BufferMeta, ExpertBuffers, finished_experts, flatten_params, shard_paths,
                          write_index, write_shard)
 from mtt.data import Dataset
-from mtt.device import DeviceLike, resolve_device, seconds, to_device
+from mtt.device import DeviceLike, out_of_memory_reason, resolve_device, seconds, to_device
 from mtt.distributed import RankWarning, Ranks, ranks
 from mtt.interrupt import GracefulStop, Interrupted, graceful_stop
 from mtt.io import atomic_save_safetensors, atomic_write_json, held_folder, load_safetensors, read_json
@@ -549,7 +549,7 @@ def train_experts(dataset: Dataset, config: ExpertConfig, out_dir: str | os.Path
                 except KeyboardInterrupt:
                     _interrupted(out_dir, len(ids), world, stop)
                 except torch.OutOfMemoryError as err:
-                    ran_out = str(err).splitlines()[0] if str(err) else "out of memory"
+                    ran_out = out_of_memory_reason(err)
                 if ran_out is not None:  # (out of the except: the error's traceback no longer holds the group)
                     parallel = _fewer_at_once(group, device, ran_out)
                     pending = group + pending  # this group again, in smaller ones: the same experts (by id)
