@@ -826,10 +826,14 @@ class ExpertBuffers:
         subset._ids = ids
         return subset
 
+    def recorded_test_acc(self) -> list[Tensor]:
+        """The test accuracy curves [epochs] of the experts that recorded one (the original's files record none)."""
+        return [acc for acc in map(self.test_acc, range(len(self))) if acc is not None and len(acc)]
+
     def final_accuracy(self) -> float | None:
         """The experts' mean test accuracy after their last epoch, in % (test_acc holds fractions); None where it is
         not recorded."""
-        finals = [float(acc[-1]) for acc in map(self.test_acc, range(len(self))) if acc is not None and len(acc)]
+        finals = [float(acc[-1]) for acc in self.recorded_test_acc()]
         return 100 * sum(finals) / len(finals) if finals else None
 
     def locate(self, i: int) -> str:

@@ -436,8 +436,7 @@ def expert_accuracy(buffers: ExpertBuffers, run: DistillConfig | PathLike | None
     fig = _figure(6.5, 3.6)
     ax = fig.subplots()
     ax.set(title=f"{len(buffers)} experts' test accuracy", xlabel="expert epoch", ylabel="test accuracy (%)")
-    curves = [100 * acc.double().numpy() for acc in map(buffers.test_acc, range(len(buffers)))
-              if acc is not None and len(acc)]
+    curves = [100 * acc.double().numpy() for acc in buffers.recorded_test_acc()]
     if not curves:
         _note(ax, "these experts recorded no test accuracy")
         return _save(fig, path)
